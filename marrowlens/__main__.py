@@ -1,0 +1,3 @@
+from marrowlens.cli import main
+
+main()

@@ -1,0 +1,148 @@
+"""The ``marrowlens`` command line: parses arguments and calls one library function per command.
+
+Errors a user can fix (:class:`MarrowLensError`) print as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from marrowlens.errors import MarrowLensError
+
+app = typer.Typer(
+    help="MarrowLens: self-supervised representations, probes and retrieval for single-cell AML images.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+cohort_app = typer.Typer(help="Index, check or synthesise a cohort of cell images.", no_args_is_help=True)
+app.add_typer(cohort_app, name="cohort")
+
+
+def say(message: str) -> None:
+    """What a command wrote, for the user (stdout)."""
+    typer.echo(message)
+
+
+def _map_option(text: Optional[str]) -> dict[str, str]:
+    from marrowlens.cohort.labels import parse_map
+
+    return parse_map(text)
+
+
+@cohort_app.command("index")
+def cohort_index(
+    roots: List[Path] = typer.Argument(..., help="image folder(s) or CSV file(s); several sources make one cohort"),
+    out: Path = typer.Option(..., "--out", help="cohort folder to write"),
+    layout: str = typer.Option("auto", help="auto | mutation_patient | cell_type | deepapl | csv"),
+    map_mutation: Optional[str] = typer.Option(None, help="rename mutation labels, e.g. APL=PML_RARA,AML=other_AML"),
+    map_cell_type: Optional[str] = typer.Option(None, help="rename cell types, e.g. 'Segmented neutrophils=neutrophil'"),
+    blast_classes: Optional[str] = typer.Option(None, help="comma-separated cell types that count as blasts"),
+    column: Optional[str] = typer.Option(None, help="CSV column map, e.g. patient_id=patient,cell_type=label"),
+    domain: Optional[str] = typer.Option(None, help="domain (centre/scanner/stain) of these sources"),
+    workers: int = typer.Option(8, min=1, help="decoding threads"),
+    overwrite: bool = typer.Option(False, help="replace an existing cohort in --out"),
+) -> None:
+    """Turn folders of cell images into a validated cohort (cells.parquet + quarantine.csv).
+
+    Example: marrowlens cohort index data/AML_Hehr --out cohort/
+    """
+    from marrowlens.artifacts import prepare_out_dir
+    from marrowlens.cohort.manifest import IndexOptions, index_cohort
+
+    prepare_out_dir(out, overwrite)
+    options = IndexOptions(
+        layout=layout,
+        map_mutation=_map_option(map_mutation),
+        map_cell_type=_map_option(map_cell_type),
+        blast_classes=[c.strip() for c in blast_classes.split(",")] if blast_classes else None,
+        columns=_map_option(column),
+        domain=domain,
+        workers=workers,
+    )
+    cohort = index_cohort(roots, out, options)
+    _print_cohort(cohort)
+
+
+def _print_cohort(cohort) -> None:
+    meta = cohort.meta
+    say(f"wrote {cohort.folder / 'cells.parquet'}: {meta['n_cells']} cells, {meta['n_patients']} patients")
+    for name, counts in meta["counts"].items():
+        say(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    say(f"wrote {cohort.folder / 'quarantine.csv'}: {meta['n_quarantined']} unreadable file(s)")
+
+
+@cohort_app.command("check")
+def cohort_check(
+    folder: Path = typer.Argument(..., help="cohort folder"),
+    fix: bool = typer.Option(False, help="move cells that no longer decode to the quarantine list"),
+    workers: int = typer.Option(8, min=1),
+) -> None:
+    """Re-validate a cohort: schema, ids, and that every image still decodes.
+
+    Example: marrowlens cohort check cohort/
+    """
+    from marrowlens.cohort.manifest import check_cohort
+
+    cohort, problems = check_cohort(folder, workers=workers, fix=fix)
+    if problems and not fix:
+        for path, reason in problems[:10]:
+            say(f"  {path}: {reason}")
+        raise MarrowLensError(f"{len(problems)} cell(s) of {folder} no longer decode; run again with --fix to quarantine them")
+    verb = f"quarantined {len(problems)} cell(s); " if problems else ""
+    say(f"{folder}: {verb}{len(cohort.cells)} cells OK")
+
+
+@app.command("embed")
+def embed(
+    model: str = typer.Option(..., "--model", help="run folder of `marrowlens pretrain`, or a timm model name"),
+    cohort: Path = typer.Option(..., "--cohort", help="cohort folder"),
+    out: Path = typer.Option(..., "--out", help="embedding folder to write"),
+    weights: Optional[Path] = typer.Option(None, help="local timm weights for a bare timm name (no downloads)"),
+    image_size: Optional[int] = typer.Option(None, help="input size for a bare timm name (default 224)"),
+    batch_size: int = typer.Option(256, min=1),
+    devices: str = typer.Option("1", help="number of devices, or 'auto'"),
+    accelerator: str = typer.Option("auto", help="auto | cpu | gpu"),
+    precision: str = typer.Option("32", help="32 | 16-mixed | bf16-mixed"),
+    num_workers: Optional[int] = typer.Option(None, min=0, help="data-loading processes"),
+    overwrite: bool = typer.Option(False, help="replace existing embeddings in --out"),
+) -> None:
+    """Embed every cell of a cohort with a frozen backbone (resumable, bounded memory).
+
+    Example: marrowlens embed --model runs/simclr --cohort cohort/ --out emb/
+    """
+    from marrowlens.ssl.embed import embed_cohort
+
+    store = embed_cohort(
+        model, cohort, out, weights=weights, image_size=image_size, batch_size=batch_size,
+        devices=_devices(devices), accelerator=accelerator, precision=precision, num_workers=num_workers,
+        overwrite=overwrite,
+    )
+    if store is not None:
+        say(f"wrote {store.folder / 'vectors.npy'}: {len(store)} x {store.meta['dim']} float32 ({store.fingerprint[:19]})")
+        say(f"wrote {store.folder / 'cells.parquet'} and {store.folder / 'meta.json'}")
+
+
+def _devices(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise MarrowLensError(f"--devices must be a number or 'auto', not {text!r}") from None
+
+
+def main() -> None:
+    """Console entry point: one-line errors, status 2; Ctrl-C is status 130."""
+    try:
+        app()
+    except MarrowLensError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,188 @@
+"""Configs as pydantic models: defaults <- YAML file <- ``--set a.b=c`` overrides (DINOv2's order).
+
+Unknown keys are errors, so a typo in a YAML file or an override fails loudly instead of being
+ignored. The resolved config is saved beside every run so it can be reproduced exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from marrowlens.artifacts import write_text_atomic
+from marrowlens.errors import MarrowLensError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    method: Literal["simclr", "dino"] = "simclr"
+    backbone: str = "resnet18"
+    weights: Path | None = Field(None, description="local timm checkpoint to start from (no downloads)")
+    image_size: int = Field(224, ge=16)
+
+
+class SimCLRConfig(_Strict):
+    temperature: float = Field(0.1, gt=0)
+    hidden_dim: int = Field(512, ge=8)
+    out_dim: int = Field(128, ge=8)
+
+
+class DINOConfig(_Strict):
+    hidden_dim: int = Field(2048, ge=8)
+    bottleneck_dim: int = Field(256, ge=8)
+    out_dim: int = Field(4096, ge=8)
+    student_temp: float = Field(0.1, gt=0)
+    teacher_temp: float = Field(0.04, gt=0)
+    warmup_teacher_temp: float = Field(0.04, gt=0)
+    warmup_teacher_temp_epochs: int = Field(0, ge=0)
+    momentum_start: float = Field(0.996, ge=0, le=1)
+    momentum_end: float = Field(1.0, ge=0, le=1)
+    freeze_last_layer_epochs: int = Field(1, ge=0)
+    n_local_views: int = Field(6, ge=0)
+    local_crop_size: int = Field(96, ge=8)
+    local_crop_scale: tuple[float, float] = (0.2, 0.5)
+    export: Literal["teacher", "student"] = "teacher"
+
+
+class ViewsConfig(_Strict):
+    """Augmentations for stained single cells: any rotation or flip, colour and stain jitter.
+
+    ``min_scale`` >= 1/3 (with the aspect ratios in [3/4, 4/3]) makes every crop side longer than
+    half the image, so every crop holds the image centre, where the cell is: no view loses the cell.
+    """
+
+    min_scale: float = Field(0.4, ge=1 / 3, le=1)
+    hflip_prob: float = Field(0.5, ge=0, le=1)
+    vflip_prob: float = Field(0.5, ge=0, le=1)
+    rotate90_prob: float = Field(0.5, ge=0, le=1)
+    color_jitter_prob: float = Field(0.8, ge=0, le=1)
+    color_jitter_strength: float = Field(0.5, ge=0)
+    hue: float = Field(0.05, ge=0, le=0.5)
+    grayscale_prob: float = Field(0.1, ge=0, le=1)
+    blur_prob: float = Field(0.3, ge=0, le=1)
+    stain_jitter_prob: float = Field(0.5, ge=0, le=1, description="HED optical-density jitter")
+    stain_jitter_sigma: float = Field(0.05, ge=0, description="std of the per-stain scale and shift")
+    solarization_prob: float = Field(0.0, ge=0, le=1)
+
+
+class OptimConfig(_Strict):
+    optimizer: Literal["lars", "sgd", "adamw"] = "lars"
+    base_lr: float = Field(0.3, gt=0, description="learning rate for a global batch of 256")
+    lr_scaling: Literal["linear", "sqrt"] = "linear"
+    weight_decay: float = Field(1e-6, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    warmup_epochs: float = Field(1.0, ge=0)
+
+
+class DataConfig(_Strict):
+    batch_size: int = Field(256, ge=2, description="per device")
+    num_workers: int = Field(4, ge=0)
+    val_cells: int = Field(512, ge=0, description="labelled cells for the online k-NN check (0: off)")
+    knn_k: int = Field(20, ge=1)
+    knn_t: float = Field(0.07, gt=0)
+
+
+class TrainerConfig(_Strict):
+    max_epochs: int = Field(100, ge=1)
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: int | Literal["auto"] = "auto"
+    nodes: int = Field(1, ge=1)
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"] = "auto"
+    precision: Literal["32", "32-true", "16-mixed", "bf16-mixed"] = "32"
+    accumulate_grad_batches: int = Field(1, ge=1)
+    limit_train_batches: int | float | None = None
+    seed: int = 0
+    log_every_n_steps: int = Field(10, ge=1)
+
+
+class PretrainConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    simclr: SimCLRConfig = SimCLRConfig()
+    dino: DINOConfig = DINOConfig()
+    views: ViewsConfig = ViewsConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+    @model_validator(mode="after")
+    def _local_crops_smaller(self) -> "PretrainConfig":
+        if self.model.method == "dino" and self.dino.local_crop_size > self.model.image_size:
+            raise ValueError("dino.local_crop_size must not exceed model.image_size")
+        return self
+
+    @field_validator("dino")
+    @classmethod
+    def _scale_order(cls, value: DINOConfig) -> DINOConfig:
+        low, high = value.local_crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError("dino.local_crop_scale must be 0 < low <= high <= 1")
+        return value
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (["a", "b"], c), the value read as YAML (numbers, booleans, lists)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise MarrowLensError(f"override {text!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise MarrowLensError(f"override {text!r}: value is not valid YAML ({exc.problem})") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise MarrowLensError(f"override {text!r}: {key!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise MarrowLensError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise MarrowLensError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise MarrowLensError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(model: type[ConfigT], path: str | Path | None = None, overrides: list[str] | None = None) -> ConfigT:
+    """Defaults <- YAML file <- overrides, validated; errors name the offending key."""
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, list(overrides or []))
+    return validate_config(model, data, source=str(path) if path else "defaults")
+
+
+def validate_config(model: type[ConfigT], data: dict[str, Any], source: str) -> ConfigT:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise MarrowLensError(f"config {source}: {where}: {first['msg']}{more}") from exc
+
+
+def dump_config(config: BaseModel, path: str | Path) -> None:
+    """Save the resolved config beside a run (YAML, atomic)."""
+    write_text_atomic(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,144 @@
+"""timm backbones: creation by name (offline weights only), export and reload of trained ones.
+
+A backbone leaves a run as ``backbone.safetensors`` (a clean timm state dict, no ``backbone.``
+prefixes, no pickles) + ``backbone.json`` (timm name, input size, mean/std, feature width,
+fingerprint). Everything that embeds images loads it through :func:`load_backbone`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from marrowlens.artifacts import atomic_path, sha256_file, write_json_atomic
+from marrowlens.errors import MarrowLensError
+
+WEIGHTS_FILE = "backbone.safetensors"
+INFO_FILE = "backbone.json"
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What is needed to rebuild a backbone and feed it images exactly as in training."""
+
+    timm_name: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    num_features: int
+    fingerprint: str
+    source: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_vit(name: str) -> bool:
+    """Transformers need ``dynamic_img_size`` so DINO's smaller local crops fit."""
+    try:
+        module = timm.models.get_arch_name(name)
+        entry = timm.models.model_entrypoint(module if timm.models.is_model(module) else name)
+    except (RuntimeError, ValueError):
+        return False
+    return any(word in entry.__module__ for word in ("vision_transformer", "deit", "eva", "beit"))
+
+
+def create_backbone(name: str, image_size: int, weights: Path | None = None) -> nn.Module:
+    """A pooled-feature timm model (``num_classes=0``); weights only from a local file."""
+    if not timm.models.is_model(name):
+        raise MarrowLensError(f"unknown timm model {name!r} (see timm.list_models())")
+    kwargs: dict = {"num_classes": 0}
+    if is_vit(name):
+        kwargs.update(img_size=image_size, dynamic_img_size=True)
+    if weights is not None:
+        weights = Path(weights)
+        if not weights.is_file():
+            raise MarrowLensError(f"weights file {weights} does not exist")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(weights)})
+    try:
+        model = timm.create_model(name, **kwargs)
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise MarrowLensError(f"cannot build {name} from {weights or 'scratch'}: {exc}") from exc
+    if weights is not None:
+        _require_weights_fit(model, name, weights)
+    return model
+
+
+def _require_weights_fit(model: nn.Module, name: str, weights: Path) -> None:
+    """timm only warns when a checkpoint does not fit; a silently random backbone is worse."""
+    try:
+        keys = set(timm.models.load_state_dict(str(weights)).keys())
+    except Exception as exc:  # torch/safetensors raise many types for unreadable files
+        raise MarrowLensError(f"cannot read weights {weights}: {exc}") from exc
+    expected = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    missing = [k for k in expected if k not in keys]
+    if len(missing) > 0.1 * len(expected):
+        raise MarrowLensError(
+            f"weights {weights} do not fit {name}: {len(missing)} of {len(expected)} tensors are missing (e.g. {missing[0]})"
+        )
+
+
+def default_norm(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    cfg = timm.models.get_pretrained_cfg(name)
+    mean = tuple(cfg.mean) if cfg is not None else (0.485, 0.456, 0.406)
+    std = tuple(cfg.std) if cfg is not None else (0.229, 0.224, 0.225)
+    return mean, std
+
+
+def export_backbone(model: nn.Module, name: str, image_size: int, folder: Path) -> BackboneInfo:
+    """Write ``backbone.safetensors`` and ``backbone.json`` atomically; return the info."""
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"timm_name": name})
+    mean, std = default_norm(name)
+    info = BackboneInfo(
+        timm_name=name,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        num_features=int(model.num_features),
+        fingerprint="sha256:" + sha256_file(folder / WEIGHTS_FILE),
+        source=str(folder.resolve()),
+    )
+    write_json_atomic(folder / INFO_FILE, info.to_dict())
+    return info
+
+
+def load_backbone(model_ref: str | Path, weights: Path | None = None, image_size: int | None = None, seed: int = 0) -> tuple[nn.Module, BackboneInfo]:
+    """Load a backbone in eval mode from a run folder, or build a timm model by name.
+
+    A run folder must hold ``backbone.json`` and ``backbone.safetensors``, and the weights must
+    still match the fingerprint recorded beside them. A bare timm name takes ``--weights`` from a
+    local file or, without it, a random initialisation (seeded: the untrained baseline).
+    """
+    folder = Path(model_ref)
+    if folder.is_dir():
+        info_path = folder / INFO_FILE
+        if not info_path.is_file():
+            raise MarrowLensError(f"{folder} holds no trained backbone ({INFO_FILE} is missing; did pretraining finish?)")
+        data = json.loads(info_path.read_text())
+        info = BackboneInfo(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
+        weights_path = folder / WEIGHTS_FILE
+        if not weights_path.is_file():
+            raise MarrowLensError(f"{folder} lacks {WEIGHTS_FILE}")
+        actual = "sha256:" + sha256_file(weights_path)
+        if actual != info.fingerprint:
+            raise MarrowLensError(f"{weights_path} does not match the fingerprint in {INFO_FILE} (modified or truncated)")
+        model = create_backbone(info.timm_name, info.image_size)
+        model.load_state_dict(load_file(str(weights_path)))
+        return model.eval(), info
+    name = str(model_ref)
+    size = image_size or 224
+    if weights is None:
+        torch.manual_seed(seed)
+    model = create_backbone(name, size, weights)
+    fingerprint = "sha256:" + sha256_file(weights) if weights else f"random:{name}:seed{seed}"
+    mean, std = default_norm(name)
+    info = BackboneInfo(name, size, mean, std, int(model.num_features), fingerprint, str(weights or "random init"))
+    return model.eval(), info

@@ -1,0 +1,177 @@
+"""Batched, resumable inference of a frozen backbone over a cohort into an embedding store.
+
+Lightning's ``Trainer.predict`` runs the loop (CPU, one GPU or several, mixed precision, progress
+bar); a prediction writer streams each batch straight into the store, so memory stays bounded
+whatever the cohort size, and an interrupted run picks up the rows it had not written yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from pytorch_lightning.callbacks import BasePredictionWriter
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from marrowlens.artifacts import META_FILE
+from marrowlens.cohort.images import ImageDecodeError, load_rgb, pad_to_square
+from marrowlens.cohort.manifest import Cohort, load_cohort
+from marrowlens.embeddings import EmbeddingWriter, Embeddings
+from marrowlens.errors import MarrowLensError
+from marrowlens.ssl.backbones import BackboneInfo, load_backbone
+
+
+def preprocess(info: BackboneInfo) -> T.Compose:
+    """The one eval-time preprocessing: pad to square, resize, normalise as in training."""
+    return T.Compose(
+        [
+            T.Lambda(pad_to_square),
+            T.Resize((info.image_size, info.image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.ToTensor(),
+            T.Normalize(info.mean, info.std),
+        ]
+    )
+
+
+class CohortImages(Dataset):
+    """Cells of a cohort by row index; a file that no longer decodes stops the run with its name."""
+
+    def __init__(self, cohort: Cohort, rows: np.ndarray, transform: T.Compose) -> None:
+        self.root, self.paths = cohort.root, cohort.cells["path"].to_numpy()
+        self.rows, self.transform = rows, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        row = int(self.rows[index])
+        try:
+            image = load_rgb(self.root / self.paths[row])
+        except ImageDecodeError as exc:
+            raise MarrowLensError(
+                f"cell {self.paths[row]} no longer decodes ({exc}); run `marrowlens cohort check --fix` and embed again"
+            ) from exc
+        return self.transform(image), row
+
+
+class _Embedder(pl.LightningModule):
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone.eval()
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> tuple[np.ndarray, np.ndarray]:
+        images, rows = batch
+        features = self.backbone(images).flatten(1).float()
+        return rows.cpu().numpy(), features.cpu().numpy()
+
+
+class _StoreWriter(BasePredictionWriter):
+    def __init__(self, folder: Path, n_rows: int, dim: int, key: dict[str, Any]) -> None:
+        super().__init__(write_interval="batch")
+        self.args = (folder, n_rows, dim, key)
+        self.writer: EmbeddingWriter | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.writer = EmbeddingWriter(*self.args, create=False)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
+        rows, vectors = prediction
+        self.writer.write(rows, vectors)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def embed_images(model: nn.Module, info: BackboneInfo, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
+    """Embed in-memory images (search queries) with the same preprocessing as ``embed``."""
+    transform = preprocess(info)
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([transform(im.convert("RGB")) for im in images[start : start + batch_size]])
+            out.append(model(batch.to(device)).flatten(1).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, info.num_features), dtype=np.float32)
+
+
+def _clear_store(out: Path) -> None:
+    for name in (META_FILE, "vectors.npy", "cells.parquet", "vectors.partial.npy", "done.partial.npy", "progress.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def embed_cohort(
+    model_ref: str | Path,
+    cohort_dir: str | Path,
+    out: str | Path,
+    weights: Path | None = None,
+    image_size: int | None = None,
+    batch_size: int = 256,
+    devices: int | str = 1,
+    accelerator: str = "auto",
+    precision: str = "32",
+    num_workers: int | None = None,
+    overwrite: bool = False,
+) -> Embeddings | None:
+    """Embed every cell of a cohort; resumes an unfinished store of the same inputs.
+
+    Returns the store on the main process (None on the others under multi-device runs).
+    """
+    out = Path(out)
+    if (out / META_FILE).is_file():
+        if not overwrite:
+            raise MarrowLensError(f"{out} already holds embeddings; pass --overwrite to replace them")
+        _clear_store(out)
+    elif overwrite and out.is_dir():
+        _clear_store(out)
+    cohort = load_cohort(cohort_dir)
+    model, info = load_backbone(model_ref, weights=weights, image_size=image_size)
+    key = {"model": info.fingerprint, "cohort": cohort.meta["fingerprint"], "image_size": info.image_size}
+    store = EmbeddingWriter(out, len(cohort.cells), info.num_features, key=key, create=True)
+    pending = store.pending()
+    store.close()
+    if len(pending):
+        _predict(model, info, cohort, pending, out, key, batch_size, devices, accelerator, precision, num_workers)
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0:
+        return None
+    final = EmbeddingWriter(out, len(cohort.cells), info.num_features, key=key, create=False)
+    meta = {
+        "model": info.to_dict(),
+        "cohort": {"folder": str(Path(cohort_dir).resolve()), "fingerprint": cohort.meta["fingerprint"]},
+        "preprocessing": {"pad_to_square": True, "image_size": info.image_size, "mean": info.mean, "std": info.std},
+    }
+    return final.finish(cohort.cells, meta)
+
+
+def _predict(model, info, cohort, pending, out, key, batch_size, devices, accelerator, precision, num_workers) -> None:
+    workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+    loader = DataLoader(
+        CohortImages(cohort, pending, preprocess(info)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[_StoreWriter(out, len(cohort.cells), info.num_features, key)],
+        inference_mode=True,
+    )
+    trainer.predict(_Embedder(model), dataloaders=loader, return_predictions=False)
+
+

@@ -1,0 +1,158 @@
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from marrowlens.cohort.manifest import IndexOptions, cell_id_of, check_cohort, index_cohort, load_cohort
+from marrowlens.errors import MarrowLensError
+from tests.conftest import write_cell
+
+
+def _quarantine(folder: Path) -> pd.DataFrame:
+    return pd.read_csv(folder / "quarantine.csv")
+
+
+class TestMutationPatientLayout:
+    def test_rows_labels_and_ids(self, mutation_tree: Path, tmp_path: Path) -> None:
+        cohort = index_cohort([mutation_tree], tmp_path / "cohort")
+        cells = cohort.cells
+        assert len(cells) == 12 and cells["patient_id"].nunique() == 4
+        assert set(cells["mutation"]) == {"NPM1", "control"}
+        row = cells[cells["path"] == "NPM1/NPM1_p0/cell0.png"].iloc[0]
+        assert row["cell_id"] == cell_id_of("NPM1/NPM1_p0/cell0.png")
+        assert row["patient_id"] == "NPM1_p0" and row["width"] == 32
+        assert cohort.meta["sources"][0]["layout"] == "mutation_patient"
+        assert load_cohort(tmp_path / "cohort").cells.equals(cells)
+
+    def test_bad_files_are_quarantined_not_fatal(self, mutation_tree: Path, tmp_path: Path) -> None:
+        (mutation_tree / "NPM1" / "NPM1_p0" / "zero.png").write_bytes(b"")
+        broken = write_cell(mutation_tree / "NPM1" / "NPM1_p1" / "trunc.jpg", seed=9, size=64, fmt="JPEG")
+        broken.write_bytes(broken.read_bytes()[:200])
+        (mutation_tree / "control" / "control_p0" / "notes.txt").write_text("scanner log")
+        (mutation_tree / "control" / "control_p0" / "text.png").write_text("not a png")
+        write_cell(mutation_tree / "control" / "stray.png", seed=3)
+        cohort = index_cohort([mutation_tree], tmp_path / "cohort")
+        assert len(cohort.cells) == 12
+        quarantine = _quarantine(tmp_path / "cohort").set_index("path")["reason"]
+        assert quarantine["NPM1/NPM1_p0/zero.png"].startswith("empty file")
+        assert quarantine["NPM1/NPM1_p1/trunc.jpg"].startswith("truncated or corrupt")
+        assert quarantine["control/control_p0/notes.txt"].startswith("not an image file type")
+        assert quarantine["control/control_p0/text.png"].startswith("not an image")
+        assert "outside" in quarantine["control/stray.png"]
+        assert cohort.meta["n_quarantined"] == 5
+
+    def test_greyscale_rgba_16bit_and_odd_sizes_are_kept(self, mutation_tree: Path, tmp_path: Path) -> None:
+        folder = mutation_tree / "NPM1" / "NPM1_p0"
+        write_cell(folder / "grey.png", seed=4, mode="L")
+        write_cell(folder / "rgba.png", seed=5, mode="RGBA")
+        Image.fromarray((pd.Series(range(30 * 17)).to_numpy().reshape(30, 17) * 100).astype("uint16")).save(folder / "g16.png")
+        cohort = index_cohort([mutation_tree], tmp_path / "cohort")
+        assert len(cohort.cells) == 15
+        assert (cohort.cells[cohort.cells["path"].str.endswith("g16.png")][["width", "height"]].values == [[17, 30]]).all()
+
+    def test_unknown_mutation_is_an_error_listing_allowed(self, mutation_tree: Path, tmp_path: Path) -> None:
+        (mutation_tree / "NPM1").rename(mutation_tree / "FLT3")
+        with pytest.raises(MarrowLensError, match=r"unknown mutation label\(s\) 'FLT3'.*allowed: PML_RARA"):
+            index_cohort([mutation_tree], tmp_path / "cohort")
+        cohort = index_cohort([mutation_tree], tmp_path / "cohort", IndexOptions(map_mutation={"FLT3": "FLT3_ITD"}))
+        assert set(cohort.cells["mutation"]) == {"FLT3_ITD", "control"}
+
+    def test_spelling_variants_are_canonical(self, mutation_tree: Path, tmp_path: Path) -> None:
+        (mutation_tree / "NPM1").rename(mutation_tree / "PML::RARA")
+        cohort = index_cohort([mutation_tree], tmp_path / "cohort")
+        assert set(cohort.cells["mutation"]) == {"PML_RARA", "control"}
+
+    def test_class_without_readable_cells(self, mutation_tree: Path, tmp_path: Path) -> None:
+        for image in (mutation_tree / "NPM1").rglob("*.png"):
+            image.write_bytes(b"broken")
+        with pytest.raises(MarrowLensError, match="class 'NPM1' has no readable cells"):
+            index_cohort([mutation_tree], tmp_path / "cohort")
+
+    def test_empty_folder(self, tmp_path: Path) -> None:
+        (tmp_path / "empty").mkdir()
+        with pytest.raises(MarrowLensError, match="no images found"):
+            index_cohort([tmp_path / "empty"], tmp_path / "cohort")
+
+    def test_patient_in_two_classes(self, mutation_tree: Path, tmp_path: Path) -> None:
+        write_cell(mutation_tree / "control" / "NPM1_p0" / "x.png", seed=7)
+        with pytest.raises(MarrowLensError, match="appears under both"):
+            index_cohort([mutation_tree], tmp_path / "cohort")
+
+
+class TestOtherLayouts:
+    def test_cell_type_layout_with_matek_codes(self, tmp_path: Path) -> None:
+        for code in ("MYO", "MOB", "LYT", "EBO"):
+            for i in range(2):
+                write_cell(tmp_path / "lmu" / code / f"{code}_{i}.png", seed=i)
+        cells = index_cohort([tmp_path / "lmu"], tmp_path / "cohort").cells
+        blasts = dict(zip(cells["cell_type"], cells["is_blast"]))
+        assert blasts == {"myeloblast": True, "monoblast": True, "lymphocyte": False, "erythroblast": False}
+        assert cells["patient_id"].isna().all()
+
+    def test_deepapl_labels_csv(self, tmp_path: Path) -> None:
+        root = tmp_path / "deepapl"
+        rows = []
+        for patient, diagnosis in (("P0", "APL"), ("P1", "AML")):
+            for label in ("Blast, no lineage spec", "Promyelocyte", "Lymphocyte"):
+                path = f"images/{patient}/{label.split(',')[0]}.jpg"
+                write_cell(root / path, seed=len(rows), fmt="JPEG")
+                rows.append({"path": path, "label": label, "patient": patient, "diagnosis": diagnosis})
+        pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+        cohort = index_cohort([root], tmp_path / "cohort")
+        cells = cohort.cells
+        assert cohort.meta["sources"][0]["layout"] == "deepapl"
+        assert set(cells["mutation"]) == {"PML_RARA", "other_AML"}
+        assert cells.loc[cells["cell_type"] == "Blast, no lineage spec", "is_blast"].all()
+        assert not cells.loc[cells["cell_type"] != "Blast, no lineage spec", "is_blast"].any()
+        remapped = index_cohort([root], tmp_path / "c2", IndexOptions(map_mutation={"AML": "non_APL"})).cells
+        assert set(remapped["mutation"]) == {"PML_RARA", "non_APL"}
+
+    def test_user_csv_with_column_map_and_blast_truths(self, tmp_path: Path) -> None:
+        write_cell(tmp_path / "imgs" / "a.png", seed=1)
+        write_cell(tmp_path / "imgs" / "b.png", seed=2)
+        pd.DataFrame(
+            {"path": ["imgs/a.png", "imgs/b.png"], "pid": ["x", "y"], "is_blast": ["yes", "0"], "centre": ["A", "B"]}
+        ).to_csv(tmp_path / "cells.csv", index=False)
+        options = IndexOptions(columns={"patient_id": "pid", "domain": "centre"})
+        cells = index_cohort([tmp_path / "cells.csv"], tmp_path / "cohort", options).cells
+        assert cells["patient_id"].tolist() == ["x", "y"]
+        assert cells["is_blast"].tolist() == [True, False]
+        assert cells["domain"].tolist() == ["A", "B"]
+
+    def test_csv_missing_column_and_bad_truth_value(self, tmp_path: Path) -> None:
+        write_cell(tmp_path / "a.png", seed=1)
+        pd.DataFrame({"path": ["a.png"], "is_blast": ["maybe"]}).to_csv(tmp_path / "c.csv", index=False)
+        with pytest.raises(MarrowLensError, match="not a truth value"):
+            index_cohort([tmp_path / "c.csv"], tmp_path / "cohort")
+        with pytest.raises(MarrowLensError, match="no column"):
+            index_cohort([tmp_path / "c.csv"], tmp_path / "cohort", IndexOptions(columns={"patient_id": "nope"}))
+
+    def test_two_sources_keep_their_domains(self, mutation_tree: Path, tmp_path: Path) -> None:
+        for code in ("MYO", "LYT"):
+            write_cell(tmp_path / "lmu" / code / "x.png", seed=1)
+        cohort = index_cohort([mutation_tree, tmp_path / "lmu"], tmp_path / "cohort")
+        assert cohort.cells["domain"].value_counts().to_dict() == {"aml": 12, "lmu": 2}
+        assert cohort.cells["patient_id"].dropna().str.startswith("aml/").all()
+        assert (cohort.root / cohort.cells["path"].iloc[-1]).is_file()
+
+
+def test_check_finds_and_fixes_files_broken_later(mutation_tree: Path, tmp_path: Path) -> None:
+    index_cohort([mutation_tree], tmp_path / "cohort")
+    (mutation_tree / "control" / "control_p1" / "cell2.png").write_bytes(b"")
+    _, problems = check_cohort(tmp_path / "cohort")
+    assert problems == [("control/control_p1/cell2.png", "empty file (0 bytes)")]
+    cohort, _ = check_cohort(tmp_path / "cohort", fix=True)
+    assert len(cohort.cells) == 11
+    assert "control/control_p1/cell2.png" in set(_quarantine(tmp_path / "cohort")["path"])
+
+
+def test_cohort_cli_round_trip(cli, mutation_tree: Path, tmp_path: Path) -> None:
+    code, output = cli("cohort", "index", mutation_tree, "--out", tmp_path / "cohort")
+    assert code == 0, output
+    assert "12 cells, 4 patients" in output and "quarantine.csv" in output
+    code, output = cli("cohort", "index", mutation_tree, "--out", tmp_path / "cohort")
+    assert code == 2 and "--overwrite" in output
+    assert cli("cohort", "check", tmp_path / "cohort")[0] == 0
+    code, output = cli("cohort", "index", mutation_tree, "--out", tmp_path / "c2", "--layout", "nonsense")
+    assert code == 2 and "unknown layout" in output

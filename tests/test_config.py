@@ -1,0 +1,41 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from marrowlens.config import PretrainConfig, dump_config, load_config
+from marrowlens.errors import MarrowLensError
+
+
+class TestLoadConfig:
+    def test_defaults_then_file_then_overrides(self, tmp_path: Path) -> None:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({"model": {"backbone": "resnet50"}, "optim": {"base_lr": 0.5}}))
+        config = load_config(PretrainConfig, path, ["optim.base_lr=0.1", "trainer.devices=2", "dino.local_crop_scale=[0.3, 0.5]"])
+        assert config.model.backbone == "resnet50"
+        assert config.optim.base_lr == 0.1 and config.trainer.devices == 2
+        assert config.dino.local_crop_scale == (0.3, 0.5)
+        assert config.model.method == "simclr"
+
+    @pytest.mark.parametrize(
+        "override, message",
+        [
+            ("optim.base_lrr=1", "optim.base_lrr: Extra inputs are not permitted"),
+            ("views.min_scale=0.1", "views.min_scale"),
+            ("model.method=byol", "model.method"),
+            ("nonsense", "not of the form"),
+            ("dino.local_crop_scale=[0.5, 0.2]", "local_crop_scale"),
+        ],
+    )
+    def test_bad_overrides_name_the_key(self, override: str, message: str) -> None:
+        with pytest.raises(MarrowLensError, match=message):
+            load_config(PretrainConfig, None, [override])
+
+    def test_round_trip_of_resolved_config(self, tmp_path: Path) -> None:
+        config = load_config(PretrainConfig, None, ["model.image_size=64"])
+        dump_config(config, tmp_path / "resolved.yaml")
+        assert load_config(PretrainConfig, tmp_path / "resolved.yaml") == config
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        with pytest.raises(MarrowLensError, match="does not exist"):
+            load_config(PretrainConfig, tmp_path / "none.yaml")

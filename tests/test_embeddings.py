@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from marrowlens.embeddings import EmbeddingWriter, load_embeddings, write_embeddings
+from marrowlens.errors import MarrowLensError
+
+
+def _cells(n: int) -> pd.DataFrame:
+    return pd.DataFrame({"cell_id": [f"c{i}" for i in range(n)], "patient_id": ["p"] * n})
+
+
+META = {"model": {"fingerprint": "sha256:abc"}}
+
+
+class TestEmbeddingWriter:
+    def test_out_of_order_batches_land_on_their_rows(self, tmp_path: Path) -> None:
+        vectors = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+        writer = EmbeddingWriter(tmp_path, 10, 4, key={"k": 1})
+        for rows in ([7, 3, 9], [0, 1, 2], [4, 5, 6, 8]):
+            writer.write(np.array(rows), vectors[rows])
+        store = writer.finish(_cells(10), META)
+        np.testing.assert_array_equal(np.asarray(store.vectors), vectors)
+        assert store.fingerprint.startswith("sha256:") and store.meta["dim"] == 4
+        assert isinstance(store.vectors, np.memmap)
+        assert not (tmp_path / "vectors.partial.npy").exists()
+
+    def test_resume_keeps_written_rows_and_lists_the_rest(self, tmp_path: Path) -> None:
+        vectors = np.arange(24, dtype=np.float32).reshape(6, 4)
+        first = EmbeddingWriter(tmp_path, 6, 4, key={"k": 1})
+        first.write(np.array([0, 1, 2]), vectors[:3])
+        first.close()  # the process dies here
+        second = EmbeddingWriter(tmp_path, 6, 4, key={"k": 1})
+        assert second.pending().tolist() == [3, 4, 5]
+        second.write(np.array([3, 4, 5]), vectors[3:])
+        np.testing.assert_array_equal(second.finish(_cells(6), META).vectors, vectors)
+
+    def test_resume_with_other_inputs_is_refused(self, tmp_path: Path) -> None:
+        EmbeddingWriter(tmp_path, 6, 4, key={"model": "a"}).close()
+        with pytest.raises(MarrowLensError, match="unfinished embedding of other inputs"):
+            EmbeddingWriter(tmp_path, 6, 4, key={"model": "b"})
+
+    def test_finish_refuses_missing_rows(self, tmp_path: Path) -> None:
+        writer = EmbeddingWriter(tmp_path, 3, 2, key={})
+        writer.write(np.array([0]), np.zeros((1, 2)))
+        with pytest.raises(MarrowLensError, match="2 rows were never embedded"):
+            writer.finish(_cells(3), META)
+
+
+class TestLoad:
+    def test_nan_rows_are_refused_by_name(self, tmp_path: Path) -> None:
+        vectors = np.ones((5, 3), dtype=np.float32)
+        vectors[3, 1] = np.nan
+        writer = EmbeddingWriter(tmp_path, 5, 3, key={})
+        writer.write(np.arange(5), vectors)
+        with pytest.raises(MarrowLensError, match="row 3 .*c3.* NaN or inf"):
+            writer.finish(_cells(5), META)
+        assert load_embeddings(tmp_path, check_finite=False).vectors.shape == (5, 3)
+
+    def test_misaligned_store_is_refused(self, tmp_path: Path) -> None:
+        write_embeddings(tmp_path, np.zeros((4, 2), dtype=np.float32), _cells(4), META)
+        _cells(3).to_parquet(tmp_path / "cells.parquet")
+        with pytest.raises(MarrowLensError, match="4 vectors but 3 cells"):
+            load_embeddings(tmp_path)
+
+    def test_not_a_store(self, tmp_path: Path) -> None:
+        with pytest.raises(MarrowLensError, match="meta.json is missing"):
+            load_embeddings(tmp_path)
