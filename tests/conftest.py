@@ -59,3 +59,19 @@ class Cli:
 @pytest.fixture
 def cli() -> Cli:
     return Cli()
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli_subprocess(*args: object, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
+    """Run ``python -m marrowlens ARGS`` in a fresh process with this checkout first on the path."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "marrowlens", *map(str, args)],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
