@@ -136,6 +136,117 @@ def _devices(text: str) -> int | str:
         raise MarrowLensError(f"--devices must be a number or 'auto', not {text!r}") from None
 
 
+# ---------------------------------------------------------------- retrieval: index, search, serve
+
+index_app = typer.Typer(help="Build, extend or describe a similar-cell index (FAISS).", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    embeddings: Path = typer.Option(..., "--embeddings", help="embedding folder of `marrowlens embed`"),
+    out: Path = typer.Option(..., "--out", help="index folder to write"),
+    kind: str = typer.Option("auto", help="auto | flat | ivf | hnsw | ivfpq (auto: exact up to 50k cells, then HNSW, IVF past 4M)"),
+    metric: str = typer.Option("cosine", help="cosine | l2"),
+    set_: List[str] = typer.Option(
+        [], "--set", help="FAISS parameter, e.g. --set nprobe=32 (nlist, nprobe, train_size, hnsw_m, ef_construction, ef_search, pq_m, pq_nbits, seed)"
+    ),
+    overwrite: bool = typer.Option(False, help="replace an existing index in --out"),
+) -> None:
+    """Build a FAISS index over an embedding store (rows = cells, ids = rows of cells.parquet).
+
+    Example: marrowlens index build --embeddings emb/ --out idx/ --kind auto
+    """
+    from marrowlens.retrieval.index import build_index
+
+    index = build_index(embeddings, out, kind=kind, metric=metric, overrides=set_, overwrite=overwrite)
+    say(f"wrote {index.folder / 'index.faiss'}: {len(index)} cells, {index.kind} index ({index.meta['factory']}, {index.metric})")
+    say(f"wrote {index.folder / 'cells.parquet'} and {index.folder / 'meta.json'}")
+
+
+@index_app.command("add")
+def index_add(
+    folder: Path = typer.Argument(..., help="index folder"),
+    embeddings: Path = typer.Option(..., "--embeddings", help="embedding folder made by the same backbone"),
+) -> None:
+    """Add the cells of another embedding store (same backbone, new cell ids) to an index.
+
+    Example: marrowlens index add idx/ --embeddings emb2/
+    """
+    from marrowlens.retrieval.index import add_to_index
+
+    index, added = add_to_index(folder, embeddings)
+    say(f"wrote {index.folder / 'index.faiss'}: added {added} cells, {len(index)} in all")
+    say(f"wrote {index.folder / 'cells.parquet'} and {index.folder / 'meta.json'}")
+
+
+@index_app.command("info")
+def index_info(folder: Path = typer.Argument(..., help="index folder")) -> None:
+    """Print what an index holds: size, kind and parameters, model, sources, labels.
+
+    Example: marrowlens index info idx/
+    """
+    from marrowlens.retrieval.index import describe, load_index
+
+    for line in describe(load_index(folder)):
+        say(line)
+
+
+@app.command("search")
+def search(
+    index: Path = typer.Option(..., "--index", help="index folder"),
+    image: List[Path] = typer.Option([], "--image", help="query image (repeat for several)"),
+    cell_id: List[str] = typer.Option([], "--cell-id", help="query by an indexed cell (id or unique prefix; the cell itself is left out)"),
+    k: int = typer.Option(10, "-k", "--k", help="neighbours per query"),
+    filter_: List[str] = typer.Option([], "--filter", help="keep cells with column=value[,value], e.g. mutation=NPM1 (repeat: all must hold)"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+    model: Optional[str] = typer.Option(None, help="where the index's backbone is now (run folder or weights file), if it moved"),
+) -> None:
+    """Find the indexed cells most similar to a cell image (embedded like `embed` does).
+
+    Example: marrowlens search --index idx/ --image cell.tif -k 10 --filter mutation=NPM1
+    """
+    import json
+
+    from marrowlens.retrieval.search import format_table, format_vote, neighbour_records, query, vote
+
+    results = query(index, images=image, cell_ids=cell_id, k=k, filters=filter_, model=model)
+    if json_out:
+        payload = [{"query": label, "neighbours": neighbour_records(t), "vote": vote(t)} for label, t in results]
+        say(json.dumps(payload, indent=2))
+        return
+    for label, table in results:
+        say(f"query {label}:")
+        say(format_table(table))
+        say(format_vote(table))
+
+
+@app.command("serve")
+def serve(
+    index: Path = typer.Option(..., "--index", help="index folder"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (loopback only unless you say otherwise)"),
+    port: int = typer.Option(8000, min=1, max=65535),
+    model: Optional[str] = typer.Option(None, help="where the index's backbone is now (run folder or weights file), if it moved"),
+    max_upload_mb: float = typer.Option(10.0, min=0.01, help="largest accepted upload"),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="neighbours shown by default"),
+) -> None:
+    """Serve the similar-cell web page and its JSON API (docs at /docs).
+
+    Example: marrowlens serve --index idx/ --port 8000
+    """
+    import uvicorn
+
+    from marrowlens.retrieval.search import Searcher
+    from marrowlens.retrieval.web import create_app
+
+    searcher = Searcher.open(index, model)
+    app_ = create_app(index, searcher=searcher, max_upload_mb=max_upload_mb, default_k=k)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        say(f"warning: listening on {host}: anyone who can reach this machine can query the index and see its cells")
+    say(f"serving {len(searcher)} cells at http://{host}:{port}/ (API docs at /docs; Ctrl-C to stop)")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     """Console entry point: one-line errors, status 2; Ctrl-C is status 130."""
     try:

@@ -1,0 +1,305 @@
+"""Query an index by image or by indexed cell: embed like ``embed`` does, search, label the neighbours.
+
+A :class:`Searcher` holds an index and the backbone that made its vectors, loaded once and checked
+against the index's model fingerprint (the CLI makes one per command, the web server one per
+process). Filters on the cells table become a FAISS id selector (a bitmap over rows), so the k
+neighbours returned all satisfy the filter; when an approximate index comes back short under a
+selective filter it is asked again with more effort, up to an exhaustive scan.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+import pandas as pd
+from PIL import Image
+from torch import nn
+
+from marrowlens.artifacts import require_same_fingerprint
+from marrowlens.cohort.images import ImageDecodeError, load_rgb
+from marrowlens.cohort.labels import parse_bool
+from marrowlens.errors import MarrowLensError
+from marrowlens.retrieval.index import CellIndex, load_index
+from marrowlens.ssl.backbones import BackboneInfo, load_backbone
+from marrowlens.ssl.embed import embed_images
+
+FILTER_COLUMNS = ("patient_id", "cell_type", "is_blast", "mutation", "domain", "split")
+VOTE_COLUMNS = ("cell_type", "is_blast", "mutation")
+NEIGHBOUR_COLUMNS = ["rank", "row", "cell_id", "patient_id", "cell_type", "is_blast", "mutation", "domain", "path", "similarity", "distance"]
+MIN_ID_PREFIX = 6
+
+
+class UnknownCellError(MarrowLensError):
+    """A cell id that names no indexed cell (the web API answers 404)."""
+
+
+def parse_filters(texts: Sequence[str] | None) -> dict[str, set[str]]:
+    """``["mutation=NPM1,control", "is_blast=true"]`` -> {"mutation": {"NPM1", "control"}, "is_blast": {"true"}}.
+
+    Values after ``=`` are alternatives (any may match); different columns must all match.
+    """
+    filters: dict[str, set[str]] = {}
+    for text in texts or []:
+        key, sep, raw = text.partition("=")
+        key = key.strip()
+        values = {v.strip() for v in raw.split(",") if v.strip()}
+        if not sep or not key or not values:
+            raise MarrowLensError(f"filter {text!r} is not of the form column=value[,value...]")
+        if key not in FILTER_COLUMNS:
+            raise MarrowLensError(f"cannot filter on {key!r}; filter columns are {', '.join(FILTER_COLUMNS)}")
+        filters.setdefault(key, set()).update(values)
+    return filters
+
+
+def filter_mask(cells: pd.DataFrame, filters: dict[str, set[str]]) -> np.ndarray:
+    """Boolean mask of the rows that pass every filter; a value no indexed cell has is an error (a typo)."""
+    mask = np.ones(len(cells), dtype=bool)
+    for key, values in filters.items():
+        column = cells[key]
+        if key == "is_blast":
+            wanted = {parse_bool(v) for v in values}
+            matches = column.isin([w for w in wanted if w is not None]).fillna(False).to_numpy(dtype=bool)
+            mask &= matches
+            continue
+        present = set(column.dropna().astype(str))
+        unknown = sorted(values - present)
+        if unknown:
+            shown = ", ".join(sorted(present)[:12]) or "none"
+            raise MarrowLensError(f"no indexed cell has {key}={unknown[0]} (values in the index: {shown})")
+        mask &= column.astype("string").isin(values).fillna(False).to_numpy(dtype=bool)
+    return mask
+
+
+def vote(neighbours: pd.DataFrame) -> dict[str, list[tuple[str, int]]]:
+    """The k-NN vote: how many neighbours carry each label, most common first (missing labels skipped)."""
+    summary = {}
+    for column in VOTE_COLUMNS:
+        values = neighbours[column].dropna()
+        if column == "is_blast":
+            values = values.map({True: "blast", False: "non-blast"})
+        counts = values.astype(str).value_counts()
+        if len(counts):
+            summary[column] = [(str(label), int(count)) for label, count in counts.items()]
+    return summary
+
+
+def load_query_images(paths: Sequence[str | Path]) -> list[Image.Image]:
+    """Decode query images with the cohort's safe decoder; an undecodable one is a one-line error."""
+    images = []
+    for path in paths:
+        try:
+            images.append(load_rgb(path))
+        except ImageDecodeError as exc:
+            raise MarrowLensError(f"query image {path} cannot be used: {exc}") from None
+    return images
+
+
+def _backbone_reference(model_meta: dict[str, Any], override: str | Path | None, index_dir: Path) -> tuple[str | Path, Path | None]:
+    """Where the index's backbone lives: (run folder or timm name, weights file or None)."""
+    if override is not None:
+        path = Path(override)
+        if path.is_dir():
+            return path, None
+        if path.is_file():
+            return model_meta["timm_name"], path
+        return str(override), None
+    source = model_meta.get("source", "")
+    if source == "random init":
+        return model_meta["timm_name"], None
+    path = Path(source)
+    if path.is_dir():
+        return path, None
+    if path.is_file():
+        return model_meta["timm_name"], path
+    raise MarrowLensError(
+        f"the backbone of index {index_dir} ({source}) no longer exists; pass --model with where it is now"
+    )
+
+
+@dataclass
+class Searcher:
+    """An index plus the backbone that embeds queries for it; safe to share between threads."""
+
+    index: CellIndex
+    model: nn.Module
+    info: BackboneInfo
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()  # one forward pass at a time; torch uses all cores for it
+        self._ids = pd.Index(self.index.cells["cell_id"].astype(str))
+
+    @classmethod
+    def open(cls, index_dir: str | Path, model: str | Path | None = None) -> "Searcher":
+        """Load an index and its backbone; refuse a backbone whose fingerprint is not the index's."""
+        index = load_index(index_dir)
+        model_meta = index.meta["model"]
+        reference, weights = _backbone_reference(model_meta, model, Path(index_dir))
+        backbone, info = load_backbone(reference, weights=weights, image_size=model_meta["image_size"])
+        require_same_fingerprint(
+            "backbone fingerprint", index.model_fingerprint, f"index {index_dir}", info.fingerprint, f"model {reference}"
+        )
+        return cls(index=index, model=backbone, info=info)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Embed query images exactly as ``marrowlens embed`` embeds cells."""
+        with self._lock:
+            return embed_images(self.model, self.info, list(images))
+
+    def exact_row(self, cell_id: str) -> int | None:
+        """Row of the indexed cell with exactly this id, or None."""
+        return int(self._ids.get_loc(cell_id)) if cell_id in self._ids else None
+
+    def row_of(self, cell_id: str) -> int:
+        """Row of an indexed cell, by full id or a unique prefix of at least 6 characters."""
+        cell_id = cell_id.strip()
+        row = self.exact_row(cell_id)
+        if row is not None:
+            return row
+        if len(cell_id) >= MIN_ID_PREFIX:
+            rows = np.flatnonzero(self._ids.str.startswith(cell_id))
+            if len(rows) == 1:
+                return int(rows[0])
+            if len(rows) > 1:
+                raise MarrowLensError(f"cell id prefix {cell_id!r} matches {len(rows)} indexed cells; give more of it")
+        raise UnknownCellError(f"no indexed cell has id {cell_id!r}")
+
+    def cell(self, row: int) -> dict[str, Any]:
+        return cell_record(self.index.cells, row)
+
+    def search_images(self, images: Sequence[Image.Image], k: int, filters: dict[str, set[str]] | None = None) -> list[pd.DataFrame]:
+        return self.search_vectors(self.embed(images), k, filters)
+
+    def search_cells(self, rows: Sequence[int], k: int, filters: dict[str, set[str]] | None = None) -> list[pd.DataFrame]:
+        """Neighbours of indexed cells, not counting the cell itself."""
+        vectors = np.stack([self.index.vector(r) for r in rows])
+        return self.search_vectors(vectors, k, filters, exclude=list(rows))
+
+    def search_vectors(
+        self, vectors: np.ndarray, k: int, filters: dict[str, set[str]] | None = None, exclude: Sequence[int] | None = None
+    ) -> list[pd.DataFrame]:
+        """The k nearest cells of each query vector that pass ``filters``, as one table per query."""
+        mask = filter_mask(self.index.cells, filters) if filters else None
+        available = int(mask.sum()) if mask is not None else len(self)
+        if exclude is not None:
+            available -= 1
+        if k < 1:
+            raise MarrowLensError(f"k must be at least 1, not {k}")
+        if k > available:
+            what = "cells match the filter" if mask is not None else "cells are in the index"
+            self_note = " besides the query cell" if exclude is not None else ""
+            raise MarrowLensError(f"k={k} is larger than the index allows: only {available} {what}{self_note}")
+        selector = _bitmap_selector(mask) if mask is not None else None
+        fetch = k + (1 if exclude is not None else 0)
+        scores, rows = self._search_complete(vectors, fetch, selector)
+        tables = []
+        for q in range(len(vectors)):
+            skip = exclude[q] if exclude is not None else -1
+            keep = [(s, r) for s, r in zip(scores[q], rows[q]) if r >= 0 and r != skip][:k]
+            tables.append(self._table(keep))
+        return tables
+
+    def _search_complete(self, vectors: np.ndarray, k: int, selector: faiss.IDSelector | None) -> tuple[np.ndarray, np.ndarray]:
+        """Search; queries that came back with fewer than k rows are asked again with 4x the effort."""
+        effort = 1
+        scores, rows = self.index.search(vectors, k, selector, effort)
+        while True:
+            short = (rows < 0).any(axis=1)
+            if not short.any() or self.index.exhaustive(effort):
+                return scores, rows
+            effort *= 4
+            scores[short], rows[short] = self.index.search(vectors[short], k, selector, effort)
+
+    def _table(self, hits: list[tuple[float, int]]) -> pd.DataFrame:
+        rows = [int(r) for _, r in hits]
+        table = self.index.cells.iloc[rows].reset_index(drop=True)
+        table = table.reindex(columns=[c for c in NEIGHBOUR_COLUMNS if c in table.columns])
+        table.insert(0, "rank", np.arange(1, len(rows) + 1))
+        table.insert(1, "row", rows)
+        raw = np.array([s for s, _ in hits], dtype=np.float64)
+        if self.index.metric == "cosine":
+            table["similarity"] = raw
+            table["distance"] = 1.0 - raw
+        else:
+            table["similarity"] = np.nan
+            table["distance"] = np.sqrt(np.maximum(raw, 0.0))
+        return table
+
+
+def query(
+    index_dir: str | Path,
+    images: Sequence[str | Path] = (),
+    cell_ids: Sequence[str] = (),
+    k: int = 10,
+    filters: Sequence[str] = (),
+    model: str | Path | None = None,
+) -> list[tuple[str, pd.DataFrame]]:
+    """``marrowlens search``: the neighbours of each query image and each indexed cell, labelled by query."""
+    if not images and not cell_ids:
+        raise MarrowLensError("give at least one --image or --cell-id to search for")
+    wanted = parse_filters(filters)
+    decoded = load_query_images(images)  # before loading the model: a bad image fails fast
+    searcher = Searcher.open(index_dir, model)
+    rows = [searcher.row_of(c) for c in cell_ids]
+    results = []
+    if decoded:
+        results += zip(map(str, images), searcher.search_images(decoded, k, wanted))
+    if rows:
+        labels = [f"cell {searcher.index.cells['cell_id'].iloc[r]}" for r in rows]
+        results += zip(labels, searcher.search_cells(rows, k, wanted))
+    return results
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """Neighbours as an aligned text table (12-digit ids: enough for ``--cell-id``)."""
+    shown = pd.DataFrame(
+        {
+            "rank": table["rank"],
+            "cell": table["cell_id"].str.slice(0, 12),
+            "patient": table["patient_id"],
+            "cell_type": table["cell_type"],
+            "blast": table["is_blast"].map({True: "yes", False: "no"}),
+            "mutation": table["mutation"],
+        }
+    )
+    if table["similarity"].notna().all():
+        shown["similarity"] = table["similarity"].map("{:.4f}".format)
+    else:
+        shown["distance"] = table["distance"].map("{:.4f}".format)
+    shown["path"] = table["path"]
+    return shown.fillna("-").to_string(index=False)
+
+
+def format_vote(table: pd.DataFrame) -> str:
+    """One line: the neighbours' labels, most common first."""
+    parts = [f"{column}: " + ", ".join(f"{label} {count}/{len(table)}" for label, count in counts) for column, counts in vote(table).items()]
+    return "k-NN vote: " + ("; ".join(parts) if parts else "the neighbours carry no labels")
+
+
+def _bitmap_selector(mask: np.ndarray) -> faiss.IDSelector:
+    """A FAISS selector over row ids from a boolean mask (one bit per row: cheap even at 1M rows)."""
+    return faiss.IDSelectorBitmap(np.packbits(mask, bitorder="little"))
+
+
+def _plain(value: Any) -> Any:
+    """A pandas/numpy scalar as a JSON-able Python value (NA -> None)."""
+    if pd.isna(value):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def cell_record(cells: pd.DataFrame, row: int) -> dict[str, Any]:
+    """One row of a cells table as a plain dict, with its row number."""
+    return {"row": row, **{str(k): _plain(v) for k, v in cells.iloc[row].items()}}
+
+
+def neighbour_records(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """A neighbours table as JSON-able dicts."""
+    return [{str(k): _plain(v) for k, v in row.items()} for _, row in table.iterrows()]

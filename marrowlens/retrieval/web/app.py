@@ -1,0 +1,258 @@
+"""The similar-cell web page and its JSON API (FastAPI): upload a cell, see its nearest cells.
+
+``create_app(index_dir)`` loads the index and its backbone once, at start-up (lifespan), and
+serves:
+
+- ``GET /``: the page (one Jinja2 template, static JS/CSS, nothing fetched from the network);
+- ``POST /api/search``: an uploaded image *or* an indexed cell id -> k neighbours + k-NN vote;
+- ``GET /api/cells/{cell_id}``: one indexed cell's labels;
+- ``GET /thumbs/{cell_id}``: a small JPEG of an indexed cell.
+
+Safety: uploads are capped (FastAPI's per-route ``max_body_size`` answers 413 before the body is
+read) and must decode as an image (400 otherwise); thumbnails are looked up by indexed cell id
+only, so no request names a file path (404 for anything else). Endpoints are plain ``def``s, so
+FastAPI runs them in its threadpool and concurrent requests are served side by side; the
+:class:`~marrowlens.retrieval.search.Searcher` serialises forward passes (each one uses every
+core torch was given) while FAISS searches run concurrently.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel
+
+from marrowlens import __version__
+from marrowlens.cohort.images import ImageDecodeError, decode_bytes, load_rgb
+from marrowlens.errors import MarrowLensError
+from marrowlens.retrieval.search import Searcher, UnknownCellError, cell_record, parse_filters, vote
+
+HERE = Path(__file__).parent
+THUMB_QUALITY = 88
+
+
+class Cell(BaseModel):
+    """An indexed cell and its labels (null where unknown)."""
+
+    row: int
+    cell_id: str
+    patient_id: str | None = None
+    cell_type: str | None = None
+    is_blast: bool | None = None
+    mutation: str | None = None
+    domain: str | None = None
+    split: str | None = None
+    path: str
+    thumbnail: str
+
+
+class Neighbour(Cell):
+    rank: int
+    similarity: float | None = None
+    distance: float
+
+
+class VoteEntry(BaseModel):
+    label: str
+    count: int
+
+
+class Query(BaseModel):
+    kind: Literal["upload", "cell"]
+    filename: str | None = None
+    cell: Cell | None = None
+
+
+class SearchResult(BaseModel):
+    """The neighbours of one query and the k-NN vote over their labels."""
+
+    query: Query
+    k: int
+    metric: str
+    index_kind: str
+    elapsed_ms: float
+    neighbours: list[Neighbour]
+    vote: dict[str, list[VoteEntry]]
+
+
+class Error(BaseModel):
+    detail: str
+
+
+class Thumbnails:
+    """JPEG thumbnails of indexed cells, rendered on first request and kept in an LRU cache."""
+
+    def __init__(self, searcher: Searcher, size: int, cache_size: int = 4096) -> None:
+        self.searcher, self.size = searcher, size
+        self.roots = [_image_root(source) for source in searcher.index.meta["sources"]]
+        self.render = functools.lru_cache(maxsize=cache_size)(self._render)
+
+    def _render(self, row: int) -> bytes:
+        cells = self.searcher.index.cells
+        root = self.roots[int(cells["source"].iloc[row])] if "source" in cells else self.roots[0]
+        if root is None:
+            raise HTTPException(404, "the images of this cell's cohort are not on this machine")
+        path = (root / str(cells["path"].iloc[row])).resolve()
+        if not path.is_relative_to(root):
+            raise HTTPException(404, "this cell's image lies outside its cohort")
+        try:
+            image = load_rgb(path)
+        except ImageDecodeError as exc:
+            raise HTTPException(404, f"this cell's image cannot be read: {exc}") from None
+        image.thumbnail((self.size, self.size))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=THUMB_QUALITY)
+        return buffer.getvalue()
+
+
+def _image_root(source: dict[str, Any]) -> Path | None:
+    """The folder a source's cell paths are relative to, if it is still there."""
+    cohort = source.get("cohort") or {}
+    if cohort.get("root") and Path(cohort["root"]).is_dir():
+        return Path(cohort["root"]).resolve()
+    if cohort.get("folder"):
+        from marrowlens.cohort.manifest import load_cohort
+
+        try:
+            return load_cohort(cohort["folder"]).root.resolve()
+        except MarrowLensError:
+            return None
+    return None
+
+
+def create_app(
+    index_dir: str | Path,
+    model: str | Path | None = None,
+    searcher: Searcher | None = None,
+    max_upload_mb: float = 10.0,
+    default_k: int = 10,
+    thumb_px: int = 160,
+) -> FastAPI:
+    """The app for one index; pass ``searcher`` to reuse one already loaded (the CLI checks it before serving)."""
+    max_body = int(max_upload_mb * 2**20) + 64 * 1024  # the image plus the form's own fields
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = searcher or Searcher.open(index_dir, model)
+        app.state.searcher = loaded
+        app.state.thumbs = Thumbnails(loaded, thumb_px)
+        yield
+
+    app = FastAPI(
+        title="MarrowLens similar-cell search",
+        version=__version__,
+        description="Upload a cell image (or name an indexed cell) and get the most similar cells of the cohort.",
+        lifespan=lifespan,
+    )
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    templates = Jinja2Templates(directory=HERE / "templates")
+
+    @app.exception_handler(UnknownCellError)
+    async def _unknown_cell(request: Request, exc: UnknownCellError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(MarrowLensError)
+    async def _bad_request(request: Request, exc: MarrowLensError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    def thumb_url(cell_id: str) -> str:
+        return f"/thumbs/{cell_id}"
+
+    def cell_model(searcher: Searcher, row: int) -> Cell:
+        record = cell_record(searcher.index.cells, row)
+        return Cell(**{k: v for k, v in record.items() if k in Cell.model_fields}, thumbnail=thumb_url(record["cell_id"]))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page(request: Request) -> HTMLResponse:
+        searcher: Searcher = request.app.state.searcher
+        context = {
+            "count": len(searcher),
+            "index_kind": searcher.index.kind,
+            "model": searcher.info.timm_name,
+            "default_k": min(default_k, len(searcher) - 1) if len(searcher) > 1 else 1,
+            "max_upload_mb": max_upload_mb,
+        }
+        return templates.TemplateResponse(request, "index.html", context)
+
+    @app.post(
+        "/api/search",
+        response_model=SearchResult,
+        max_body_size=max_body,
+        responses={400: {"model": Error}, 404: {"model": Error}, 413: {"description": "upload larger than the cap"}},
+    )
+    def search(
+        request: Request,
+        image: UploadFile | None = File(None, description="a cell image (PNG, JPEG, TIFF, ...)"),
+        cell_id: str | None = Form(None, description="an indexed cell id (or unique prefix) instead of an image"),
+        k: int = Form(default_k, ge=1, description="number of neighbours"),
+        filter: list[str] = Form([], description="column=value[,value] filters, e.g. mutation=NPM1"),
+    ) -> SearchResult:
+        """The k most similar indexed cells to an uploaded image or to an indexed cell (itself excluded)."""
+        searcher: Searcher = request.app.state.searcher
+        if (image is None) == (cell_id is None or not cell_id.strip()):
+            raise HTTPException(422, "send exactly one of: an image file, or a cell_id")
+        filters = parse_filters(filter)
+        started = time.perf_counter()
+        if image is not None:
+            data = image.file.read()
+            try:
+                decoded = decode_bytes(data, Path(image.filename or "").suffix)
+            except ImageDecodeError as exc:
+                raise HTTPException(400, f"the upload is not a usable image: {exc}") from None
+            table = searcher.search_images([decoded], k, filters)[0]
+            query = Query(kind="upload", filename=image.filename)
+        else:
+            row = searcher.row_of(cell_id)
+            table = searcher.search_cells([row], k, filters)[0]
+            query = Query(kind="cell", cell=cell_model(searcher, row))
+        neighbours = [
+            Neighbour(
+                **cell_model(searcher, int(hit.row)).model_dump(),
+                rank=int(hit.rank),
+                similarity=None if math.isnan(hit.similarity) else float(hit.similarity),
+                distance=float(hit.distance),
+            )
+            for hit in table.itertuples(index=False)
+        ]
+        return SearchResult(
+            query=query,
+            k=k,
+            metric=searcher.index.metric,
+            index_kind=searcher.index.kind,
+            elapsed_ms=round((time.perf_counter() - started) * 1000, 2),
+            neighbours=neighbours,
+            vote={column: [VoteEntry(label=l, count=c) for l, c in counts] for column, counts in vote(table).items()},
+        )
+
+    @app.get("/api/cells/{cell_id}", response_model=Cell, responses={404: {"model": Error}})
+    def get_cell(request: Request, cell_id: str) -> Cell:
+        """An indexed cell's labels, by id (or unique prefix)."""
+        searcher: Searcher = request.app.state.searcher
+        return cell_model(searcher, searcher.row_of(cell_id))
+
+    @app.get(
+        "/thumbs/{cell_id}",
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}, "description": "JPEG thumbnail"}, 404: {"model": Error}},
+    )
+    def thumbnail(request: Request, cell_id: str) -> Response:
+        """A thumbnail of an indexed cell (full id only); nothing else on disk can be reached."""
+        searcher: Searcher = request.app.state.searcher
+        row = searcher.exact_row(cell_id)
+        if row is None:
+            raise HTTPException(404, "no indexed cell has this id")
+        return Response(
+            request.app.state.thumbs.render(row), media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"}
+        )
+
+    return app
