@@ -83,7 +83,12 @@ def sha256_file(path: str | Path) -> str:
 
 
 def short(fingerprint: str) -> str:
-    """The first 12 hex digits: enough to tell artifacts apart in a message."""
+    """The first 12 hex digits: enough to tell artifacts apart in a message.
+
+    Fingerprints that are not digests (``random:NAME:seedS`` for an untrained backbone) stay whole.
+    """
+    if fingerprint.startswith("random:"):
+        return fingerprint
     return fingerprint.split(":")[-1][:12]
 
 

@@ -26,7 +26,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from marrowlens.artifacts import META_FILE, atomic_path, prepare_out_dir, read_meta, require_same_fingerprint, write_meta
+from marrowlens.artifacts import META_FILE, atomic_path, prepare_out_dir, read_meta, require_same_fingerprint, short, write_meta
 from marrowlens.config import load_config
 from marrowlens.embeddings import Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
@@ -36,6 +36,11 @@ CELLS_FILE = "cells.parquet"
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
 METRICS = ("cosine", "l2")
 BLOCK_ROWS = 32_768
+# Fewer queries than this are searched on one OpenMP thread (the setting is per calling thread).
+# FAISS parallelises over queries, so a single query gains nothing from more threads, but its
+# OpenMP workers spin while waiting: on a busy 2-core machine that made a 0.12 ms HNSW query
+# take 6 ms of CPU and 12 ms of wall time (bench/RESULTS.md).
+SMALL_BATCH = 16
 
 # ``auto`` thresholds, from bench/RESULTS.md ("Retrieval", 384-d, 2 cores). Exact search costs
 # one pass over N x D floats per query: about 3.4 ms at 50k and 7.4 ms at 100k cells, so above
@@ -196,7 +201,15 @@ class CellIndex:
     def search(self, queries: np.ndarray, k: int, selector: faiss.IDSelector | None = None, effort: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """FAISS search of raw query vectors: (scores, rows); rows are -1 where fewer than k were found."""
         prepared = prepare_vectors(queries, self.metric)
-        return self.index.search(prepared, k, params=self.search_parameters(selector, effort))
+        params = self.search_parameters(selector, effort)
+        if len(prepared) >= SMALL_BATCH:
+            return self.index.search(prepared, k, params=params)
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return self.index.search(prepared, k, params=params)
+        finally:
+            faiss.omp_set_num_threads(threads)
 
     def vector(self, row: int) -> np.ndarray:
         """The stored (normalised for cosine; decoded for PQ, so approximate) vector of a cell."""
@@ -375,11 +388,11 @@ def describe(index: CellIndex) -> list[str]:
     lines = [
         f"index {index.folder}: {len(index)} cells x {meta['dim']} dims, {index.kind}{auto}, {index.metric} metric",
         f"  faiss: {meta['factory']} ({params}), {size / 2**20:.1f} MiB on disk",
-        f"  model: {model['timm_name']} @ {model['image_size']} px, {_short(model['fingerprint'])} from {model['source']}",
+        f"  model: {model['timm_name']} @ {model['image_size']} px, {short(model['fingerprint'])} from {model['source']}",
     ]
     for source in meta["sources"]:
         root = source["cohort"].get("root") or "unknown (no thumbnails)"
-        lines.append(f"  source: {source['count']} cells from {source['embeddings']} ({_short(source['fingerprint'])}), images in {root}")
+        lines.append(f"  source: {source['count']} cells from {source['embeddings']} ({short(source['fingerprint'])}), images in {root}")
     cells = index.cells
     lines.append(f"  patients: {cells['patient_id'].nunique()} (cells without one: {int(cells['patient_id'].isna().sum())})")
     for column in ("mutation", "cell_type", "is_blast"):
@@ -391,8 +404,3 @@ def describe(index: CellIndex) -> list[str]:
     if choose_kind(len(index)) != index.kind and meta.get("requested_kind") == "auto":
         lines.append(f"  note: at {len(index)} cells `auto` would now build {choose_kind(len(index))}; rebuild to switch")
     return lines
-
-
-def _short(fingerprint: str) -> str:
-    """``sha256:`` + 12 hex digits; other fingerprints (``random:NAME:seedS``) in full."""
-    return fingerprint[:19] if fingerprint.startswith("sha256:") else fingerprint

@@ -3,12 +3,14 @@
 A :class:`Searcher` holds an index and the backbone that made its vectors, loaded once and checked
 against the index's model fingerprint (the CLI makes one per command, the web server one per
 process). Filters on the cells table become a FAISS id selector (a bitmap over rows), so the k
-neighbours returned all satisfy the filter; when an approximate index comes back short under a
-selective filter it is asked again with more effort, up to an exhaustive scan.
+neighbours returned all satisfy the filter. An approximate index searches a filter passing a
+fraction f of the cells with 1/f times its usual nprobe / efSearch (so it still meets as many
+candidates), and when it comes back short it is asked again with more, up to an exhaustive scan.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +26,14 @@ from marrowlens.artifacts import require_same_fingerprint
 from marrowlens.cohort.images import ImageDecodeError, load_rgb
 from marrowlens.cohort.labels import parse_bool
 from marrowlens.errors import MarrowLensError
+from marrowlens.retrieval.batching import BatchingEmbedder
 from marrowlens.retrieval.index import CellIndex, load_index
 from marrowlens.ssl.backbones import BackboneInfo, load_backbone
 from marrowlens.ssl.embed import embed_images
 
 FILTER_COLUMNS = ("patient_id", "cell_type", "is_blast", "mutation", "domain", "split")
 VOTE_COLUMNS = ("cell_type", "is_blast", "mutation")
-NEIGHBOUR_COLUMNS = ["rank", "row", "cell_id", "patient_id", "cell_type", "is_blast", "mutation", "domain", "path", "similarity", "distance"]
+NEIGHBOUR_COLUMNS = ["rank", "row", "cell_id", "patient_id", "cell_type", "is_blast", "mutation", "domain", "split", "path", "similarity", "distance"]
 MIN_ID_PREFIX = 6
 
 
@@ -132,6 +135,17 @@ class Searcher:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()  # one forward pass at a time; torch uses all cores for it
         self._ids = pd.Index(self.index.cells["cell_id"].astype(str))
+        self._batcher: BatchingEmbedder | None = None
+
+    def start_batching(self, max_batch: int = 32) -> None:
+        """Serve many threads: concurrent :meth:`embed` calls share forward passes from now on."""
+        if self._batcher is None:
+            self._batcher = BatchingEmbedder(self.model, self.info, max_batch)
+
+    def stop_batching(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
+            self._batcher = None
 
     @classmethod
     def open(cls, index_dir: str | Path, model: str | Path | None = None) -> "Searcher":
@@ -150,6 +164,8 @@ class Searcher:
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Embed query images exactly as ``marrowlens embed`` embeds cells."""
+        if self._batcher is not None:
+            return self._batcher.embed(images)
         with self._lock:
             return embed_images(self.model, self.info, list(images))
 
@@ -198,7 +214,10 @@ class Searcher:
             raise MarrowLensError(f"k={k} is larger than the index allows: only {available} {what}{self_note}")
         selector = _bitmap_selector(mask) if mask is not None else None
         fetch = k + (1 if exclude is not None else 0)
-        scores, rows = self._search_complete(vectors, fetch, selector)
+        # A filter passing a fraction f of the cells leaves an approximate index ~f of its usual
+        # candidates; 1/f times the effort keeps the candidate count (capped at a full scan).
+        effort = math.ceil(len(self) / max(int(mask.sum()), 1)) if mask is not None else 1
+        scores, rows = self._search_complete(vectors, fetch, selector, effort)
         tables = []
         for q in range(len(vectors)):
             skip = exclude[q] if exclude is not None else -1
@@ -206,9 +225,8 @@ class Searcher:
             tables.append(self._table(keep))
         return tables
 
-    def _search_complete(self, vectors: np.ndarray, k: int, selector: faiss.IDSelector | None) -> tuple[np.ndarray, np.ndarray]:
+    def _search_complete(self, vectors: np.ndarray, k: int, selector: faiss.IDSelector | None, effort: int) -> tuple[np.ndarray, np.ndarray]:
         """Search; queries that came back with fewer than k rows are asked again with 4x the effort."""
-        effort = 1
         scores, rows = self.index.search(vectors, k, selector, effort)
         while True:
             short = (rows < 0).any(axis=1)
@@ -302,4 +320,4 @@ def cell_record(cells: pd.DataFrame, row: int) -> dict[str, Any]:
 
 def neighbour_records(table: pd.DataFrame) -> list[dict[str, Any]]:
     """A neighbours table as JSON-able dicts."""
-    return [{str(k): _plain(v) for k, v in row.items()} for _, row in table.iterrows()]
+    return [{str(k): _plain(v) for k, v in record.items()} for record in table.to_dict("records")]

@@ -11,16 +11,15 @@ serves:
 Safety: uploads are capped (FastAPI's per-route ``max_body_size`` answers 413 before the body is
 read) and must decode as an image (400 otherwise); thumbnails are looked up by indexed cell id
 only, so no request names a file path (404 for anything else). Endpoints are plain ``def``s, so
-FastAPI runs them in its threadpool and concurrent requests are served side by side; the
-:class:`~marrowlens.retrieval.search.Searcher` serialises forward passes (each one uses every
-core torch was given) while FAISS searches run concurrently.
+FastAPI runs them in its threadpool and concurrent requests are served side by side: uploads
+are decoded and preprocessed in parallel, their forward passes are merged into shared batches
+(:mod:`marrowlens.retrieval.batching`), and FAISS searches run concurrently.
 """
 
 from __future__ import annotations
 
 import functools
 import io
-import math
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,7 +34,7 @@ from pydantic import BaseModel
 from marrowlens import __version__
 from marrowlens.cohort.images import ImageDecodeError, decode_bytes, load_rgb
 from marrowlens.errors import MarrowLensError
-from marrowlens.retrieval.search import Searcher, UnknownCellError, cell_record, parse_filters, vote
+from marrowlens.retrieval.search import Searcher, UnknownCellError, cell_record, neighbour_records, parse_filters, vote
 
 HERE = Path(__file__).parent
 THUMB_QUALITY = 88
@@ -144,9 +143,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = searcher or Searcher.open(index_dir, model)
+        loaded.start_batching()
         app.state.searcher = loaded
         app.state.thumbs = Thumbnails(loaded, thumb_px)
-        yield
+        try:
+            yield
+        finally:
+            loaded.stop_batching()
 
     app = FastAPI(
         title="MarrowLens similar-cell search",
@@ -215,15 +218,7 @@ def create_app(
             row = searcher.row_of(cell_id)
             table = searcher.search_cells([row], k, filters)[0]
             query = Query(kind="cell", cell=cell_model(searcher, row))
-        neighbours = [
-            Neighbour(
-                **cell_model(searcher, int(hit.row)).model_dump(),
-                rank=int(hit.rank),
-                similarity=None if math.isnan(hit.similarity) else float(hit.similarity),
-                distance=float(hit.distance),
-            )
-            for hit in table.itertuples(index=False)
-        ]
+        neighbours = [Neighbour(**record, thumbnail=thumb_url(record["cell_id"])) for record in neighbour_records(table)]
         return SearchResult(
             query=query,
             k=k,

@@ -83,12 +83,12 @@ function card(cell) {
   sim.className = "sim";
   sim.textContent = cell.similarity !== null ? `sim ${cell.similarity.toFixed(3)}` : `dist ${cell.distance.toFixed(3)}`;
   head.append(rank, sim);
-  const type = [cell.cell_type, blastLabel(cell.is_blast)].filter((x) => x).join(" · ");
+  const type = [cell.cell_type, blastLabel(cell.is_blast)].filter((x) => x).join(" · ") || "cell type unknown";
   item.append(
     img, head,
     line(cell.patient_id ? `patient ${cell.patient_id}` : "patient unknown"),
     line(type, cell.is_blast ? "blast" : null),
-    line(cell.mutation),
+    line(cell.mutation || "mutation unknown"),
   );
   item.addEventListener("click", () => searchCell(cell));
   item.addEventListener("keydown", (e) => { if (e.key === "Enter") searchCell(cell); });

@@ -1,0 +1,106 @@
+"""A real browser against a real server: Debian's Chromium, driven by Playwright, uploads a cell.
+
+Never downloads a browser (``playwright install`` has no network here): ``make browser`` (which
+``make test`` runs first) installs Debian's ``chromium`` package where root and apt are available.
+The test is skipped, saying why, only where that executable is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.retrieval.conftest import ImageIndex
+
+CHROMIUM = Path(os.environ.get("MARROWLENS_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+K = 6
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.is_file(),
+    reason=f"Chromium is not installed at {CHROMIUM}; `make browser` installs Debian's package (needs root and apt)",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def server(image_index: ImageIndex):
+    import httpx
+
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "marrowlens", "serve", "--index", str(image_index.idx), "--port", str(port), "-k", str(K)],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.fail(f"marrowlens serve exited: {process.stdout.read()}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        else:
+            pytest.fail("marrowlens serve did not answer within 90 s")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_upload_shows_k_neighbour_thumbnails(server: str, image_index: ImageIndex, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    all_loaded = f"""() => {{
+        const images = [...document.querySelectorAll('#grid img')];
+        return images.length === {K} && images.every((img) => img.complete && img.naturalWidth > 0);
+    }}"""
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": 1200, "height": 900},
+        )
+        try:
+            page = context.new_page()
+            requests: list[str] = []
+            page.on("request", lambda request: requests.append(request.url))
+            page.goto(server)
+            page.set_input_files("#file", str(image_index.image("NPM1", 1, 2)))
+            page.wait_for_function(all_loaded, timeout=60_000)
+
+            assert page.eval_on_selector("#query-image", "img => img.complete && img.naturalWidth > 0")
+            captions = page.locator("#grid .card").all_inner_texts()
+            assert len(captions) == K and "#1" in captions[0] and "patient NPM1_p1" in captions[0] and "NPM1" in captions[0]
+            assert "sim 1.000" in captions[0]
+            assert "mutation" in page.inner_text("#vote") and f"/{K}" in page.inner_text("#vote")
+            assert page.inner_text("#status").startswith(f"{K} neighbours in")
+            page.screenshot(path=str(tmp_path / "retrieval-page.png"), full_page=True)
+
+            second = page.locator("#grid .card").nth(1)
+            clicked = second.get_attribute("data-cell-id")
+            second.click()
+            page.wait_for_function(f"() => !document.querySelector('#grid .card[data-cell-id=\"{clicked}\"]')", timeout=60_000)
+            page.wait_for_function(all_loaded, timeout=60_000)
+            assert "patient" in page.inner_text("#query-caption")
+
+            assert all(url.startswith(server) or url.startswith("blob:") for url in requests), requests
+        finally:
+            context.close()

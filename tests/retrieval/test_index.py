@@ -1,0 +1,240 @@
+"""Index build / load / add: round trips, recall of the approximate kinds, parameters, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from marrowlens.errors import MarrowLensError
+from marrowlens.retrieval import index as index_module
+from marrowlens.retrieval.index import (
+    EXACT_MAX_CELLS,
+    HNSW_MAX_CELLS,
+    add_to_index,
+    build_index,
+    choose_kind,
+    describe,
+    load_index,
+    resolve_params,
+)
+from tests.retrieval.conftest import make_store, random_vectors
+
+# recall@10 against exact search, 2000 isotropic Gaussian vectors in 32-d (the hardest case for
+# approximate search: no cluster structure) with 100 unseen queries, default parameters except
+# where the kind's default would be exhaustive on so small a set.
+RECALL_BOUND = {"hnsw": ([], 0.95), "ivf": (["nprobe=16"], 0.75), "ivfpq": (["nprobe=16", "pq_m=16", "pq_nbits=6"], 0.55)}
+
+
+def recall_at_10(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(found, truth)]))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("store") / "emb"
+    make_store(folder, n=2000, dim=32, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flat(store: Path, tmp_path_factory: pytest.TempPathFactory):
+    return build_index(store, tmp_path_factory.mktemp("flat") / "idx", kind="flat")
+
+
+class TestChooseKind:
+    @pytest.mark.parametrize(
+        "n, kind",
+        [(1, "flat"), (EXACT_MAX_CELLS, "flat"), (EXACT_MAX_CELLS + 1, "hnsw"), (HNSW_MAX_CELLS, "hnsw"), (HNSW_MAX_CELLS + 1, "ivf")],
+    )
+    def test_thresholds(self, n: int, kind: str) -> None:
+        assert choose_kind(n) == kind
+
+    def test_auto_build_of_a_small_store_is_exact(self, store: Path, tmp_path: Path) -> None:
+        built = build_index(store, tmp_path / "idx")
+        assert built.kind == "flat" and built.meta["requested_kind"] == "auto"
+
+
+class TestRoundTrip:
+    @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+    @pytest.mark.parametrize("metric", ["cosine", "l2"])
+    def test_every_cell_is_its_own_nearest_neighbour(self, store: Path, tmp_path: Path, kind: str, metric: str) -> None:
+        build_index(store, tmp_path / "idx", kind=kind, metric=metric)
+        loaded = load_index(tmp_path / "idx")  # through the files, not the object in memory
+        vectors = np.load(store / "vectors.npy")
+        rows = np.arange(0, len(vectors), 7)
+        scores, found = loaded.search(vectors[rows], 1)
+        assert (found[:, 0] == rows).all()
+        expected_self = 1.0 if metric == "cosine" else 0.0
+        np.testing.assert_allclose(scores[:, 0], expected_self, atol=1e-4)
+
+    @pytest.mark.parametrize("metric", ["cosine", "l2"])
+    def test_flat_scores_are_exact(self, store: Path, tmp_path: Path, metric: str) -> None:
+        index = build_index(store, tmp_path / "idx", kind="flat", metric=metric)
+        vectors = np.load(store / "vectors.npy").astype(np.float64)
+        query = random_vectors(1, 32, seed=5).astype(np.float64)
+        if metric == "cosine":
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            query /= np.linalg.norm(query)
+            expected = np.sort(vectors @ query[0])[::-1][:5]
+        else:
+            expected = np.sort(((vectors - query) ** 2).sum(1))[:5]
+        scores, _ = index.search(query.astype(np.float32), 5)
+        np.testing.assert_allclose(scores[0], expected, rtol=1e-4, atol=1e-4)
+
+    def test_rows_map_to_the_cells_table(self, store: Path, flat) -> None:
+        vectors = np.load(store / "vectors.npy")
+        _, found = flat.search(vectors[[3, 1234]], 1)
+        assert list(flat.cells["cell_id"].iloc[found[:, 0]]) == ["c000003", "c001234"]
+
+    def test_meta_records_what_made_the_index(self, flat, store: Path) -> None:
+        meta = json.loads((flat.folder / "meta.json").read_text())
+        assert meta["kind"] == "index" and meta["index_kind"] == "flat" and meta["metric"] == "cosine"
+        assert meta["count"] == 2000 and meta["dim"] == 32 and meta["factory"] == "IDMap2,Flat"
+        assert meta["model"]["fingerprint"] == "random:test_resnet:seed0"
+        assert meta["sources"][0]["embeddings"] == str(store.resolve())
+        assert meta["sources"][0]["fingerprint"].startswith("sha256:")
+
+    def test_vector_reconstructs_the_normalised_vector(self, store: Path, flat) -> None:
+        vector = np.load(store / "vectors.npy")[42]
+        np.testing.assert_allclose(flat.vector(42), vector / np.linalg.norm(vector), atol=1e-6)
+
+    def test_blocks_give_the_same_index(self, store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        whole = build_index(store, tmp_path / "whole", kind="hnsw")
+        monkeypatch.setattr(index_module, "BLOCK_ROWS", 333)
+        blocks = build_index(store, tmp_path / "blocks", kind="hnsw")
+        queries = random_vectors(20, 32, seed=9)
+        np.testing.assert_array_equal(whole.search(queries, 5)[1], blocks.search(queries, 5)[1])
+
+    def test_describe_says_what_is_inside(self, flat) -> None:
+        text = "\n".join(describe(flat))
+        assert "2000 cells x 32 dims, flat" in text and "mutation: " in text and "patients: 5" in text
+
+
+class TestRecall:
+    @pytest.mark.parametrize("kind", sorted(RECALL_BOUND))
+    def test_recall_against_exact_search(self, store: Path, flat, tmp_path: Path, kind: str) -> None:
+        overrides, bound = RECALL_BOUND[kind]
+        approx = build_index(store, tmp_path / "idx", kind=kind, overrides=overrides)
+        queries = random_vectors(100, 32, seed=77)
+        truth = flat.search(queries, 10)[1]
+        recall = recall_at_10(approx.search(queries, 10)[1], truth)
+        assert recall >= bound, f"{kind} recall@10 {recall:.3f} < {bound}"
+
+    def test_more_probes_never_hurt(self, store: Path, flat, tmp_path: Path) -> None:
+        queries = random_vectors(100, 32, seed=78)
+        truth = flat.search(queries, 10)[1]
+        recalls = [
+            recall_at_10(build_index(store, tmp_path / f"p{p}", kind="ivf", overrides=[f"nprobe={p}"]).search(queries, 10)[1], truth)
+            for p in (1, 4, 51)
+        ]
+        assert recalls[0] <= recalls[1] <= recalls[2] == 1.0  # nprobe = nlist is exhaustive
+
+
+class TestParams:
+    def test_defaults_scale_with_the_cohort(self) -> None:
+        params = resolve_params("ivf", 1_000_000, 384)
+        assert params["nlist"] == 4000 and params["nprobe"] == 250 and params["train_size"] == 256_000
+
+    def test_small_cohorts_keep_39_points_per_list(self) -> None:
+        assert resolve_params("ivf", 2000, 32)["nlist"] == 2000 // 39
+
+    def test_overrides_are_recorded(self, store: Path, tmp_path: Path) -> None:
+        built = build_index(store, tmp_path / "idx", kind="hnsw", overrides=["ef_search=99", "hnsw_m=8"])
+        assert load_index(tmp_path / "idx").params == {"hnsw_m": 8, "ef_construction": 40, "ef_search": 99}
+        assert built.meta["factory"] == "IDMap2,HNSW8"
+
+    @pytest.mark.parametrize(
+        "kind, overrides, message",
+        [
+            ("flat", ["nprobe=4"], "do not apply to a flat index"),
+            ("hnsw", ["nlist=4"], "do not apply to a hnsw index"),
+            ("ivf", ["nprobe=zero"], "nprobe"),
+            ("ivf", ["nlist=0"], "nlist"),
+            ("ivf", ["nlist=5000"], "exceeds the 2000 vectors"),
+            ("ivfpq", ["pq_m=5"], "must divide the dimension 32"),
+            ("ivf", ["bogus=1"], "bogus"),
+            ("cube", [], "unknown index kind"),
+        ],
+    )
+    def test_bad_parameters_are_one_line_errors(self, store: Path, tmp_path: Path, kind: str, overrides: list[str], message: str) -> None:
+        with pytest.raises(MarrowLensError, match=message):
+            build_index(store, tmp_path / "idx", kind=kind, overrides=overrides)
+        assert not (tmp_path / "idx" / "meta.json").exists()
+
+    def test_bad_metric(self, store: Path, tmp_path: Path) -> None:
+        with pytest.raises(MarrowLensError, match="unknown metric"):
+            build_index(store, tmp_path / "idx", metric="hamming")
+
+
+class TestRefusals:
+    def test_existing_index_needs_overwrite(self, store: Path, tmp_path: Path) -> None:
+        build_index(store, tmp_path / "idx")
+        with pytest.raises(MarrowLensError, match="--overwrite"):
+            build_index(store, tmp_path / "idx")
+        assert len(build_index(store, tmp_path / "idx", kind="hnsw", overwrite=True)) == 2000
+        assert load_index(tmp_path / "idx").kind == "hnsw"
+
+    def test_duplicate_cell_ids_in_a_store(self, tmp_path: Path) -> None:
+        store = make_store(tmp_path / "emb", n=10)
+        cells = store.cells.copy()
+        cells.loc[3, "cell_id"] = cells.loc[4, "cell_id"]
+        cells.to_parquet(tmp_path / "emb" / "cells.parquet", index=False)
+        with pytest.raises(MarrowLensError, match="1 duplicate cell id"):
+            build_index(tmp_path / "emb", tmp_path / "idx")
+
+    def test_not_an_index(self, store: Path) -> None:
+        with pytest.raises(MarrowLensError, match="expected 'index'"):
+            load_index(store)
+
+    def test_interrupted_write_is_detected(self, store: Path, tmp_path: Path) -> None:
+        build_index(store, tmp_path / "idx")
+        cells = pd.read_parquet(tmp_path / "idx" / "cells.parquet")
+        cells.iloc[:10].to_parquet(tmp_path / "idx" / "cells.parquet", index=False)
+        with pytest.raises(MarrowLensError, match="inconsistent"):
+            load_index(tmp_path / "idx")
+
+    def test_corrupt_index_file(self, store: Path, tmp_path: Path) -> None:
+        build_index(store, tmp_path / "idx")
+        (tmp_path / "idx" / "index.faiss").write_bytes(b"not faiss")
+        with pytest.raises(MarrowLensError, match="not a readable FAISS index"):
+            load_index(tmp_path / "idx")
+
+
+class TestAdd:
+    @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+    def test_added_cells_are_found_under_new_rows(self, store: Path, tmp_path: Path, kind: str) -> None:
+        build_index(store, tmp_path / "idx", kind=kind)
+        extra = make_store(tmp_path / "emb2", n=50, dim=32, seed=1, prefix="x")
+        index, added = add_to_index(tmp_path / "idx", tmp_path / "emb2")
+        assert added == 50 and len(index) == 2050
+        loaded = load_index(tmp_path / "idx")
+        assert len(loaded) == 2050 and loaded.meta["count"] == 2050 and len(loaded.meta["sources"]) == 2
+        assert list(loaded.cells["source"].unique()) == [0, 1]
+        _, found = loaded.search(np.asarray(extra.vectors), 1)
+        np.testing.assert_array_equal(found[:, 0], np.arange(2000, 2050))
+        assert list(loaded.cells["cell_id"].iloc[2000:2003]) == ["x000000", "x000001", "x000002"]
+
+    def test_refuses_another_model_naming_both(self, store: Path, tmp_path: Path) -> None:
+        build_index(store, tmp_path / "idx")
+        make_store(tmp_path / "emb2", n=20, dim=32, prefix="x", fingerprint="sha256:" + "ab" * 32)
+        with pytest.raises(MarrowLensError, match=r"backbone fingerprint mismatch: index .*idx has random:test_resnet:seed0.* but embeddings .*emb2 has abababab"):
+            add_to_index(tmp_path / "idx", tmp_path / "emb2")
+
+    def test_refuses_cells_already_indexed_and_loses_nothing(self, store: Path, tmp_path: Path) -> None:
+        build_index(store, tmp_path / "idx")
+        before = {name: (tmp_path / "idx" / name).read_bytes() for name in ("index.faiss", "cells.parquet", "meta.json")}
+        make_store(tmp_path / "emb2", n=20, dim=32, seed=3, prefix="c")  # same ids c000000..
+        with pytest.raises(MarrowLensError, match="20 cell\\(s\\) of .* are already in index"):
+            add_to_index(tmp_path / "idx", tmp_path / "emb2")
+        after = {name: (tmp_path / "idx" / name).read_bytes() for name in before}
+        assert before == after
+
+    def test_refuses_another_dimension(self, store: Path, tmp_path: Path) -> None:
+        build_index(store, tmp_path / "idx")
+        make_store(tmp_path / "emb2", n=20, dim=8, prefix="x")
+        with pytest.raises(MarrowLensError, match="dimension 8, the index 32"):
+            add_to_index(tmp_path / "idx", tmp_path / "emb2")

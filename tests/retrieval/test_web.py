@@ -1,0 +1,210 @@
+"""The web API through FastAPI's TestClient: search, cells, thumbnails, bad uploads, traversal, concurrency."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from marrowlens.cohort.images import ImageDecodeError, decode_bytes
+from marrowlens.retrieval.web import create_app
+from tests.conftest import write_cell
+from tests.retrieval.conftest import ImageIndex
+
+
+@pytest.fixture(scope="module")
+def client(image_index: ImageIndex):
+    with TestClient(create_app(image_index.idx, max_upload_mb=0.05, default_k=5)) as client:
+        yield client
+
+
+def upload(client: TestClient, path: Path | None = None, data: bytes | None = None, name: str = "cell.png", **form):
+    content = data if data is not None else path.read_bytes()
+    return client.post("/api/search", files={"image": (name, content)}, data={k: str(v) for k, v in form.items()})
+
+
+class TestPage:
+    def test_page_loads_its_assets_locally(self, client: TestClient) -> None:
+        page = client.get("/")
+        assert page.status_code == 200 and "24 cells indexed" in page.text
+        assert "Drop a cell image here" in page.text and "up to 0.1 MB" in page.text
+        for asset in ("style.css", "app.js"):
+            assert f"/static/{asset}" in page.text
+            assert client.get(f"/static/{asset}").status_code == 200
+        assert "http://" not in page.text.replace("http://testserver/", "") and "https://" not in page.text
+
+    def test_openapi_documents_the_api(self, client: TestClient) -> None:
+        paths = client.get("/openapi.json").json()["paths"]
+        assert {"/api/search", "/api/cells/{cell_id}", "/thumbs/{cell_id}"} <= set(paths)
+        assert "413" in paths["/api/search"]["post"]["responses"]
+
+
+class TestSearch:
+    def test_upload_finds_the_same_cell_first_with_labels(self, client: TestClient, image_index: ImageIndex) -> None:
+        response = upload(client, image_index.image("control", 1, 3), k=6)
+        assert response.status_code == 200, response.text
+        result = response.json()
+        assert result["query"] == {"kind": "upload", "filename": "cell.png", "cell": None}
+        assert result["k"] == 6 and len(result["neighbours"]) == 6 and result["metric"] == "cosine"
+        first = result["neighbours"][0]
+        assert first["path"] == "control/control_p1/cell3.png" and first["patient_id"] == "control_p1"
+        assert first["mutation"] == "control" and first["rank"] == 1 and first["similarity"] == pytest.approx(1, abs=1e-4)
+        assert first["thumbnail"] == f"/thumbs/{first['cell_id']}"
+        assert sum(entry["count"] for entry in result["vote"]["mutation"]) == 6
+
+    def test_default_k(self, client: TestClient, image_index: ImageIndex) -> None:
+        assert len(upload(client, image_index.image()).json()["neighbours"]) == 5
+
+    def test_search_from_a_result(self, client: TestClient, image_index: ImageIndex) -> None:
+        first = upload(client, image_index.image("NPM1", 0, 4)).json()["neighbours"][1]
+        response = client.post("/api/search", data={"cell_id": first["cell_id"], "k": "4"})
+        assert response.status_code == 200
+        result = response.json()
+        assert result["query"]["kind"] == "cell" and result["query"]["cell"]["cell_id"] == first["cell_id"]
+        assert first["cell_id"] not in [n["cell_id"] for n in result["neighbours"]]
+
+    def test_filters(self, client: TestClient, image_index: ImageIndex) -> None:
+        response = upload(client, image_index.image("NPM1"), k=4, filter="mutation=control")
+        assert {n["mutation"] for n in response.json()["neighbours"]} == {"control"}
+
+    @pytest.mark.parametrize(
+        "form, status, detail",
+        [
+            ({"k": "30"}, 400, "k=30 is larger than the index allows"),
+            ({"k": "0"}, 422, None),
+            ({"filter": "mutation=FLT3"}, 400, "no indexed cell has mutation=FLT3"),
+            ({"filter": "path=/etc/passwd"}, 400, "cannot filter on 'path'"),
+        ],
+    )
+    def test_bad_requests(self, client: TestClient, image_index: ImageIndex, form: dict, status: int, detail: str | None) -> None:
+        response = upload(client, image_index.image(), **form)
+        assert response.status_code == status
+        if detail:
+            assert detail in response.json()["detail"]
+
+    def test_unknown_cell_is_404(self, client: TestClient) -> None:
+        response = client.post("/api/search", data={"cell_id": "ffffffffffff"})
+        assert response.status_code == 404 and "no indexed cell has id" in response.json()["detail"]
+
+    @pytest.mark.parametrize("both", [False, True])
+    def test_exactly_one_query(self, client: TestClient, image_index: ImageIndex, both: bool) -> None:
+        if both:
+            response = upload(client, image_index.image(), cell_id="abc")
+        else:
+            response = client.post("/api/search", data={"k": "3"})
+        assert response.status_code == 422 and "exactly one of" in response.json()["detail"]
+
+
+class TestBadUploads:
+    @pytest.mark.parametrize(
+        "data, name",
+        [
+            (b"", "empty.png"),
+            (b"#!/bin/sh\nrm -rf /\n", "cell.png"),
+            (b"GIF89a" + b"\x00" * 40, "cell.gif"),
+            (b"II*\x00" + b"\x00" * 40, "cell.tif"),
+            (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "no_suffix"),
+        ],
+    )
+    def test_undecodable_upload_is_400_with_the_decoder_reason(self, client: TestClient, data: bytes, name: str) -> None:
+        with pytest.raises(ImageDecodeError) as reason:
+            decode_bytes(data, Path(name).suffix)
+        response = upload(client, data=data, name=name)
+        assert response.status_code == 400
+        assert response.json()["detail"] == f"the upload is not a usable image: {reason.value}"
+
+    def test_tiny_image_is_400(self, client: TestClient) -> None:
+        buffer = io.BytesIO()
+        Image.new("RGB", (4, 4)).save(buffer, format="PNG")
+        response = upload(client, data=buffer.getvalue())
+        assert response.status_code == 400 and "too small" in response.json()["detail"]
+
+    def test_oversized_upload_is_413(self, client: TestClient, tmp_path: Path) -> None:
+        big = write_cell(tmp_path / "big.png", seed=3, size=64).read_bytes() + b"\x00" * 200_000  # cap is 0.05 MB
+        response = upload(client, data=big)
+        assert response.status_code == 413
+
+    def test_oversized_chunked_upload_is_413(self, client: TestClient) -> None:
+        """No Content-Length to trust: the body is counted as it arrives."""
+
+        def body():
+            for _ in range(40):
+                yield b"\x00" * 4096
+
+        response = client.post("/api/search", content=body(), headers={"content-type": "multipart/form-data; boundary=x"})
+        assert response.status_code == 413
+
+    def test_server_still_answers_after_bad_uploads(self, client: TestClient, image_index: ImageIndex) -> None:
+        upload(client, data=b"junk")
+        assert upload(client, image_index.image()).status_code == 200
+
+
+class TestCellsAndThumbnails:
+    def test_cell_record(self, client: TestClient, image_index: ImageIndex) -> None:
+        neighbour = upload(client, image_index.image("NPM1", 1, 5)).json()["neighbours"][0]
+        cell = client.get(f"/api/cells/{neighbour['cell_id']}").json()
+        assert cell["path"] == "NPM1/NPM1_p1/cell5.png" and cell["patient_id"] == "NPM1_p1" and cell["mutation"] == "NPM1"
+        assert client.get(f"/api/cells/{neighbour['cell_id'][:8]}").json()["cell_id"] == neighbour["cell_id"]
+
+    def test_thumbnail_is_a_small_jpeg(self, client: TestClient, image_index: ImageIndex) -> None:
+        cell_id = upload(client, image_index.image()).json()["neighbours"][0]["cell_id"]
+        response = client.get(f"/thumbs/{cell_id}")
+        assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+        image = Image.open(io.BytesIO(response.content))
+        assert image.format == "JPEG" and image.size == (40, 40)  # never enlarged
+        assert client.get(f"/thumbs/{cell_id}").content == response.content  # cached
+
+    @pytest.mark.parametrize(
+        "path",
+        [
+            "/thumbs/..%2F..%2F..%2Fetc%2Fpasswd",
+            "/thumbs/../../etc/passwd",
+            "/thumbs/%2Fetc%2Fpasswd",
+            "/thumbs/NPM1%2FNPM1_p0%2Fcell0.png",
+            "/thumbs/NPM1/NPM1_p0/cell0.png",
+            "/thumbs/....%2F%2F....%2F%2Fetc%2Fpasswd",
+            "/thumbs/%00",
+            "/thumbs/ffffffffffffffffffffffffffffffffffffffff",
+            "/api/cells/..%2F..%2Fetc%2Fpasswd",
+        ],
+    )
+    def test_nothing_but_indexed_cells_can_be_read(self, client: TestClient, path: str) -> None:
+        response = client.get(path)
+        assert response.status_code == 404
+        assert b"root:" not in response.content
+
+    def test_thumbnail_prefix_is_not_enough(self, client: TestClient, image_index: ImageIndex) -> None:
+        cell_id = upload(client, image_index.image()).json()["neighbours"][0]["cell_id"]
+        assert client.get(f"/thumbs/{cell_id[:10]}").status_code == 404
+
+
+class TestConcurrency:
+    def test_concurrent_searches_get_their_own_answers(self, client: TestClient, image_index: ImageIndex) -> None:
+        queries = [image_index.image(m, p, c) for m in ("NPM1", "control") for p in range(2) for c in range(6)]
+
+        def search(path: Path) -> str:
+            response = upload(client, path, k=2)
+            assert response.status_code == 200
+            return response.json()["neighbours"][0]["path"]
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            found = list(pool.map(search, queries))
+        assert found == [str(q.relative_to(image_index.root)) for q in queries]
+
+
+def test_missing_images_give_404_thumbnails_but_search_works(image_index: ImageIndex, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    shutil.copytree(image_index.idx, tmp_path / "idx")
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    meta["sources"][0]["cohort"] = {"folder": str(tmp_path / "gone"), "fingerprint": None, "root": str(tmp_path / "gone")}
+    (tmp_path / "idx" / "meta.json").write_text(json.dumps(meta))
+    with TestClient(create_app(tmp_path / "idx")) as client:
+        neighbour = upload(client, image_index.image(), k=1).json()["neighbours"][0]
+        response = client.get(neighbour["thumbnail"])
+        assert response.status_code == 404 and "not on this machine" in response.json()["detail"]
