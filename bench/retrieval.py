@@ -219,6 +219,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (so contention from other programs does not count)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _reference(index: str, payloads: list[tuple[str, bytes]], k: int) -> dict:
+    """The same work without HTTP, in this process: decode + embed + search of one image at a time."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as ``marrowlens serve`` does
+    from marrowlens.cohort.images import decode_bytes
+    from marrowlens.retrieval.search import Searcher
+
+    searcher = Searcher.open(index)
+    wall, cpu = [], []
+    for name, data in payloads[:60]:
+        t, c = time.perf_counter(), time.process_time()
+        searcher.search_images([decode_bytes(data, Path(name).suffix)], k)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return {"p50_ms": 1000 * float(np.median(wall[10:])), "cpu_ms": 1000 * float(np.median(cpu[10:]))}
+
+
 def bench_web(args: argparse.Namespace) -> None:
     import httpx
 
@@ -227,6 +249,10 @@ def bench_web(args: argparse.Namespace) -> None:
     payloads = [(p.name, p.read_bytes()) for p in images[: args.pool]]
     if not payloads:
         raise SystemExit(f"no images under {args.images}")
+    info = {"machine": f"{os.cpu_count()} cores", "index": args.index, "images": len(payloads), "k": args.k, "runs": []}
+    info["reference"] = _reference(args.index, payloads, args.k)
+    print(f"  reference (no HTTP, one image at a time): p50 {info['reference']['p50_ms']:.1f} ms, "
+          f"{info['reference']['cpu_ms']:.1f} ms CPU per search; load {os.getloadavg()[0]:.1f}", flush=True)
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "marrowlens", "serve", "--index", args.index, "--port", str(port)],
@@ -243,14 +269,16 @@ def bench_web(args: argparse.Namespace) -> None:
                 time.sleep(0.5)
         else:
             raise SystemExit("the server did not start")
-        info = {"machine": f"{os.cpu_count()} cores", "index": args.index, "images": len(payloads), "k": args.k, "runs": []}
         for clients in args.clients:
+            cpu_before = _cpu_seconds(server.pid)
             run = asyncio.run(_load(url, payloads, clients, args.duration, args.warmup, args.k))
+            run["server_cpu_ms_per_request"] = 1000 * (_cpu_seconds(server.pid) - cpu_before) / max(run["all_requests"], 1)
             run["load_average"] = os.getloadavg()[0]
             info["runs"].append(run)
             print(f"  {clients:>3} clients x {args.duration:.0f} s: {run['requests']} requests ({run['throughput']:.1f}/s), "
                   f"errors {run['errors']}, latency p50 {run['p50_ms']:.1f} ms p99 {run['p99_ms']:.1f} ms max {run['max_ms']:.1f} ms; "
-                  f"server time p50 {run['server_p50_ms']:.1f} ms p99 {run['server_p99_ms']:.1f} ms; load {run['load_average']:.1f}", flush=True)
+                  f"server time p50 {run['server_p50_ms']:.1f} ms p99 {run['server_p99_ms']:.1f} ms, "
+                  f"server CPU {run['server_cpu_ms_per_request']:.1f} ms/request; load {run['load_average']:.1f}", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(info, indent=2))
             print(f"wrote {args.json}")
@@ -264,12 +292,12 @@ async def _load(url: str, payloads: list[tuple[str, bytes]], clients: int, durat
 
     latencies: list[float] = []
     server: list[float] = []
-    errors = 0
+    errors = total = 0
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + duration
 
     async def client(seed: int, http: httpx.AsyncClient) -> None:
-        nonlocal errors
+        nonlocal errors, total
         rng = random.Random(seed)
         while (now := time.perf_counter()) < stop_at:
             name, data = rng.choice(payloads)
@@ -279,6 +307,7 @@ async def _load(url: str, payloads: list[tuple[str, bytes]], clients: int, durat
             except httpx.HTTPError:
                 ok = False
             done = time.perf_counter()
+            total += 1
             if now >= measure_from:
                 if ok:
                     latencies.append(done - now)
@@ -290,7 +319,7 @@ async def _load(url: str, payloads: list[tuple[str, bytes]], clients: int, durat
     async with httpx.AsyncClient(timeout=60, limits=limits) as http:
         await asyncio.gather(*(client(i, http) for i in range(clients)))
     lat = np.array(latencies) * 1000
-    return {"clients": clients, "duration_s": duration, "requests": len(lat), "errors": errors, "throughput": len(lat) / duration,
+    return {"clients": clients, "duration_s": duration, "requests": len(lat), "all_requests": total, "errors": errors, "throughput": len(lat) / duration,
             "p50_ms": float(np.median(lat)), "p90_ms": float(np.percentile(lat, 90)), "p99_ms": float(np.percentile(lat, 99)),
             "max_ms": float(lat.max()), "server_p50_ms": float(np.median(server)), "server_p99_ms": float(np.percentile(server, 99))}
 
