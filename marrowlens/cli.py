@@ -173,11 +173,13 @@ def index_add(
 
     Example: marrowlens index add idx/ --embeddings emb2/
     """
-    from marrowlens.retrieval.index import add_to_index
+    from marrowlens.retrieval.index import add_to_index, kind_advice
 
     index, added = add_to_index(folder, embeddings)
     say(f"wrote {index.folder / 'index.faiss'}: added {added} cells, {len(index)} in all")
     say(f"wrote {index.folder / 'cells.parquet'} and {index.folder / 'meta.json'}")
+    if kind_advice(index):
+        say(kind_advice(index))
 
 
 @index_app.command("info")

@@ -401,6 +401,15 @@ def describe(index: CellIndex) -> list[str]:
             shown = ", ".join(f"{k}={v}" for k, v in counts.head(8).items())
             more = f", ... ({len(counts)} values)" if len(counts) > 8 else ""
             lines.append(f"  {column}: {shown}{more}")
-    if choose_kind(len(index)) != index.kind and meta.get("requested_kind") == "auto":
-        lines.append(f"  note: at {len(index)} cells `auto` would now build {choose_kind(len(index))}; rebuild to switch")
+    advice = kind_advice(index)
+    if advice:
+        lines.append(f"  {advice}")
     return lines
+
+
+def kind_advice(index: CellIndex) -> str | None:
+    """A note when cells added since an ``auto`` build have outgrown the kind it chose."""
+    better = choose_kind(len(index))
+    if index.meta.get("requested_kind") == "auto" and better != index.kind:
+        return f"note: at {len(index)} cells `auto` would now build {better}; rebuild to switch"
+    return None

@@ -18,6 +18,7 @@ from marrowlens.retrieval.index import (
     build_index,
     choose_kind,
     describe,
+    kind_advice,
     load_index,
     resolve_params,
 )
@@ -238,3 +239,13 @@ class TestAdd:
         make_store(tmp_path / "emb2", n=20, dim=8, prefix="x")
         with pytest.raises(MarrowLensError, match="dimension 8, the index 32"):
             add_to_index(tmp_path / "idx", tmp_path / "emb2")
+
+    def test_outgrowing_the_auto_choice_is_noted(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_store(tmp_path / "emb", n=30, dim=8)
+        make_store(tmp_path / "emb2", n=30, dim=8, prefix="x", seed=1)
+        build_index(tmp_path / "emb", tmp_path / "idx")
+        monkeypatch.setattr(index_module, "EXACT_MAX_CELLS", 40)
+        index, _ = add_to_index(tmp_path / "idx", tmp_path / "emb2")
+        assert index.kind == "flat"
+        assert kind_advice(index) == "note: at 60 cells `auto` would now build hnsw; rebuild to switch"
+        assert kind_advice(index) in describe(index)[-1]

@@ -208,3 +208,18 @@ def test_missing_images_give_404_thumbnails_but_search_works(image_index: ImageI
         neighbour = upload(client, image_index.image(), k=1).json()["neighbours"][0]
         response = client.get(neighbour["thumbnail"])
         assert response.status_code == 404 and "not on this machine" in response.json()["detail"]
+
+
+def test_model_is_loaded_once_at_start_up(image_index: ImageIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+    from marrowlens.retrieval.search import Searcher
+
+    calls = []
+    original = Searcher.open
+    monkeypatch.setattr(Searcher, "open", classmethod(lambda cls, *args, **kwargs: calls.append(args) or original(*args, **kwargs)))
+    app = create_app(image_index.idx)
+    assert calls == []  # creating the app loads nothing; start-up does
+    with TestClient(app) as client:
+        assert len(calls) == 1
+        for cell in range(3):
+            assert upload(client, image_index.image(cell=cell), k=2).status_code == 200
+    assert len(calls) == 1
