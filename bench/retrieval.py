@@ -142,11 +142,12 @@ def worker_search(args: argparse.Namespace) -> dict:
         if key:
             index.meta["params"][key] = value
         index.search(queries[:20], 10)  # warm-up
-        single = []
+        single, cpu = [], []
         for q in queries[: args.single]:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             index.search(q[None], 10)
             single.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
         t = time.perf_counter()
         _, found = index.search(queries, 10)
         batched = time.perf_counter() - t
@@ -154,6 +155,7 @@ def worker_search(args: argparse.Namespace) -> dict:
         if truth is None:
             np.save(args.save_truth, found)
         rows.append({key or "exact": value, "p50_ms": 1000 * float(np.median(single)), "p99_ms": 1000 * float(np.percentile(single, 99)),
+                     "cpu_ms": 1000 * float(np.mean(cpu)),
                      "single_qps": len(single) / sum(single), "batched_qps": len(queries) / batched, "recall@10": recall})
     return {"index_rss_mib": loaded - before, "rows": rows}
 
@@ -192,7 +194,8 @@ def bench_index(args: argparse.Namespace) -> None:
                       "load_average": os.getloadavg()[0]}
             results.append(record)
             _print_record(record)
-    path = work / f"results-index-{args.data if not args.data.endswith('.npy') else 'file'}.json"
+    tag = Path(args.data).stem if args.data.endswith(".npy") else args.data
+    path = work / f"results-index-{tag}-{'-'.join(map(str, args.sizes))}.json"
     path.write_text(json.dumps(results, indent=2))
     print(f"wrote {path}")
 
@@ -209,7 +212,7 @@ def _print_record(r: dict) -> None:
     for row in r["rows"]:
         name = next(iter(row))
         recall = "-" if row["recall@10"] is None else f"{row['recall@10']:.4f}"
-        print(f"      {name}={row[name]}: p50 {row['p50_ms']:.3f} ms  p99 {row['p99_ms']:.3f} ms  single {row['single_qps']:.0f} q/s  "
+        print(f"      {name}={row[name]}: p50 {row['p50_ms']:.3f} ms  p99 {row['p99_ms']:.3f} ms  CPU {row['cpu_ms']:.3f} ms  single {row['single_qps']:.0f} q/s  "
               f"batched {row['batched_qps']:.0f} q/s  recall@10 {recall}", flush=True)
 
 
@@ -332,7 +335,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--data", default="clustered", help="clustered | random | PATH.npy")
-    p.add_argument("--kinds", nargs="+", default=["ivf", "hnsw"], help="besides flat (always run: it is the reference)")
+    p.add_argument("--kinds", nargs="*", default=["ivf", "hnsw"], help="besides flat (always run: it is the reference)")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--single", type=int, default=300, help="queries timed one by one")
     p.add_argument("--sweep", type=int, nargs="*", default=[16, 32, 64, 128], help="extra nprobe / efSearch values to time")

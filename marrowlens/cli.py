@@ -146,7 +146,7 @@ app.add_typer(index_app, name="index")
 def index_build(
     embeddings: Path = typer.Option(..., "--embeddings", help="embedding folder of `marrowlens embed`"),
     out: Path = typer.Option(..., "--out", help="index folder to write"),
-    kind: str = typer.Option("auto", help="auto | flat | ivf | hnsw | ivfpq (auto: exact up to 50k cells, then HNSW, IVF past 4M)"),
+    kind: str = typer.Option("auto", help="auto | flat | ivf | hnsw | ivfpq (auto: exact search up to 50k cells, IVF above)"),
     metric: str = typer.Option("cosine", help="cosine | l2"),
     set_: List[str] = typer.Option(
         [], "--set", help="FAISS parameter, e.g. --set nprobe=32 (nlist, nprobe, train_size, hnsw_m, ef_construction, ef_search, pq_m, pq_nbits, seed)"

@@ -13,7 +13,6 @@ from marrowlens.errors import MarrowLensError
 from marrowlens.retrieval import index as index_module
 from marrowlens.retrieval.index import (
     EXACT_MAX_CELLS,
-    HNSW_MAX_CELLS,
     add_to_index,
     build_index,
     choose_kind,
@@ -49,7 +48,7 @@ def flat(store: Path, tmp_path_factory: pytest.TempPathFactory):
 class TestChooseKind:
     @pytest.mark.parametrize(
         "n, kind",
-        [(1, "flat"), (EXACT_MAX_CELLS, "flat"), (EXACT_MAX_CELLS + 1, "hnsw"), (HNSW_MAX_CELLS, "hnsw"), (HNSW_MAX_CELLS + 1, "ivf")],
+        [(1, "flat"), (EXACT_MAX_CELLS, "flat"), (EXACT_MAX_CELLS + 1, "ivf"), (10_000_000, "ivf")],
     )
     def test_thresholds(self, n: int, kind: str) -> None:
         assert choose_kind(n) == kind
@@ -138,7 +137,8 @@ class TestRecall:
 class TestParams:
     def test_defaults_scale_with_the_cohort(self) -> None:
         params = resolve_params("ivf", 1_000_000, 384)
-        assert params["nlist"] == 4000 and params["nprobe"] == 250 and params["train_size"] == 256_000
+        assert params["nlist"] == 4000 and params["nprobe"] == 62 and params["train_size"] == 256_000
+        assert resolve_params("ivf", 100_000, 384)["nprobe"] == 19
 
     def test_small_cohorts_keep_39_points_per_list(self) -> None:
         assert resolve_params("ivf", 2000, 32)["nlist"] == 2000 // 39
@@ -247,5 +247,5 @@ class TestAdd:
         monkeypatch.setattr(index_module, "EXACT_MAX_CELLS", 40)
         index, _ = add_to_index(tmp_path / "idx", tmp_path / "emb2")
         assert index.kind == "flat"
-        assert kind_advice(index) == "note: at 60 cells `auto` would now build hnsw; rebuild to switch"
+        assert kind_advice(index) == "note: at 60 cells `auto` would now build ivf; rebuild to switch"
         assert kind_advice(index) in describe(index)[-1]
