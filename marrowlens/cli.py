@@ -245,8 +245,12 @@ def serve(
 
     from marrowlens.retrieval.search import Searcher
     from marrowlens.retrieval.web import create_app
+    from marrowlens.retrieval.web.app import image_root
 
     searcher = Searcher.open(index, model)
+    for source in searcher.index.meta["sources"]:
+        if image_root(source) is None:
+            say(f"warning: the images of {source['embeddings']} are not on this machine; their thumbnails will be missing")
     app_ = create_app(index, searcher=searcher, max_upload_mb=max_upload_mb, default_k=k)
     if host not in ("127.0.0.1", "localhost", "::1"):
         say(f"warning: listening on {host}: anyone who can reach this machine can query the index and see its cells")

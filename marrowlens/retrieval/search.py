@@ -187,9 +187,6 @@ class Searcher:
                 raise MarrowLensError(f"cell id prefix {cell_id!r} matches {len(rows)} indexed cells; give more of it")
         raise UnknownCellError(f"no indexed cell has id {cell_id!r}")
 
-    def cell(self, row: int) -> dict[str, Any]:
-        return cell_record(self.index.cells, row)
-
     def search_images(self, images: Sequence[Image.Image], k: int, filters: dict[str, set[str]] | None = None) -> list[pd.DataFrame]:
         return self.search_vectors(self.embed(images), k, filters)
 

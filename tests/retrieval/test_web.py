@@ -223,3 +223,18 @@ def test_model_is_loaded_once_at_start_up(image_index: ImageIndex, monkeypatch: 
         for cell in range(3):
             assert upload(client, image_index.image(cell=cell), k=2).status_code == 200
     assert len(calls) == 1
+
+
+def test_a_tampered_cells_table_cannot_reach_outside_the_cohort(image_index: ImageIndex, tmp_path: Path) -> None:
+    import shutil
+
+    import pandas as pd
+
+    shutil.copytree(image_index.idx, tmp_path / "idx")
+    cells = pd.read_parquet(tmp_path / "idx" / "cells.parquet")
+    cells.loc[0, "path"] = "../../../../../../etc/passwd"
+    cells.to_parquet(tmp_path / "idx" / "cells.parquet", index=False)
+    with TestClient(create_app(tmp_path / "idx")) as client:
+        response = client.get(f"/thumbs/{cells.loc[0, 'cell_id']}")
+        assert response.status_code == 404 and "outside its cohort" in response.json()["detail"]
+        assert client.get(f"/thumbs/{cells.loc[1, 'cell_id']}").status_code == 200

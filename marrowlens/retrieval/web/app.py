@@ -93,12 +93,12 @@ class Thumbnails:
 
     def __init__(self, searcher: Searcher, size: int, cache_size: int = 4096) -> None:
         self.searcher, self.size = searcher, size
-        self.roots = [_image_root(source) for source in searcher.index.meta["sources"]]
+        self.roots = [image_root(source) for source in searcher.index.meta["sources"]]
         self.render = functools.lru_cache(maxsize=cache_size)(self._render)
 
     def _render(self, row: int) -> bytes:
         cells = self.searcher.index.cells
-        root = self.roots[int(cells["source"].iloc[row])] if "source" in cells else self.roots[0]
+        root = self.roots[int(cells["source"].iloc[row])]
         if root is None:
             raise HTTPException(404, "the images of this cell's cohort are not on this machine")
         path = (root / str(cells["path"].iloc[row])).resolve()
@@ -114,7 +114,7 @@ class Thumbnails:
         return buffer.getvalue()
 
 
-def _image_root(source: dict[str, Any]) -> Path | None:
+def image_root(source: dict[str, Any]) -> Path | None:
     """The folder a source's cell paths are relative to, if it is still there."""
     cohort = source.get("cohort") or {}
     if cohort.get("root") and Path(cohort["root"]).is_dir():
