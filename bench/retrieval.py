@@ -6,6 +6,9 @@
     # web: p50/p99 latency of POST /api/search with concurrent loopback clients
     python bench/retrieval.py web --index idx/ --images path/to/cells --clients 1 20 --duration 30
 
+    # backbone forward pass per image: batch sizes x OpenMP wait policy (why the server does what it does)
+    python bench/retrieval.py forward --model resnet18 --image-size 96 --batches 1 4 16
+
 ``index`` runs every build and every search in a fresh subprocess of this script, so each one's
 peak memory (``wait4`` rusage) and timings are its own; it goes through the real code path
 (``marrowlens.retrieval.index.build_index`` over an embedding store on disk, ``CellIndex.search``).
@@ -290,6 +293,43 @@ def bench_web(args: argparse.Namespace) -> None:
         server.wait(timeout=30)
 
 
+def worker_forward(args: argparse.Namespace) -> dict:
+    """Per-image wall and CPU time of one backbone's forward pass at several batch sizes."""
+    import torch
+
+    from marrowlens.ssl.backbones import load_backbone
+
+    model, info = load_backbone(args.model, image_size=args.image_size)
+    out = {}
+    with torch.inference_mode():
+        for batch in args.batches:
+            x = torch.randn(batch, 3, info.image_size, info.image_size)
+            model(x)
+            wall, cpu = [], []
+            for _ in range(max(4, 48 // batch)):
+                t, c = time.perf_counter(), time.process_time()
+                model(x)
+                wall.append((time.perf_counter() - t) / batch)
+                cpu.append((time.process_time() - c) / batch)
+            out[str(batch)] = {"wall_ms": 1000 * float(np.median(wall)), "cpu_ms": 1000 * float(np.median(cpu))}
+    return out
+
+
+def bench_forward(args: argparse.Namespace) -> None:
+    """Batching and OpenMP wait policy: why the server batches and sets OMP_WAIT_POLICY=PASSIVE."""
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
+    for policy in ("default", "PASSIVE"):
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env.pop("OMP_WAIT_POLICY", None)
+        if policy != "default":
+            env["OMP_WAIT_POLICY"] = policy
+        argv = [sys.executable, str(HERE), "_forward", args.model, str(args.image_size), *map(str, args.batches)]
+        result = json.loads(subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        for batch, row in result.items():
+            print(f"  {args.model} @ {args.image_size} px, OMP_WAIT_POLICY={policy}, batch {batch:>3}: "
+                  f"{row['wall_ms']:.1f} ms wall, {row['cpu_ms']:.1f} ms CPU per image; load {os.getloadavg()[0]:.1f}", flush=True)
+
+
 async def _load(url: str, payloads: list[tuple[str, bytes]], clients: int, duration: float, warmup: float, k: int) -> dict:
     import httpx
 
@@ -349,6 +389,14 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=200, help="distinct images uploaded")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--json", help="write the figures here")
+    p = sub.add_parser("forward", help="backbone forward pass: batch sizes x OpenMP wait policy")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    p = sub.add_parser("_forward")
+    p.add_argument("model")
+    p.add_argument("image_size", type=int)
+    p.add_argument("batches", type=int, nargs="+")
     p = sub.add_parser("_build")
     p.add_argument("store")
     p.add_argument("out")
@@ -366,9 +414,11 @@ def main() -> None:
         bench_index(args)
     elif args.command == "web":
         bench_web(args)
+    elif args.command == "forward":
+        bench_forward(args)
     else:
-        result = worker_build(args) if args.command == "_build" else worker_search(args)
-        print(json.dumps(result))
+        workers = {"_build": worker_build, "_search": worker_search, "_forward": worker_forward}
+        print(json.dumps(workers[args.command](args)))
 
 
 if __name__ == "__main__":

@@ -239,7 +239,7 @@ def serve(
     import os
 
     # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning made one
-    # resnet18 pass take 244 ms instead of 38 ms (bench/RESULTS.md). Must precede importing torch.
+    # resnet18 @ 224 px pass take 485 ms instead of 56 ms (bench/RESULTS.md). Must precede importing torch.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 

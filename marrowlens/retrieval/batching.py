@@ -6,7 +6,7 @@ images (the same :func:`marrowlens.ssl.embed.preprocess` as ``marrowlens embed``
 tensors; one worker thread takes everything queued, runs one forward pass, and hands each request
 its rows. Nothing waits for a batch to fill: an idle server answers at once, and under load the
 requests that arrive during one pass form the next batch. On CPU a batch costs far less per image
-than single passes (resnet18 at 96 px: 6 vs 19 ms of CPU per image at batch 16 vs 1, see
+than single passes (resnet18 at 96 px: 6.5 vs 18.7 ms of CPU per image at batch 16 vs 1, see
 bench/RESULTS.md), and one pass at a time never oversubscribes the cores.
 """
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -82,12 +83,11 @@ def vote(neighbours: pd.DataFrame) -> dict[str, list[tuple[str, int]]]:
     """The k-NN vote: how many neighbours carry each label, most common first (missing labels skipped)."""
     summary = {}
     for column in VOTE_COLUMNS:
-        values = neighbours[column].dropna()
+        values = [v for v in neighbours[column].tolist() if not pd.isna(v)]
         if column == "is_blast":
-            values = values.map({True: "blast", False: "non-blast"})
-        counts = values.astype(str).value_counts()
-        if len(counts):
-            summary[column] = [(str(label), int(count)) for label, count in counts.items()]
+            values = ["blast" if v else "non-blast" for v in values]
+        if values:
+            summary[column] = [(str(label), count) for label, count in Counter(map(str, values)).most_common()]
     return summary
 
 
@@ -234,18 +234,14 @@ class Searcher:
 
     def _table(self, hits: list[tuple[float, int]]) -> pd.DataFrame:
         rows = [int(r) for _, r in hits]
-        table = self.index.cells.iloc[rows].reset_index(drop=True)
-        table = table.reindex(columns=[c for c in NEIGHBOUR_COLUMNS if c in table.columns])
-        table.insert(0, "rank", np.arange(1, len(rows) + 1))
-        table.insert(1, "row", rows)
         raw = np.array([s for s, _ in hits], dtype=np.float64)
+        labels = self.index.cells.iloc[rows]
+        columns = {c: labels[c].to_numpy() for c in NEIGHBOUR_COLUMNS[2:-2] if c in labels}
         if self.index.metric == "cosine":
-            table["similarity"] = raw
-            table["distance"] = 1.0 - raw
+            similarity, distance = raw, 1.0 - raw
         else:
-            table["similarity"] = np.nan
-            table["distance"] = np.sqrt(np.maximum(raw, 0.0))
-        return table
+            similarity, distance = np.full(len(raw), np.nan), np.sqrt(np.maximum(raw, 0.0))
+        return pd.DataFrame({"rank": np.arange(1, len(rows) + 1), "row": rows, **columns, "similarity": similarity, "distance": distance})
 
 
 def query(
