@@ -43,11 +43,11 @@ BLOCK_ROWS = 32_768
 SMALL_BATCH = 16
 
 # ``auto``, from bench/RESULTS.md ("Retrieval"; 384-d, 2 shared cores). Exact search reads all
-# N x D floats per query: single-query p50 3.3 ms at 50k cells, ~7 ms at 100k and 450 ms at 1M, so
-# it stays the choice (exact, no training, instant build) only up to 50k. Above, IVF: at 1M with
-# nprobe 64 it answered in 2.4 ms at recall@10 1.00 (0.98 at 100k), built in 3 min and needs no
-# more memory than flat; HNSW (M=32, efConstruction=40) answered faster but reached only 0.79
-# recall@10 at 1M with efSearch 64 (0.947 even at efSearch 1024) and took twice as long to build.
+# N x D floats per query: single-query p50 3.3 ms at 50k cells, 11 ms at 100k, 113 ms at 1M, so
+# it is the choice (exact, no training, instant build) only up to 50k. Above, IVF: at 1M with its
+# default nprobe (62) it answered in 2.2 ms at recall@10 1.000 (0.975 at 100k), built in 2 min
+# and needs no more memory than flat; HNSW (M=32, efConstruction=40) answered faster but reached
+# only 0.79 recall@10 at 1M with efSearch 64 (0.947 even at 1024) and took 3.4x as long to build.
 # PQ compression (``ivfpq``, for > 10M cells) trades recall for memory, so it is never automatic.
 EXACT_MAX_CELLS = 50_000
 
@@ -85,9 +85,9 @@ def resolve_params(kind: str, n: int, dim: int, overrides: list[str] | None = No
     """The parameters of a ``kind`` index over ``n`` vectors, after ``key=value`` overrides.
 
     IVF: ``nlist`` ~ 4 sqrt(N) (FAISS's guideline), capped so every list gets >= 39 training points;
-    ``nprobe`` = nlist/64 (>= 16): recall@10 0.97-0.98 at 100k and 1.00 at 1M in the benchmark,
-    p50 2.4 ms at 1M (nlist/16 cost 8 ms for no gain); the quantiser is trained on 64 points per
-    list (FAISS warns below 39), at most N.
+    ``nprobe`` = nlist/64 (>= 16): recall@10 0.975 at 100k and 1.000 at 1M in the benchmark, p50
+    2.2 ms at 1M (nlist/16 cost 8 ms there for no gain); the quantiser is trained on 64 points
+    per list (FAISS warns below 39), at most N.
     """
     if kind not in PARAM_KEYS:
         raise MarrowLensError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
