@@ -86,13 +86,15 @@ def slide_stain(stain: Stain, rng: np.random.Generator) -> Stain:
 
 
 class _Kit:
-    """Geometry and texture banks for one image size (built once per process and size)."""
+    """Geometry and texture banks for one image size (built once per process and size).
 
-    BANK = 12
+    Banks hold 12 textures each at small sizes, fewer at large ones (memory grows as size**2).
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.unit = size / 2.0
+        self.bank = int(np.clip(2**22 // (2 * size) ** 2, 2, 12))
         offsets = (np.arange(2 * size) - size + 0.5) / self.unit
         dy, dx = np.meshgrid(offsets, offsets, indexing="ij")
         theta = np.arctan2(dy, dx)
@@ -105,20 +107,20 @@ class _Kit:
         self.grain = self._noise(rng, 0.016)  # small granules
         self.beads = self._noise(rng, 0.034)  # large granules (eosinophil)
         self.smooth = self._noise(rng, 0.2)  # uneven staining
-        self.pixel = rng.standard_normal((self.BANK, 2 * size, 2 * size, 3), dtype=np.float32)
-        self.red_cells = np.stack([self._red_cell_field(rng) for _ in range(self.BANK)])
+        self.pixel = rng.standard_normal((self.bank, 2 * size, 2 * size, 3), dtype=np.float32)
+        self.red_cells = np.stack([self._red_cell_field(rng) for _ in range(self.bank)])
         self._blurs: dict[int, np.ndarray] = {}
 
     def _noise(self, rng: np.random.Generator, scale: float) -> np.ndarray:
         """Gaussian-filtered noise at a correlation length of ``scale`` (image units), unit std."""
         sigma = max(scale * self.unit, 0.35)
-        bank = np.stack([gaussian_filter(rng.standard_normal((2 * self.size,) * 2), sigma, mode="wrap") for _ in range(self.BANK)])
+        bank = np.stack([gaussian_filter(rng.standard_normal((2 * self.size,) * 2), sigma, mode="wrap") for _ in range(self.bank)])
         bank -= bank.mean(axis=(1, 2), keepdims=True)
         bank /= bank.std(axis=(1, 2), keepdims=True)
         return bank.astype(np.float32)
 
     def _red_cell_field(self, rng: np.random.Generator) -> np.ndarray:
-        """Eosin concentration of a field of red cells (biconcave: paler centre), about 35% cover."""
+        """Eosin concentration of a field of red cells (biconcave: paler centre), about a fifth covered."""
         side = 2 * self.size
         field = np.zeros((side, side), np.float32)
         centres: list[tuple[float, float, float]] = []
@@ -160,6 +162,11 @@ class _Kit:
 @lru_cache(maxsize=4)
 def _kit(size: int) -> _Kit:
     return _Kit(size)
+
+
+def prepare_size(image_size: int) -> None:
+    """Build the geometry and texture banks of a size now (e.g. before forking workers)."""
+    _kit(int(image_size))
 
 
 # ---------------------------------------------------------------- painting primitives
@@ -410,7 +417,7 @@ def _blast(p: _Painter, mutation: str) -> _Body:
     elif has.get("bilobed"):  # PML_RARA: bilobed (butterfly) nucleus
         axis, gap = rng.uniform(0, 2 * np.pi), n_radius * rng.uniform(0.4, 0.5)
         centres = [(ny + s * gap * np.sin(axis), nx + s * gap * np.cos(axis)) for s in (-1, 1)]
-        nucleus = _lobes(p, centres, n_radius * 0.72, 0.02, 0.05)
+        nucleus = _lobes(p, centres, n_radius * 0.76, 0.02, 0.05)  # about the area of one round nucleus
     else:
         nucleus = p.blob(ny, nx, n_radius, p.outline(0.05, 0.015))
     body = _Body(cy, cx, radius, cell, nucleus * cell)

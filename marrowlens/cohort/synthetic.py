@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from marrowlens.artifacts import META_FILE, write_text_atomic
-from marrowlens.cohort.drawing import BLAST, FEATURE_RATES, Stain, domain_stain, draw_cell, slide_stain
+from marrowlens.cohort.drawing import BLAST, FEATURE_RATES, Stain, domain_stain, draw_cell, prepare_size, slide_stain
 from marrowlens.cohort.labels import MUTATIONS
 from marrowlens.cohort.manifest import CELLS_FILE, QUARANTINE_FILE, Cohort, IndexOptions, index_cohort
 from marrowlens.errors import MarrowLensError
@@ -163,7 +163,7 @@ def _check_arguments(patients: int, cells_per_patient: int, image_size: int, see
     checks = [
         (patients >= 1, f"--patients must be at least 1, not {patients}"),
         (cells_per_patient >= 1, f"--cells-per-patient must be at least 1, not {cells_per_patient}"),
-        (16 <= image_size <= 1024, f"--image-size must be between 16 and 1024 pixels, not {image_size}"),
+        (16 <= image_size <= 512, f"--image-size must be between 16 and 512 pixels, not {image_size}"),
         (seed >= 0, f"--seed must be 0 or more, not {seed}"),
         (1 <= domains <= 64, f"--domains must be between 1 and 64, not {domains}"),
         (workers >= 1, f"--workers must be at least 1, not {workers}"),
@@ -199,7 +199,9 @@ def _draw_all(out: Path, plan: list[Patient], cells_per_patient: int, image_size
             for patient, cells in jobs:
                 bar.update(_write_chunk(out, seed, patient, cells, image_size))
             return
-        # fork: workers start at once and need no importable __main__; they only use numpy/Pillow.
+        # fork: workers start at once, share the per-size banks built here and need no importable
+        # __main__; they only use numpy and Pillow.
+        prepare_size(image_size)
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else None)
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:

@@ -180,6 +180,7 @@ class TestCohortOnDisk:
             ({"patients": 0}, "--patients"),
             ({"cells_per_patient": 0}, "--cells-per-patient"),
             ({"image_size": 8}, "--image-size"),
+            ({"image_size": 600}, "--image-size"),
             ({"seed": -1}, "--seed"),
             ({"domains": 0}, "--domains"),
             ({"domains": 65}, "--domains"),
