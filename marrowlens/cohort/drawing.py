@@ -429,7 +429,7 @@ def _blast(p: _Painter, mutation: str) -> _Body:
         p.add_zero_mean(BASO, -p.maps[BASO] * pale * rng.uniform(0.7, 0.95), cytoplasm)
     if has.get("hypergranular"):  # PML_RARA: dense azurophil granules, over the nucleus too
         dots = p.granules(p.kit.grain, rng.uniform(0.25, 0.45)) * (cytoplasm + 0.5 * body.nucleus)
-        p.add_zero_mean(AZUR, rng.uniform(0.3, 0.45) * dots, body.cell)
+        p.add_zero_mean(AZUR, rng.uniform(0.25, 0.4) * dots, body.cell)
     elif mutation != "NPM1" and rng.random() < 0.3:  # a few azurophil granules; NPM1 blasts are agranular
         dots = p.granules(p.kit.grain, rng.uniform(0.04, 0.1)) * cytoplasm
         p.add_zero_mean(AZUR, 0.35 * dots, body.cell)

@@ -105,6 +105,7 @@ def _cell_generator(seed: int, patient: Patient, cell: int) -> tuple[np.random.G
 
 
 def cell_name(patient: Patient, cell: int) -> str:
+    """Path of a cell's PNG relative to the cohort folder: images/<mutation>/<patient>/<cell>.png."""
     return f"{IMAGES_DIR}/{patient.mutation}/{patient.patient_id}/{patient.patient_id}_{cell:05d}.png"
 
 
@@ -184,7 +185,10 @@ def _prepare(out: Path, overwrite: bool) -> None:
     if foreign:
         raise MarrowLensError(f"refusing to overwrite {out}: it holds {foreign[0]!r}, which a synthetic cohort does not write")
     for child in children:
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
