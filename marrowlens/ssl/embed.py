@@ -172,6 +172,9 @@ def _predict(model, info, cohort, pending, out, key, batch_size, devices, accele
         callbacks=[_StoreWriter(out, len(cohort.cells), info.num_features, key)],
         inference_mode=True,
     )
-    trainer.predict(_Embedder(model), dataloaders=loader, return_predictions=False)
+    try:
+        trainer.predict(_Embedder(model), dataloaders=loader, return_predictions=False)
+    except SystemExit as exc:  # Lightning's graceful Ctrl-C ends in sys.exit(1)
+        raise MarrowLensError(f"embedding interrupted; run the same command again to resume ({out})") from exc
 
 
