@@ -152,3 +152,18 @@ def test_ddp_two_processes_on_cpu(labelled_cohort: Path, tmp_path: Path) -> None
     assert meta["world_size"] == 2 and meta["global_batch"] == 8
     assert meta["global_step"] == 2 * (32 // 8)
     assert torch.isfinite(torch.tensor(meta["metrics"]["train_loss_epoch"]))
+
+
+@pytest.mark.parametrize("name", ["simclr_resnet18", "simclr_resnet50", "dino_vit_small", "tiny_cpu"])
+def test_shipped_configs_run_on_cpu_with_small_settings(labelled_cohort: Path, tmp_path: Path, name: str) -> None:
+    """The GPU configs' code path (bf16 mixed precision included) on CPU, with a tiny backbone."""
+    tiny_backbone = "test_vit" if "vit" in name else "test_resnet"
+    config = load_config(
+        PretrainConfig,
+        REPO_ROOT / "configs" / "pretrain" / f"{name}.yaml",
+        [*TINY, f"model.backbone={tiny_backbone}", "trainer.accelerator=cpu", "trainer.max_epochs=1",
+         "trainer.precision=bf16-mixed", "dino.out_dim=256", "dino.local_crop_size=16", "data.val_cells=0"],
+    )
+    result = train.pretrain(config, labelled_cohort, tmp_path / name)
+    assert torch.isfinite(torch.tensor(result.metrics["train_loss_epoch"]))
+    assert (tmp_path / name / "backbone.safetensors").is_file()
