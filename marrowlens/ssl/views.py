@@ -62,14 +62,35 @@ class StainJitter:
         return f"StainJitter(sigma={self.sigma}, prob={self.prob})"
 
 
-def _adapt(view_transform: T.Compose, stain: StainJitter) -> None:
-    """Swap lightly's crops for centred ones; pad and stain-jitter before anything else."""
+class ShrinkTo:
+    """Downscale a square image (never upscale) to at most ``side`` pixels.
+
+    Crops are resized to the model's input anyway; shrinking a 360-px cell to twice the input size
+    first keeps every crop at full input resolution (a crop side is at least ~0.55 of the image)
+    while cutting the cost of every later step several-fold.
+    """
+
+    def __init__(self, side: int) -> None:
+        self.side = side
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if max(image.size) <= self.side:
+            return image
+        return image.resize((self.side, self.side), Image.BICUBIC)
+
+    def __repr__(self) -> str:
+        return f"ShrinkTo({self.side})"
+
+
+def _adapt(view_transform: T.Compose, stain: StainJitter, work_side: int) -> None:
+    """Pad and shrink first, swap lightly's crops for centred ones, stain-jitter right after the crop."""
     steps = []
     for step in view_transform.transforms:
         if isinstance(step, T.RandomResizedCrop):
-            step = CentredResizedCrop(step.size, step.scale, step.ratio, step.interpolation, step.antialias)
-        steps.append(step)
-    view_transform.transforms = [T.Lambda(pad_to_square), stain, *steps]
+            steps += [CentredResizedCrop(step.size, step.scale, step.ratio, step.interpolation, step.antialias), stain]
+        else:
+            steps.append(step)
+    view_transform.transforms = [T.Lambda(pad_to_square), ShrinkTo(work_side), *steps]
 
 
 def build_views(config: PretrainConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> MultiViewTransform:
@@ -105,5 +126,5 @@ def build_views(config: PretrainConfig, mean: tuple[float, ...], std: tuple[floa
     for view in transform.transforms:
         if id(view.transform) not in seen:  # SimCLR reuses one view object for both views
             seen.add(id(view.transform))
-            _adapt(view.transform, stain)
+            _adapt(view.transform, stain, work_side=2 * size)
     return transform
