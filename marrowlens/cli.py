@@ -138,6 +138,7 @@ def embed(
     precision: str = typer.Option("32", help="32 | 16-mixed | bf16-mixed"),
     num_workers: Optional[int] = typer.Option(None, min=0, help="data-loading processes"),
     overwrite: bool = typer.Option(False, help="replace existing embeddings in --out"),
+    stain_normalize: str = typer.Option("none", help="none | reinhard: match colours to the cohort's average stain"),
 ) -> None:
     """Embed every cell of a cohort with a frozen backbone (resumable, bounded memory).
 
@@ -148,7 +149,7 @@ def embed(
     store = embed_cohort(
         model, cohort, out, weights=weights, image_size=image_size, batch_size=batch_size,
         devices=_devices(devices), accelerator=accelerator, precision=precision, num_workers=num_workers,
-        overwrite=overwrite,
+        overwrite=overwrite, stain_normalize=stain_normalize,
     )
     if store is not None:
         say(f"wrote {store.folder / 'vectors.npy'}: {len(store)} x {store.meta['dim']} float32 ({store.fingerprint[:19]})")

@@ -103,3 +103,17 @@ def test_fingerprint_guard_on_a_tampered_run(run_dir: Path, labelled_cohort: Pat
         embed_cohort(tampered, labelled_cohort, tmp_path / "emb")
     with pytest.raises(MarrowLensError, match="holds no trained backbone"):
         embed_cohort(tmp_path, labelled_cohort, tmp_path / "emb")
+
+
+def test_stain_normalised_store_records_its_target(cli, labelled_cohort: Path, tmp_path: Path) -> None:
+    code, output = cli("embed", "--model", "test_resnet", "--image-size", "32", "--cohort", labelled_cohort,
+                       "--out", tmp_path / "emb", "--num-workers", "0", "--stain-normalize", "reinhard")
+    assert code == 0, output
+    store = load_embeddings(tmp_path / "emb")
+    stain = store.meta["preprocessing"]["stain"]
+    assert stain["method"] == "reinhard" and len(stain["mean"]) == 3
+    plain = embed_cohort("test_resnet", labelled_cohort, tmp_path / "plain", image_size=32, num_workers=0)
+    assert plain.meta["preprocessing"]["stain"] is None
+    assert not np.allclose(np.asarray(plain.vectors), np.asarray(store.vectors))
+    code, output = cli("embed", "--model", "test_resnet", "--cohort", labelled_cohort, "--out", tmp_path / "x", "--stain-normalize", "macenko")
+    assert code == 2 and "unknown stain normalisation" in output
