@@ -320,6 +320,7 @@ def build_index(
             "count": n,
             "dim": dim,
             "model": store.meta["model"],
+            "preprocessing": store.meta.get("preprocessing") or {},
             "sources": [_source_record(store, 0)],
         },
     )
@@ -333,6 +334,11 @@ def add_to_index(folder: str | Path, embeddings: str | Path) -> tuple[CellIndex,
     require_same_fingerprint(
         "backbone fingerprint", current.model_fingerprint, f"index {folder}", store.model_fingerprint, f"embeddings {embeddings}"
     )
+    ours, theirs = _stain(current.meta), _stain(store.meta)
+    if ours != theirs:
+        raise MarrowLensError(
+            f"stain normalisation mismatch: index {folder} was embedded with {ours or 'none'}, embeddings {embeddings} with {theirs or 'none'}"
+        )
     if store.vectors.shape[1] != current.meta["dim"]:
         raise MarrowLensError(f"embeddings {embeddings} have dimension {store.vectors.shape[1]}, the index {current.meta['dim']}")
     if len(store) == 0:
@@ -353,6 +359,11 @@ def add_to_index(folder: str | Path, embeddings: str | Path) -> tuple[CellIndex,
     fields.update(count=len(merged), sources=[*current.meta["sources"], _source_record(store, first)])
     meta = _write(current.folder, current.index, merged, fields)
     return CellIndex(folder=current.folder, index=current.index, cells=merged, meta=meta), len(store)
+
+
+def _stain(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The stain normalisation target vectors were embedded with (None: no normalisation)."""
+    return (meta.get("preprocessing") or {}).get("stain")
 
 
 def load_index(folder: str | Path) -> CellIndex:
@@ -386,6 +397,8 @@ def describe(index: CellIndex) -> list[str]:
         f"  faiss: {meta['factory']} ({params}), {size / 2**20:.1f} MiB on disk",
         f"  model: {model['timm_name']} @ {model['image_size']} px, {short(model['fingerprint'])} from {model['source']}",
     ]
+    if _stain(meta):
+        lines.append(f"  queries are stain-normalised ({_stain(meta)['method']}) like the cells")
     for source in meta["sources"]:
         root = source["cohort"].get("root") or "unknown (no thumbnails)"
         lines.append(f"  source: {source['count']} cells from {source['embeddings']} ({short(source['fingerprint'])}), images in {root}")

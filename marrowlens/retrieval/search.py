@@ -30,7 +30,7 @@ from marrowlens.errors import MarrowLensError
 from marrowlens.retrieval.batching import BatchingEmbedder
 from marrowlens.retrieval.index import CellIndex, load_index
 from marrowlens.ssl.backbones import BackboneInfo, load_backbone
-from marrowlens.ssl.embed import embed_images
+from marrowlens.ssl.embed import embed_images, preprocess, stain_target_of
 
 FILTER_COLUMNS = ("patient_id", "cell_type", "is_blast", "mutation", "domain", "split")
 VOTE_COLUMNS = ("cell_type", "is_blast", "mutation")
@@ -133,6 +133,7 @@ class Searcher:
     info: BackboneInfo
 
     def __post_init__(self) -> None:
+        self.stain = stain_target_of(self.index.meta)  # queries get the cells' stain normalisation
         self._lock = threading.Lock()  # one forward pass at a time; torch uses all cores for it
         self._ids = pd.Index(self.index.cells["cell_id"].astype(str))
         self._batcher: BatchingEmbedder | None = None
@@ -140,7 +141,7 @@ class Searcher:
     def start_batching(self, max_batch: int = 32) -> None:
         """Serve many threads: concurrent :meth:`embed` calls share forward passes from now on."""
         if self._batcher is None:
-            self._batcher = BatchingEmbedder(self.model, self.info, max_batch)
+            self._batcher = BatchingEmbedder(self.model, preprocess(self.info, self.stain), max_batch)
 
     def stop_batching(self) -> None:
         if self._batcher is not None:
@@ -167,7 +168,7 @@ class Searcher:
         if self._batcher is not None:
             return self._batcher.embed(images)
         with self._lock:
-            return embed_images(self.model, self.info, list(images))
+            return embed_images(self.model, self.info, list(images), stain=self.stain)
 
     def exact_row(self, cell_id: str) -> int | None:
         """Row of the indexed cell with exactly this id, or None."""

@@ -208,3 +208,23 @@ def run_index_emb(tmp_path: Path) -> Path:
 
     make_store(tmp_path / "other_emb", n=5, dim=96, prefix="z", fingerprint="sha256:" + "cd" * 32)
     return tmp_path / "other_emb"
+
+
+class TestStainNormalisation:
+    """Cells embedded with Reinhard normalisation: queries must be normalised to the same target."""
+
+    def test_query_gets_the_stores_normalisation_and_add_refuses_a_mismatch(self, cli, image_index: ImageIndex, tmp_path: Path) -> None:
+        code, output = cli(
+            "embed", "--model", "test_resnet", "--image-size", "32", "--cohort", image_index.cohort, "--out", tmp_path / "emb",
+            "--num-workers", "0", "--accelerator", "cpu", "--stain-normalize", "reinhard",
+        )
+        assert code == 0, output
+        code, output = cli("index", "build", "--embeddings", tmp_path / "emb", "--out", tmp_path / "idx")
+        assert code == 0, output
+        assert json.loads((tmp_path / "idx" / "meta.json").read_text())["preprocessing"]["stain"]["method"] == "reinhard"
+        assert "queries are stain-normalised (reinhard) like the cells" in cli("index", "info", tmp_path / "idx")[1]
+        code, output = cli("search", "--index", tmp_path / "idx", "--image", image_index.image("control", 0, 5), "-k", "1", "--json")
+        hit = json.loads(output)[0]["neighbours"][0]
+        assert hit["path"] == "control/control_p0/cell5.png" and hit["similarity"] == pytest.approx(1.0, abs=1e-5)
+        code, output = cli("index", "add", tmp_path / "idx", "--embeddings", image_index.emb)
+        assert code == 2 and "stain normalisation mismatch" in output and "with none" in output
