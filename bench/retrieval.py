@@ -276,15 +276,17 @@ def bench_web(args: argparse.Namespace) -> None:
         else:
             raise SystemExit("the server did not start")
         for clients in args.clients:
-            cpu_before = _cpu_seconds(server.pid)
+            cpu_before, client_before = _cpu_seconds(server.pid), time.process_time()
             run = asyncio.run(_load(url, payloads, clients, args.duration, args.warmup, args.k))
             run["server_cpu_ms_per_request"] = 1000 * (_cpu_seconds(server.pid) - cpu_before) / max(run["all_requests"], 1)
+            run["client_cpu_ms_per_request"] = 1000 * (time.process_time() - client_before) / max(run["all_requests"], 1)
             run["load_average"] = os.getloadavg()[0]
             info["runs"].append(run)
             print(f"  {clients:>3} clients x {args.duration:.0f} s: {run['requests']} requests ({run['throughput']:.1f}/s), "
                   f"errors {run['errors']}, latency p50 {run['p50_ms']:.1f} ms p99 {run['p99_ms']:.1f} ms max {run['max_ms']:.1f} ms; "
                   f"server time p50 {run['server_p50_ms']:.1f} ms p99 {run['server_p99_ms']:.1f} ms, "
-                  f"server CPU {run['server_cpu_ms_per_request']:.1f} ms/request; load {run['load_average']:.1f}", flush=True)
+                  f"server CPU {run['server_cpu_ms_per_request']:.1f} ms/request, load generator CPU "
+                  f"{run['client_cpu_ms_per_request']:.1f} ms/request; load {run['load_average']:.1f}", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(info, indent=2))
             print(f"wrote {args.json}")
