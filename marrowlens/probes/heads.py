@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any, Iterator, Sequence
 
 import faiss
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit, ShuffleSplit
+from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
@@ -184,7 +185,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         n_splits = max(2, round(1 / self.val_fraction))
         if n_groups >= 2:
             splitter = StratifiedGroupKFold(n_splits=min(n_splits, n_groups), shuffle=True, random_state=self.random_state)
-            train, val = next(splitter.split(np.zeros(n), codes, group_array))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "least populated class": fine for a hold-out
+                train, val = next(splitter.split(np.zeros(n), codes, group_array))
             overlap = set(group_array[train]) & set(group_array[val])
             if overlap:
                 raise AssertionError(f"validation split leaks patients {sorted(overlap)[:3]}")

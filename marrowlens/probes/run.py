@@ -59,9 +59,15 @@ def _load_blast(path: Path | None, emb: Embeddings) -> Probe | None:
 # ---------------------------------------------------------------- evaluation
 
 
-def cross_validation_report(task: Task, config: ProbeConfig) -> tuple[dict[str, Any], pd.DataFrame | None]:
+def cv_folds(task: Task, config: ProbeConfig) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Patient-grouped folds, made (and checked) before any fitting so bad input fails fast."""
     folds = grouped_folds(task.y, task.groups, config.eval.cv, config.seed)
-    pred, info = run_folds(task, [(i, tr, te) for i, (tr, te) in enumerate(folds)], desc=f"{task.name} cv")
+    return [(i, train, test) for i, (train, test) in enumerate(folds)]
+
+
+def cross_validation_report(task: Task, config: ProbeConfig, folds: list | None = None) -> tuple[dict[str, Any], pd.DataFrame | None]:
+    folds = cv_folds(task, config) if folds is None else folds
+    pred, info = run_folds(task, folds, desc=f"{task.name} cv")
     report, patients = _summary(task, pred, config)
     report["folds"] = info
     report["evaluation"] = {
@@ -133,12 +139,13 @@ def fit(task_name: str, embeddings: Path, out: Path, config: ProbeConfig, blast_
     emb = _load_store(embeddings)
     blast = _load_blast(blast_probe, emb)
     task = make_task(config, emb, blast)
+    folds = cv_folds(task, config) if config.eval.cv else None
     out = prepare_out_dir(out, overwrite)
     final = task.fit(np.arange(len(task.rows)), final=True)  # fails early on bad input, before any CV
     report = _header(config, task, emb)
     patients = None
-    if config.eval.cv:
-        evaluation, patients = cross_validation_report(task, config)
+    if folds is not None:
+        evaluation, patients = cross_validation_report(task, config, folds)
         report.update(evaluation)
     else:
         report.update(cell=None, patient=None, evaluation={"kind": "none", "description": "skipped (--cv 0)"})
@@ -242,7 +249,7 @@ def noise_sweep(embeddings: Path, out: Path, config: ProbeConfig, rates: list[fl
         data["loss"]["name"] = loss
         loss_config = validate_config(ProbeConfig, data, "--losses")
         task = make_task(loss_config, emb, blast)
-        folds = [(i, tr, te) for i, (tr, te) in enumerate(grouped_folds(task.y, task.groups, config.eval.cv, config.seed))]
+        folds = cv_folds(task, loss_config)
         for rate in rates:
             noise = NoiseSpec(rate, kind, config.seed) if rate > 0 else None
             pred, _ = run_folds(task, folds, noise, desc=f"{loss} noise {rate:g}")

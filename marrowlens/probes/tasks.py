@@ -144,7 +144,7 @@ def fit_head(config: ProbeConfig, vectors: np.ndarray, rows: np.ndarray, labels:
     """Fit a fresh head on store rows; one class left is an error naming it."""
     present = sorted(set(labels))
     if len(present) < 2:
-        raise MarrowLensError(f"only class {present[0] if present else '(none)'!r} has training cells; a probe needs two or more")
+        raise MarrowLensError(f"only class {str(present[0]) if present else '(none)'!r} has training cells; a probe needs two or more")
     kind, params = head_spec(config)
     head = make_head(kind, params)
     head.fit(RowView(vectors, rows), labels, groups=groups)
@@ -252,7 +252,7 @@ class MutationTask(Task):
         empty = [c for c in self.classes if c not in set(y)]
         if empty:
             raise MarrowLensError(
-                f"class {empty[0]!r} has no cells after the blast filter (threshold "
+                f"class {str(empty[0])!r} has no cells after the blast filter (threshold "
                 f"{self.config.mutation.blast_threshold}, {int(kept.sum())} of {len(kept)} cells kept); "
                 "lower --blast-threshold or check the blast probe"
             )
