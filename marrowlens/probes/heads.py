@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from marrowlens.probes.losses import per_sample_loss, weighted_mean
 
 BLOCK = 65536  # rows per block when streaming a memory map
+SMALL_BLOCK = 8192  # rows per block for float64 statistics and validation passes (bounded temporaries)
 
 
 def as_rows(X: Any, rows: np.ndarray | None = None) -> np.ndarray:
@@ -62,6 +63,19 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _column_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and standard deviation in float64, accumulated block by block."""
+    total = np.zeros(features.shape[1])
+    squares = np.zeros(features.shape[1])
+    for start in range(0, len(features), SMALL_BLOCK):
+        block = features[start : start + SMALL_BLOCK].astype(np.float64)
+        total += block.sum(axis=0)
+        squares += np.square(block).sum(axis=0)
+    mean = total / len(features)
+    std = np.sqrt(np.maximum(squares / len(features) - mean**2, 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
 
 
 def _encode(y: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -146,14 +160,16 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         if len(features) != len(codes):
             raise ValueError(f"X has {len(features)} rows but y has {len(codes)}")
         self.n_features_in_ = features.shape[1]
-        self.mean_ = features.mean(axis=0, dtype=np.float64).astype(np.float32)
-        self.scale_ = np.maximum(features.std(axis=0, dtype=np.float64), 1e-6).astype(np.float32)
-        features -= self.mean_
-        features /= self.scale_
+        self.mean_, self.scale_ = _column_stats(features)
+        for start in range(0, len(features), BLOCK):  # in place, block by block: no full-size temporaries
+            block = features[start : start + BLOCK]
+            block -= self.mean_
+            block /= self.scale_
         weights = _class_weights(codes, len(self.classes_), self.class_weight)
         self._class_weight_t = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
         generator = torch.Generator().manual_seed(self.random_state)
         x_all, y_all = torch.from_numpy(features), torch.from_numpy(codes)
+        everything = torch.arange(len(codes))  # rows are indexed, never copied: one feature matrix in memory
 
         train, val = self._validation_split(codes, groups) if self.early_stopping else (None, None)
         decays = [float(w) for w in self.weight_decays]
@@ -161,16 +177,16 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             self.validation_ = "none: fixed epochs, middle of the weight-decay grid"
             self.weight_decay_ = decays[len(decays) // 2]
             self.best_epoch_ = self.max_epochs
-            params = self._train(x_all, y_all, [self.weight_decay_], self.max_epochs, generator)
+            params = self._train(x_all, y_all, everything, [self.weight_decay_], self.max_epochs, generator)
         else:
             self.validation_ = f"{len(val)} cells held out"
-            params, best, val_losses = self._search(x_all[train], y_all[train], x_all[val], y_all[val], decays, generator)
+            params, best, val_losses = self._search(x_all, y_all, torch.from_numpy(train), torch.from_numpy(val), decays, generator)
             self.val_losses_ = [float(v) for v in val_losses]
             self.weight_decay_ = decays[best]
             self.best_epoch_ = self._best_epochs[best]
             params = [p[best : best + 1].clone() for p in params]
             if self.refit:
-                params = self._train(x_all, y_all, [self.weight_decay_], self.best_epoch_, generator)
+                params = self._train(x_all, y_all, everything, [self.weight_decay_], self.best_epoch_, generator)
         self.params_ = [p.detach()[0].contiguous() for p in params]
         return self
 
@@ -248,8 +264,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             raise ValueError(f"sampling must be 'none' or 'balanced', not {self.sampling!r}")
         return torch.randperm(n, generator=generator)
 
-    def _step_epoch(self, params, optimizer, decays, x, y, generator) -> None:
-        order = self._epoch_order(y, generator)
+    def _step_epoch(self, params, optimizer, decays, x, y, rows, generator) -> None:
+        order = rows[self._epoch_order(y[rows], generator)]
         batch = self._batch_size(len(order))
         for start in range(0, len(order), batch):
             index = order[start : start + batch]
@@ -259,17 +275,17 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             (loss + 0.5 * decays * penalty).sum().backward()
             optimizer.step()
 
-    def _train(self, x, y, decays: list[float], epochs: int, generator) -> list[torch.Tensor]:
-        params = self._init_params(len(decays), x.shape[1], y, generator)
+    def _train(self, x, y, rows, decays: list[float], epochs: int, generator) -> list[torch.Tensor]:
+        params = self._init_params(len(decays), x.shape[1], y[rows], generator)
         optimizer = torch.optim.Adam(params, lr=self.lr)
         decay_t = torch.tensor(decays)
         for _ in tqdm(range(epochs), desc="probe: refit", leave=False, disable=None if self.progress else True):
-            self._step_epoch(params, optimizer, decay_t, x, y, generator)
+            self._step_epoch(params, optimizer, decay_t, x, y, rows, generator)
         return params
 
-    def _search(self, x_tr, y_tr, x_val, y_val, decays: list[float], generator):
+    def _search(self, x, y, train, val, decays: list[float], generator):
         """Train the whole grid together; keep each model's best state by validation loss."""
-        params = self._init_params(len(decays), x_tr.shape[1], y_tr, generator)
+        params = self._init_params(len(decays), x.shape[1], y[train], generator)
         optimizer = torch.optim.Adam(params, lr=self.lr)
         decay_t = torch.tensor(decays)
         best_loss = torch.full((len(decays),), float("inf"))
@@ -278,9 +294,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         waited = torch.zeros(len(decays), dtype=torch.long)
         bar = tqdm(range(self.max_epochs), desc="probe: weight-decay search", leave=False, disable=None if self.progress else True)
         for epoch in bar:
-            self._step_epoch(params, optimizer, decay_t, x_tr, y_tr, generator)
+            self._step_epoch(params, optimizer, decay_t, x, y, train, generator)
             with torch.no_grad():
-                val_loss = self._validation_loss(params, x_val, y_val)
+                val_loss = self._validation_loss(params, x, y, val)
                 better = val_loss < best_loss - 1e-6
                 for model in torch.nonzero(better).flatten().tolist():
                     self._best_epochs[model] = epoch + 1
@@ -293,12 +309,12 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         best = int(torch.argmin(best_loss))
         return best_params, best, best_loss.tolist()
 
-    def _validation_loss(self, params, x, y) -> torch.Tensor:
+    def _validation_loss(self, params, x, y, rows) -> torch.Tensor:
         total = torch.zeros(params[0].shape[0])
-        for start in range(0, len(x), BLOCK):
-            xb, yb = x[start : start + BLOCK], y[start : start + BLOCK]
-            total += self._batch_loss(self._forward(params, xb), yb) * len(xb)
-        return total / len(x)
+        for start in range(0, len(rows), SMALL_BLOCK):
+            index = rows[start : start + SMALL_BLOCK]
+            total += self._batch_loss(self._forward(params, x[index]), y[index]) * len(index)
+        return total / len(rows)
 
     # ------------------------------------------------------------------ prediction
 
@@ -358,13 +374,16 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
 
     def fit(self, X: Any, y: Sequence[Any], groups: Sequence[Any] | None = None) -> "KNNProbe":
         self.classes_, codes = _encode(y)
-        vectors = as_rows(X)
-        if len(vectors) != len(codes):
-            raise ValueError(f"X has {len(vectors)} rows but y has {len(codes)}")
-        faiss.normalize_L2(vectors)
-        self.n_features_in_ = vectors.shape[1]
-        self.index_ = faiss.IndexFlatIP(vectors.shape[1])
-        self.index_.add(vectors)
+        if not hasattr(X, "shape"):
+            X = np.asarray(X, dtype=np.float32)
+        if len(X) != len(codes):
+            raise ValueError(f"X has {len(X)} rows but y has {len(codes)}")
+        self.n_features_in_ = int(X.shape[1])
+        self.index_ = faiss.IndexFlatIP(self.n_features_in_)
+        for start in range(0, len(codes), BLOCK):  # normalised block by block: the index holds the only copy
+            block = as_rows(X[start : start + BLOCK])
+            faiss.normalize_L2(block)
+            self.index_.add(block)
         self.labels_ = codes
         weights = _class_weights(codes, len(self.classes_), self.class_weight)
         self.vote_weight_ = np.ones(len(self.classes_)) if weights is None else weights

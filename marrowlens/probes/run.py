@@ -136,6 +136,8 @@ def _headline(report: dict[str, Any]) -> list[str]:
 
 def fit(task_name: str, embeddings: Path, out: Path, config: ProbeConfig, blast_probe: Path | None = None, overwrite: bool = False) -> Outcome:
     """Cross-validate (unless ``eval.cv`` is 0), then fit the final probe on every labelled cell."""
+    if blast_probe is not None and config.task != "mutation":
+        raise MarrowLensError(f"--blast-probe only applies to the mutation task, not {config.task}")
     emb = _load_store(embeddings)
     blast = _load_blast(blast_probe, emb)
     task = make_task(config, emb, blast)

@@ -119,6 +119,15 @@ class TestRoundTrip:
         truth = np.where(pd.read_parquet(tmp_path / "new" / "cells.parquet")["is_blast"], "blast", "non_blast")
         assert (cells["predicted"].to_numpy() == truth).mean() > 0.9
 
+    def test_knn_probe_whose_training_store_is_gone(self, cli, tmp_path: Path) -> None:
+        make_store(tmp_path / "train")
+        make_store(tmp_path / "new", seed=3)
+        code, out = cli("probe", "fit", "blast", "--embeddings", tmp_path / "train", "--head", "knn", "--cv", "0", "--out", tmp_path / "knn")
+        assert code == 0, out
+        (tmp_path / "train").rename(tmp_path / "moved")
+        code, out = cli("probe", "predict", tmp_path / "knn", "--embeddings", tmp_path / "new", "--out", tmp_path / "p.parquet")
+        assert code == 2 and "needs its training embeddings" in out and str(tmp_path / "train") in out
+
     def test_cell_type_task(self, cli, fitted: Path, tmp_path: Path) -> None:
         code, out = cli("probe", "fit", "cell_type", "--embeddings", fitted / "emb", "--cv", "2", "--out", tmp_path / "ct",
                         "--set", "cell_type.mapping={lymphocyte: lymphocyte, neutrophil: granulocyte, monocyte: monocyte}", *FAST)
@@ -178,6 +187,7 @@ class TestBadInput:
         (("probe", "fit", "blasts"), "unknown probe task 'blasts'"),
         (("probe", "fit", "blast", "--set", "loss.name=mae"), "loss.name"),
         (("probe", "fit", "mutation"), "needs a blast probe"),
+        (("probe", "fit", "cell_type", "--blast-probe", "x"), "only applies to the mutation task"),
     ])
     def test_bad_arguments(self, cli, fitted: Path, tmp_path: Path, args, message: str) -> None:
         code, out = cli(*args, "--embeddings", fitted / "emb", "--out", tmp_path / "p")

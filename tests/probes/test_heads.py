@@ -85,8 +85,9 @@ class TestLinearProbe:
         head = LinearProbe()
         head.classes_, head._class_weight_t = np.array(["c0", "c1"]), None
         x, t = torch.from_numpy(X), torch.from_numpy((y == "c1").astype(np.int64))
-        together = head._train(x, t, [1e-3, 1e-1], 5, torch.Generator().manual_seed(0))
-        alone = head._train(x, t, [1e-1], 5, torch.Generator().manual_seed(0))
+        rows = torch.arange(len(t))
+        together = head._train(x, t, rows, [1e-3, 1e-1], 5, torch.Generator().manual_seed(0))
+        alone = head._train(x, t, rows, [1e-1], 5, torch.Generator().manual_seed(0))
         for a, b in zip(together, alone):
             torch.testing.assert_close(a[1], b[0], rtol=1e-4, atol=1e-5)
 

@@ -130,3 +130,13 @@ class TestMutationTask:
         assert not task.refit_blast
         probe = task.fit(np.arange(len(task.rows)))
         assert probe.blast is blast_probe and "as is" in probe.notes["blast_filter"]
+
+
+@pytest.mark.parametrize("name", ["blast", "mutation", "cell_type"])
+def test_shipped_configs_load(name: str) -> None:
+    from pathlib import Path
+
+    from marrowlens.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "probes" / f"{name}.yaml"
+    assert load_config(ProbeConfig, path).task == name
