@@ -239,6 +239,16 @@ def real(args: argparse.Namespace) -> None:
                 lines.append(f"| {row['backbone']} | {task} | {head} | {acc['value']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}] | "
                              f"{cell['balanced_accuracy']['value']:.3f} | {f1['value']:.3f} [{f1['ci'][0]:.3f}, {f1['ci'][1]:.3f}] | {cell['n']} |")
                 print(lines[-1], flush=True)
+        # the seed paper's setting: PML_RARA vs other_AML per patient, from the cells the linear blast probe keeps
+        config = run.probe_config("mutation", None, {"loss.name": "gce", "eval.cv": args.cv, "imbalance.class_weight": "balanced"}, [])
+        probe = out / f"probe_{label}_mutation"
+        run.fit("mutation", emb, probe, config, blast_probe=out / f"probe_{label}_blast_linear", overwrite=True)
+        patient = json.loads((probe / "report.json").read_text())["patient"]
+        acc, bal = patient["accuracy"], patient["balanced_accuracy"]
+        rows.append({"backbone": f"{label} {arch} @{size}", "task": "mutation (patients)", "head": "linear gce", "patient": patient})
+        lines.append(f"| {label} {arch} @{size} | mutation, per patient ({patient['n_undetermined']} undetermined) | linear, GCE | "
+                     f"{acc['value']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}] | {bal['value']:.3f} | – | {patient['n_determined']} patients |")
+        print(lines[-1], flush=True)
     write(out, "real", {"machine": machine(), "rows": rows}, "\n".join(lines))
 
 
