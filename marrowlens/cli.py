@@ -97,6 +97,34 @@ def cohort_check(
     say(f"{folder}: {verb}{len(cohort.cells)} cells OK")
 
 
+# ---------------------------------------------------------------- cohort synth (synthetic cohort)
+
+
+@cohort_app.command("synth")
+def cohort_synth(
+    out: Path = typer.Option(..., "--out", help="cohort folder to write (images, labels.csv, cells.parquet, ...)"),
+    patients: int = typer.Option(60, help="number of patients (classes round-robin: 4 AML subtypes + control)"),
+    cells_per_patient: int = typer.Option(100, help="cells drawn per patient"),
+    image_size: int = typer.Option(64, help="side of each square cell image in pixels"),
+    seed: int = typer.Option(0, help="random seed; the same seed gives the same cohort, whatever --workers"),
+    domains: int = typer.Option(2, help="stain/scanner domains, balanced within each class"),
+    workers: int = typer.Option(1, help="drawing processes"),
+    overwrite: bool = typer.Option(False, help="replace the synthetic cohort already in --out"),
+) -> None:
+    """Draw a synthetic AML cohort with known ground truth and index it as a cohort.
+
+    Example: marrowlens cohort synth --out synth/ --patients 60 --cells-per-patient 100 --image-size 64 --seed 0
+    """
+    from marrowlens.cohort.synthetic import make_synthetic_cohort
+
+    cohort = make_synthetic_cohort(
+        out, patients, cells_per_patient, image_size=image_size, seed=seed, domains=domains, workers=workers, overwrite=overwrite
+    )
+    say(f"wrote {out / 'images'}: {len(cohort.cells)} PNG cells of {image_size}x{image_size} px")
+    say(f"wrote {out / 'labels.csv'} (ground truth per cell) and {out / 'patients.csv'} (per patient)")
+    _print_cohort(cohort)
+
+
 @app.command("embed")
 def embed(
     model: str = typer.Option(..., "--model", help="run folder of `marrowlens pretrain`, or a timm model name"),
@@ -110,6 +138,7 @@ def embed(
     precision: str = typer.Option("32", help="32 | 16-mixed | bf16-mixed"),
     num_workers: Optional[int] = typer.Option(None, min=0, help="data-loading processes"),
     overwrite: bool = typer.Option(False, help="replace existing embeddings in --out"),
+    stain_normalize: str = typer.Option("none", help="none | reinhard: match colours to the cohort's average stain"),
 ) -> None:
     """Embed every cell of a cohort with a frozen backbone (resumable, bounded memory).
 
@@ -120,11 +149,51 @@ def embed(
     store = embed_cohort(
         model, cohort, out, weights=weights, image_size=image_size, batch_size=batch_size,
         devices=_devices(devices), accelerator=accelerator, precision=precision, num_workers=num_workers,
-        overwrite=overwrite,
+        overwrite=overwrite, stain_normalize=stain_normalize,
     )
     if store is not None:
         say(f"wrote {store.folder / 'vectors.npy'}: {len(store)} x {store.meta['dim']} float32 ({store.fingerprint[:19]})")
         say(f"wrote {store.folder / 'cells.parquet'} and {store.folder / 'meta.json'}")
+
+
+@app.command("pretrain")
+def pretrain(
+    cohort: Path = typer.Option(..., "--cohort", help="cohort folder (labels are not used for training)"),
+    out: Path = typer.Option(..., "--out", help="run folder to write"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config, e.g. configs/pretrain/tiny_cpu.yaml"),
+    method: Optional[str] = typer.Option(None, help="simclr | dino"),
+    backbone: Optional[str] = typer.Option(None, help="any timm model name, e.g. resnet18, vit_small_patch16_224"),
+    weights: Optional[Path] = typer.Option(None, help="local timm checkpoint to start from (no downloads)"),
+    devices: Optional[str] = typer.Option(None, help="devices per node (number or 'auto')"),
+    nodes: Optional[int] = typer.Option(None, min=1, help="number of nodes"),
+    strategy: Optional[str] = typer.Option(None, help="auto | ddp | ddp_spawn"),
+    precision: Optional[str] = typer.Option(None, help="32 | 16-mixed | bf16-mixed"),
+    max_epochs: Optional[int] = typer.Option(None, min=1),
+    set_: List[str] = typer.Option([], "--set", help="config override key.sub=value (repeatable)"),
+    resume: bool = typer.Option(False, help="continue the run in --out from checkpoints/last.ckpt"),
+    overwrite: bool = typer.Option(False, help="delete the run in --out and start over"),
+) -> None:
+    """Pretrain a SimCLR or DINO backbone on every cell of a cohort (CPU, GPU, many GPUs/nodes).
+
+    Example: marrowlens pretrain --config configs/pretrain/tiny_cpu.yaml --cohort cohort/ --out runs/tiny
+    """
+    from marrowlens.config import PretrainConfig, load_config
+    from marrowlens.ssl.train import pretrain as run_pretrain
+
+    flags = {
+        "model.method": method, "model.backbone": backbone, "model.weights": weights,
+        "trainer.devices": devices, "trainer.nodes": nodes, "trainer.strategy": strategy,
+        "trainer.precision": precision, "trainer.max_epochs": max_epochs,
+    }
+    overrides = [f"{key}={value}" for key, value in flags.items() if value is not None] + list(set_)
+    resolved = load_config(PretrainConfig, config, overrides)
+    result = run_pretrain(resolved, cohort, out, resume=resume, overwrite=overwrite)
+    if result is not None:
+        say(f"wrote {out / 'backbone.safetensors'} and {out / 'backbone.json'} ({result.backbone.fingerprint[:19]})")
+        say(f"wrote {out / 'checkpoints'} (last.ckpt, best), {out / 'logs'}, {out / 'config.yaml'}, {out / 'meta.json'}")
+        shown = {k: v for k, v in result.metrics.items() if k in ("train_loss_epoch", "val_knn_acc", "val_knn_bal_acc")}
+        if shown:
+            say("final: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
 
 
 def _devices(text: str) -> int | str:

@@ -100,6 +100,11 @@ class TrainerConfig(_Strict):
     seed: int = 0
     log_every_n_steps: int = Field(10, ge=1)
 
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) else value  # `--precision 32` parses as a number
+
 
 class PretrainConfig(_Strict):
     model: ModelConfig = ModelConfig()

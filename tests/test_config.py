@@ -16,6 +16,7 @@ class TestLoadConfig:
         assert config.optim.base_lr == 0.1 and config.trainer.devices == 2
         assert config.dino.local_crop_scale == (0.3, 0.5)
         assert config.model.method == "simclr"
+        assert load_config(PretrainConfig, None, ["trainer.precision=32"]).trainer.precision == "32"
 
     @pytest.mark.parametrize(
         "override, message",

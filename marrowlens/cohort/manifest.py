@@ -250,8 +250,11 @@ def _common_root(sources: list[Path]) -> Path:
     return Path(os.path.commonpath([str(f) for f in folders]))
 
 
-def index_cohort(sources: list[Path], out: Path, options: IndexOptions | None = None) -> Cohort:
-    """Index image sources into a cohort folder; returns the loaded cohort."""
+def index_cohort(sources: list[Path], out: Path, options: IndexOptions | None = None, extra_meta: dict[str, Any] | None = None) -> Cohort:
+    """Index image sources into a cohort folder; returns the loaded cohort.
+
+    ``extra_meta`` adds fields to ``meta.json`` (e.g. the settings of the synthetic generator).
+    """
     options = options or IndexOptions()
     if not sources:
         raise MarrowLensError("give at least one image folder or CSV")
@@ -298,6 +301,7 @@ def index_cohort(sources: list[Path], out: Path, options: IndexOptions | None = 
         mutation_map=options.map_mutation,
         counts=label_counts(cells),
         fingerprint=cohort_fingerprint(cells),
+        **(extra_meta or {}),
     )
     write_parquet_atomic(out / CELLS_FILE, cells)
     return Cohort(folder=out, root=root, cells=cells, meta=meta)

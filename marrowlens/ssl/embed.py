@@ -24,21 +24,36 @@ from torchvision import transforms as T
 from marrowlens.artifacts import META_FILE
 from marrowlens.cohort.images import ImageDecodeError, load_rgb, pad_to_square
 from marrowlens.cohort.manifest import Cohort, load_cohort
+from marrowlens.cohort.stain import METHODS as STAIN_METHODS
+from marrowlens.cohort.stain import ReinhardNormalize, ReinhardTarget, fit_reinhard
 from marrowlens.embeddings import EmbeddingWriter, Embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.ssl.backbones import BackboneInfo, load_backbone
 
 
-def preprocess(info: BackboneInfo) -> T.Compose:
-    """The one eval-time preprocessing: pad to square, resize, normalise as in training."""
-    return T.Compose(
-        [
-            T.Lambda(pad_to_square),
-            T.Resize((info.image_size, info.image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-            T.ToTensor(),
-            T.Normalize(info.mean, info.std),
-        ]
-    )
+def preprocess(info: BackboneInfo, stain: ReinhardTarget | None = None) -> T.Compose:
+    """The one eval-time preprocessing: pad to square, resize, (stain-normalise), normalise as in training."""
+    steps = [
+        T.Lambda(pad_to_square),
+        T.Resize((info.image_size, info.image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+    ]
+    if stain is not None:
+        steps.append(ReinhardNormalize(stain))
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(info.mean, info.std)])
+
+
+def stain_target_of(meta: dict) -> ReinhardTarget | None:
+    """The stain target an embedding store (or an index built from one) was made with."""
+    return ReinhardTarget.from_dict(meta.get("preprocessing", {}).get("stain"))
+
+
+def _fit_stain_target(cohort: Cohort, size: int, sample: int = 256, seed: int = 0) -> ReinhardTarget:
+    """Fit on a fixed random sample of the cohort's cells, at the model's input size."""
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(cohort.cells), size=min(sample, len(cohort.cells)), replace=False)
+    resize = T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+    paths = cohort.cells["path"].to_numpy()
+    return fit_reinhard(resize(pad_to_square(load_rgb(cohort.image_path(paths[r])))) for r in sorted(rows))
 
 
 class CohortImages(Dataset):
@@ -91,9 +106,9 @@ class _StoreWriter(BasePredictionWriter):
             self.writer.close()
 
 
-def embed_images(model: nn.Module, info: BackboneInfo, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
+def embed_images(model: nn.Module, info: BackboneInfo, images: Sequence[Image.Image], batch_size: int = 64, stain: ReinhardTarget | None = None) -> np.ndarray:
     """Embed in-memory images (search queries) with the same preprocessing as ``embed``."""
-    transform = preprocess(info)
+    transform = preprocess(info, stain)
     device = next(model.parameters()).device
     out = []
     with torch.inference_mode():
@@ -120,6 +135,7 @@ def embed_cohort(
     precision: str = "32",
     num_workers: int | None = None,
     overwrite: bool = False,
+    stain_normalize: str = "none",
 ) -> Embeddings | None:
     """Embed every cell of a cohort; resumes an unfinished store of the same inputs.
 
@@ -132,29 +148,34 @@ def embed_cohort(
         _clear_store(out)
     elif overwrite and out.is_dir():
         _clear_store(out)
+    if stain_normalize not in STAIN_METHODS:
+        raise MarrowLensError(f"unknown stain normalisation {stain_normalize!r}; known: {', '.join(STAIN_METHODS)}")
     cohort = load_cohort(cohort_dir)
     model, info = load_backbone(model_ref, weights=weights, image_size=image_size)
-    key = {"model": info.fingerprint, "cohort": cohort.meta["fingerprint"], "image_size": info.image_size}
+    stain = _fit_stain_target(cohort, info.image_size) if stain_normalize == "reinhard" else None
+    key = {"model": info.fingerprint, "cohort": cohort.meta["fingerprint"], "image_size": info.image_size,
+           "stain": stain.to_dict() if stain else None}
     store = EmbeddingWriter(out, len(cohort.cells), info.num_features, key=key, create=True)
     pending = store.pending()
     store.close()
     if len(pending):
-        _predict(model, info, cohort, pending, out, key, batch_size, devices, accelerator, precision, num_workers)
+        _predict(model, info, stain, cohort, pending, out, key, batch_size, devices, accelerator, precision, num_workers)
     if int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0:
         return None
     final = EmbeddingWriter(out, len(cohort.cells), info.num_features, key=key, create=False)
     meta = {
         "model": info.to_dict(),
         "cohort": {"folder": str(Path(cohort_dir).resolve()), "fingerprint": cohort.meta["fingerprint"]},
-        "preprocessing": {"pad_to_square": True, "image_size": info.image_size, "mean": info.mean, "std": info.std},
+        "preprocessing": {"pad_to_square": True, "image_size": info.image_size, "mean": info.mean, "std": info.std,
+                          "stain": stain.to_dict() if stain else None},
     }
     return final.finish(cohort.cells, meta)
 
 
-def _predict(model, info, cohort, pending, out, key, batch_size, devices, accelerator, precision, num_workers) -> None:
+def _predict(model, info, stain, cohort, pending, out, key, batch_size, devices, accelerator, precision, num_workers) -> None:
     workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
     loader = DataLoader(
-        CohortImages(cohort, pending, preprocess(info)),
+        CohortImages(cohort, pending, preprocess(info, stain)),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -172,6 +193,9 @@ def _predict(model, info, cohort, pending, out, key, batch_size, devices, accele
         callbacks=[_StoreWriter(out, len(cohort.cells), info.num_features, key)],
         inference_mode=True,
     )
-    trainer.predict(_Embedder(model), dataloaders=loader, return_predictions=False)
+    try:
+        trainer.predict(_Embedder(model), dataloaders=loader, return_predictions=False)
+    except SystemExit as exc:  # Lightning's graceful Ctrl-C ends in sys.exit(1)
+        raise MarrowLensError(f"embedding interrupted; run the same command again to resume ({out})") from exc
 
 

@@ -1,0 +1,199 @@
+"""``marrowlens pretrain``: a Lightning Trainer from the config, on CPU, one GPU, or many GPUs/nodes.
+
+Lightning does the loop, devices, DDP (also under torchrun or SLURM ``srun``, unchanged), mixed
+precision, gradient accumulation and checkpoints; this module only decides the run folder rules
+(no silent fresh start on ``--resume``, no overwrite without ``--overwrite``), scales the learning
+rate with the global batch, and exports the trained backbone at the end.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+from marrowlens.artifacts import read_meta, write_meta
+from marrowlens.cohort.manifest import load_cohort
+from marrowlens.config import PretrainConfig, dump_config, load_config
+from marrowlens.errors import MarrowLensError
+from marrowlens.ssl.backbones import BackboneInfo, create_backbone, default_norm, export_backbone
+from marrowlens.ssl.base import SSLModule, scaled_lr
+from marrowlens.ssl.data import PretrainData, check_subset
+from marrowlens.ssl.dino import DINO
+from marrowlens.ssl.embed import preprocess
+from marrowlens.ssl.simclr import SimCLR
+from marrowlens.ssl.views import build_views
+
+CONFIG_FILE = "config.yaml"
+LAST_CKPT = Path("checkpoints") / "last.ckpt"
+# Settings a resumed run may change; anything else would make it a different run.
+RESUMABLE = {("trainer", "max_epochs"), ("data", "num_workers")}
+
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose files appear whole or not at all (a kill mid-save keeps the old one)."""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        partial = f"{filepath}.partial"
+        trainer.save_checkpoint(partial, self.save_weights_only)  # collective; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(partial, filepath)
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    backbone: BackboneInfo
+    metrics: dict[str, float]
+
+
+def is_launching_process() -> bool:
+    """True on the one process that prepares the run folder (rank 0 under torchrun/SLURM/Lightning)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key]) == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def resolve_config(config: PretrainConfig, out: Path, resume: bool) -> PretrainConfig:
+    """On ``--resume`` the run's saved config wins; only RESUMABLE settings may differ."""
+    if not resume:
+        return config
+    saved = load_config(PretrainConfig, out / CONFIG_FILE)
+    new, old = config.model_dump(mode="json"), saved.model_dump(mode="json")
+    for section, values in new.items():
+        for key, value in values.items():
+            if (section, key) not in RESUMABLE and old[section][key] != value:
+                raise MarrowLensError(
+                    f"--resume continues {out} as configured, but {section}.{key} is {value!r} here and "
+                    f"{old[section][key]!r} in {out / CONFIG_FILE}"
+                )
+    return config
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise MarrowLensError("--resume and --overwrite contradict each other")
+    if resume:
+        if not (out / LAST_CKPT).is_file():
+            raise MarrowLensError(f"nothing to resume: {out / LAST_CKPT} does not exist")
+        if not (out / CONFIG_FILE).is_file():
+            raise MarrowLensError(f"cannot resume: {out / CONFIG_FILE} is missing")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise MarrowLensError(f"{out} is not empty; pass --resume to continue that run or --overwrite to start over")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def build_trainer(config: PretrainConfig, out: Path, monitor: str | None, has_batchnorm: bool) -> pl.Trainer:
+    trainer_cfg = config.trainer
+    loggers = [CSVLogger(save_dir=str(out), name="logs")]
+    if importlib.util.find_spec("tensorboard") is not None:
+        loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard"))
+    checkpoint = AtomicCheckpoint(
+        dirpath=str(out / "checkpoints"),
+        filename="best-{epoch}",
+        monitor=monitor or "train_loss_epoch",
+        mode="max" if monitor else "min",
+        save_top_k=1,
+        save_last=True,
+    )
+    devices = trainer_cfg.devices
+    on_gpu = trainer_cfg.accelerator in ("gpu", "cuda") or (trainer_cfg.accelerator == "auto" and torch.cuda.is_available())
+    several = trainer_cfg.nodes > 1 or devices == "auto" or (isinstance(devices, int) and devices > 1)
+    return pl.Trainer(
+        accelerator=trainer_cfg.accelerator,
+        devices=devices,
+        num_nodes=trainer_cfg.nodes,
+        strategy=trainer_cfg.strategy,
+        sync_batchnorm=has_batchnorm and on_gpu and several,  # SyncBatchNorm is GPU-only in torch
+        precision=trainer_cfg.precision,
+        max_epochs=trainer_cfg.max_epochs,
+        accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
+        limit_train_batches=trainer_cfg.limit_train_batches,
+        log_every_n_steps=trainer_cfg.log_every_n_steps,
+        use_distributed_sampler=False,
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        logger=loggers,
+        default_root_dir=str(out),
+        num_sanity_val_steps=0,
+        deterministic=False,
+    )
+
+
+def _has_batchnorm(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def pretrain(config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool = False, overwrite: bool = False) -> PretrainResult | None:
+    """Train, checkpoint and export; returns the result on the main process (None elsewhere)."""
+    out = Path(out)
+    launching = is_launching_process()
+    if launching:
+        prepare_run_dir(out, resume, overwrite)
+    config = resolve_config(config, out, resume)
+    cohort = load_cohort(cohort_dir)
+    pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
+    backbone = create_backbone(config.model.backbone, config.model.image_size, config.model.weights)
+    mean, std = default_norm(config.model.backbone)
+    views = build_views(config, mean, std)
+    check_transform = preprocess(BackboneInfo(config.model.backbone, config.model.image_size, mean, std, backbone.num_features, "", ""))
+    has_check = check_subset(cohort.cells, config.data.val_cells, config.trainer.seed) is not None
+    trainer = build_trainer(config, out, "val_knn_acc" if has_check else None, _has_batchnorm(backbone))
+    world = trainer.world_size
+    batch = min(config.data.batch_size, len(cohort.cells) // world)
+    if batch < 2:
+        raise MarrowLensError(f"{len(cohort.cells)} cells cannot fill a batch of 2 per device on {world} device(s)")
+    data = PretrainData(cohort, config, views, check_transform, batch)
+    global_batch = batch * world * config.trainer.accumulate_grad_batches
+    lr = scaled_lr(config, global_batch)
+    if launching:
+        if batch != config.data.batch_size:
+            print(f"note: batch size lowered to {batch} per device: the cohort has only {len(cohort.cells)} cells")
+        print(f"learning rate {lr:.4g} for a global batch of {global_batch} ({config.optim.lr_scaling} scaling of base_lr {config.optim.base_lr} per 256)")
+        if not resume:
+            dump_config(config, out / CONFIG_FILE)
+    method = SimCLR if config.model.method == "simclr" else DINO
+    knn_classes = len(data.subset.classes) if data.subset else 0
+    module: SSLModule = method(backbone, config, lr=lr, knn_classes=knn_classes)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(out / LAST_CKPT) if resume else None)
+    except SystemExit as exc:  # Lightning's graceful Ctrl-C ends in sys.exit(1)
+        raise MarrowLensError(f"training interrupted; continue it with the same command and --resume ({out / LAST_CKPT})") from exc
+    if not trainer.is_global_zero:
+        return None
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    info = export_backbone(module.embedding_backbone, config.model.backbone, config.model.image_size, out)
+    write_meta(
+        out,
+        "run",
+        method=config.model.method,
+        backbone=info.to_dict(),
+        cohort={"folder": str(Path(cohort_dir).resolve()), "fingerprint": cohort.meta["fingerprint"]},
+        epochs=trainer.current_epoch,
+        global_step=trainer.global_step,
+        world_size=world,
+        global_batch=global_batch,
+        lr=lr,
+        metrics=metrics,
+        check_subset=({"label": data.subset.label_column, "classes": data.subset.classes} if data.subset else None),
+    )
+    return PretrainResult(out, info, metrics)
+
+
+def read_run(folder: Path) -> dict:
+    return read_meta(folder, "run")

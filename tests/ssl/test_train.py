@@ -1,0 +1,169 @@
+"""End-to-end pretraining on a tiny cohort: outputs, resume, refusals, DDP (slow)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import pytorch_lightning as pl
+import torch
+from safetensors.torch import load_file
+
+from marrowlens.artifacts import sha256_file
+from marrowlens.config import PretrainConfig, load_config
+from marrowlens.errors import MarrowLensError
+from marrowlens.ssl import train
+from tests.conftest import REPO_ROOT, run_cli_subprocess
+from tests.ssl.conftest import TINY
+
+CONFIG = REPO_ROOT / "configs" / "pretrain" / "tiny_cpu.yaml"
+
+
+def _sets(*extra: str) -> list[str]:
+    return [arg for item in (*TINY, *extra) for arg in ("--set", item)]
+
+
+def _max_difference(a: Path, b: Path) -> float:
+    first, second = load_file(str(a / "backbone.safetensors")), load_file(str(b / "backbone.safetensors"))
+    return max((first[k].float() - second[k].float()).abs().max().item() for k in first)
+
+
+class TestPretrainCli:
+    @pytest.mark.parametrize("method, backbone", [("simclr", "test_resnet"), ("dino", "test_vit")])
+    def test_writes_a_loadable_backbone(self, cli, labelled_cohort: Path, tmp_path: Path, method: str, backbone: str) -> None:
+        out = tmp_path / "run"
+        code, output = cli("pretrain", "--config", CONFIG, "--cohort", labelled_cohort, "--out", out,
+                           "--method", method, "--backbone", backbone, "--max-epochs", "1", *_sets())
+        assert code == 0, output
+        assert "backbone.safetensors" in output and "learning rate" in output
+        info = json.loads((out / "backbone.json").read_text())
+        assert info["timm_name"] == backbone and info["image_size"] == 32
+        assert info["fingerprint"] == "sha256:" + sha256_file(out / "backbone.safetensors")
+        keys = load_file(str(out / "backbone.safetensors")).keys()
+        assert not any(k.startswith(("backbone.", "student_", "teacher_")) for k in keys)
+        assert (out / "checkpoints" / "last.ckpt").is_file()
+        assert list((out / "checkpoints").glob("best-*.ckpt"))
+        metrics = pd.read_csv(next((out / "logs").glob("version_*/metrics.csv")))
+        assert "val_knn_acc" in metrics.columns and metrics["val_knn_acc"].notna().any()
+        meta = json.loads((out / "meta.json").read_text())
+        assert meta["kind"] == "run" and meta["method"] == method
+        resolved = load_config(PretrainConfig, out / "config.yaml")
+        assert resolved.model.backbone == backbone and resolved.trainer.max_epochs == 1
+
+    def test_lr_scales_with_the_global_batch(self, cli, labelled_cohort: Path, tmp_path: Path) -> None:
+        code, output = cli("pretrain", "--config", CONFIG, "--cohort", labelled_cohort, "--out", tmp_path / "r",
+                           "--backbone", "test_resnet", "--max-epochs", "1", *_sets("optim.base_lr=0.4", "trainer.accumulate_grad_batches=2"))
+        assert code == 0, output
+        assert "learning rate 0.025 for a global batch of 16" in output  # 0.4 * 8 * 2 / 256
+
+    def test_loss_goes_down(self, labelled_cohort: Path, tmp_path: Path) -> None:
+        config = load_config(PretrainConfig, CONFIG, [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=8", "optim.base_lr=1.0", "data.val_cells=0"])
+        train.pretrain(config, labelled_cohort, tmp_path / "r")
+        losses = pd.read_csv(next((tmp_path / "r" / "logs").glob("version_*/metrics.csv")))["train_loss_epoch"].dropna().to_numpy()
+        assert len(losses) == 8
+        assert losses[-2:].mean() < losses[:2].mean() - 0.05
+
+    def test_refusals(self, cli, labelled_cohort: Path, tmp_path: Path) -> None:
+        base = ("pretrain", "--config", CONFIG, "--cohort", labelled_cohort, "--backbone", "test_resnet", "--max-epochs", "1", *_sets())
+        code, output = cli(*base, "--out", tmp_path / "none", "--resume")
+        assert code == 2 and "nothing to resume" in output
+        (tmp_path / "busy").mkdir()
+        (tmp_path / "busy" / "notes.txt").write_text("mine")
+        code, output = cli(*base, "--out", tmp_path / "busy")
+        assert code == 2 and "--overwrite" in output
+        assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+        code, output = cli(*base, "--out", tmp_path / "x", "--backbone", "no_such_net")
+        assert code == 2 and "unknown timm model" in output
+        code, output = cli(*base, "--out", tmp_path / "y", "--weights", tmp_path / "missing.pth")
+        assert code == 2 and "does not exist" in output
+        code, output = cli(*base, "--out", tmp_path / "z", "--set", "views.min_scale=0.1")
+        assert code == 2 and "views.min_scale" in output
+
+
+class _InterruptAtEpoch(pl.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt  # what Ctrl-C does inside Lightning
+
+
+@pytest.mark.parametrize("method, backbone", [("simclr", "test_resnet"), ("dino", "test_vit")])
+def test_resume_after_ctrl_c_matches_an_uninterrupted_run(labelled_cohort: Path, tmp_path: Path, monkeypatch, method: str, backbone: str) -> None:
+    config = load_config(PretrainConfig, CONFIG, [*TINY, f"model.method={method}", f"model.backbone={backbone}", "trainer.max_epochs=3", "data.num_workers=1"])
+    train.pretrain(config, labelled_cohort, tmp_path / "whole")
+    build = train.build_trainer
+
+    def interrupted(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.callbacks.append(_InterruptAtEpoch(2))
+        return trainer
+
+    monkeypatch.setattr(train, "build_trainer", interrupted)
+    with pytest.raises(MarrowLensError, match="interrupted.*--resume"):
+        train.pretrain(config, labelled_cohort, tmp_path / "cut")
+    assert not (tmp_path / "cut" / "backbone.safetensors").exists()
+    monkeypatch.setattr(train, "build_trainer", build)
+    with pytest.raises(MarrowLensError, match="max_epochs|base_lr"):
+        changed = config.model_copy(update={"optim": config.optim.model_copy(update={"base_lr": 9.0})})
+        train.pretrain(changed, labelled_cohort, tmp_path / "cut", resume=True)
+    result = train.pretrain(config, labelled_cohort, tmp_path / "cut", resume=True)
+    assert json.loads((tmp_path / "cut" / "meta.json").read_text())["global_step"] == 12
+    assert _max_difference(tmp_path / "whole", tmp_path / "cut") < 1e-5
+    assert result.metrics["train_loss_epoch"] == pytest.approx(
+        json.loads((tmp_path / "whole" / "meta.json").read_text())["metrics"]["train_loss_epoch"], abs=1e-5
+    )
+
+
+@pytest.mark.slow
+def test_kill_and_resume_from_the_cli(labelled_cohort: Path, tmp_path: Path) -> None:
+    """SIGKILL mid-run (no clean-up at all), then --resume: same weights as a run never killed."""
+    args = ["pretrain", "--config", CONFIG, "--cohort", labelled_cohort, "--backbone", "test_resnet", "--max-epochs", "6",
+            *_sets("trainer.limit_train_batches=4", "data.val_cells=0")]
+    assert run_cli_subprocess(*args, "--out", tmp_path / "whole").returncode == 0
+    env = {"PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "marrowlens", *map(str, args), "--out", str(tmp_path / "cut")],
+                               env={**__import__("os").environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = run_cli_subprocess(*args, "--out", tmp_path / "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _max_difference(tmp_path / "whole", tmp_path / "cut") < 1e-5
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(labelled_cohort: Path, tmp_path: Path) -> None:
+    """The multi-GPU path (DDP, gathered negatives) on two CPU processes with gloo."""
+    result = run_cli_subprocess("pretrain", "--config", CONFIG, "--cohort", labelled_cohort, "--out", tmp_path / "ddp",
+                                "--backbone", "test_resnet", "--devices", "2", "--strategy", "ddp", "--max-epochs", "2", *_sets("data.batch_size=4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((tmp_path / "ddp" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["global_batch"] == 8
+    assert meta["global_step"] == 2 * (32 // 8)
+    assert torch.isfinite(torch.tensor(meta["metrics"]["train_loss_epoch"]))
+
+
+@pytest.mark.parametrize("name", ["simclr_resnet18", "simclr_resnet50", "dino_vit_small", "tiny_cpu"])
+def test_shipped_configs_run_on_cpu_with_small_settings(labelled_cohort: Path, tmp_path: Path, name: str) -> None:
+    """The GPU configs' code path (bf16 mixed precision included) on CPU, with a tiny backbone."""
+    tiny_backbone = "test_vit" if "vit" in name else "test_resnet"
+    config = load_config(
+        PretrainConfig,
+        REPO_ROOT / "configs" / "pretrain" / f"{name}.yaml",
+        [*TINY, f"model.backbone={tiny_backbone}", "trainer.accelerator=cpu", "trainer.max_epochs=1",
+         "trainer.precision=bf16-mixed", "dino.out_dim=256", "dino.local_crop_size=16", "data.val_cells=0"],
+    )
+    result = train.pretrain(config, labelled_cohort, tmp_path / name)
+    assert torch.isfinite(torch.tensor(result.metrics["train_loss_epoch"]))
+    assert (tmp_path / name / "backbone.safetensors").is_file()
