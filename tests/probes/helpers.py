@@ -65,7 +65,7 @@ def synthetic_vectors(cells: pd.DataFrame, dim: int = 16, separation: float = 4.
     blast_centre[0] = separation
     offsets = {m: np.eye(dim)[1 + i % (dim - 1)] * separation for i, m in enumerate(mutations)}
     cell_types = sorted(cells["cell_type"].dropna().unique())
-    type_centre = {t: np.eye(dim)[(2 + i) % dim] * separation * 0.75 for i, t in enumerate(cell_types)}
+    type_centre = {t: np.eye(dim)[(1 + len(mutations) + i) % dim] * separation * 0.75 for i, t in enumerate(cell_types)}
     vectors = rng.normal(0, 1, (len(cells), dim))
     for i, row in enumerate(cells.itertuples()):
         if pd.notna(row.is_blast) and bool(row.is_blast) and pd.notna(row.mutation):

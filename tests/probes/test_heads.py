@@ -99,6 +99,18 @@ class TestLinearProbe:
         assert head.weight_decay_ == (0.0, 1.0)[int(np.argmin(head.val_losses_))]
         assert "held out" in head.validation_
 
+    def test_validation_fold_holds_enough_of_every_class(self) -> None:
+        codes = np.r_[np.zeros(90, dtype=np.int64), np.ones(10, dtype=np.int64)]
+        groups = np.repeat(np.arange(10), 10)  # class 1 is one patient: no fold can hold it out and train on it
+        assert LinearProbe()._validation_split(codes, groups)[1] is None
+        groups = np.r_[np.repeat(np.arange(9), 10), np.arange(9, 19)]  # ten patients: two per fold, too few
+        assert LinearProbe()._validation_split(codes, groups)[1] is None
+        codes = np.r_[np.zeros(90, dtype=np.int64), np.ones(20, dtype=np.int64)]
+        groups = np.r_[np.repeat(np.arange(9), 10), np.arange(9, 29)]  # twenty: four per fold
+        train, val = LinearProbe()._validation_split(codes, groups)
+        assert np.bincount(codes[val]).min() >= 3 and set(codes[train]) == {0, 1}
+        assert not set(groups[train]) & set(groups[val])
+
     def test_saved_tensors_reload_to_the_same_predictions(self) -> None:
         rng = np.random.default_rng(6)
         X, y = gaussian_classes(300, 8, rng, n_classes=3)
