@@ -39,8 +39,7 @@ class Outcome:
 def probe_config(task: str, config_path: Path | None, flags: dict[str, Any], overrides: list[str]) -> ProbeConfig:
     """Defaults <- YAML <- named CLI flags <- ``--set`` overrides."""
     named = [f"{key}={value}" for key, value in flags.items() if value is not None]
-    config = load_config(ProbeConfig, config_path, [*named, *overrides, f"task={task}"])
-    return config
+    return load_config(ProbeConfig, config_path, [*named, *overrides, f"task={task}"])
 
 
 def _load_store(path: Path) -> Embeddings:
