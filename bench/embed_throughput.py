@@ -66,8 +66,9 @@ def cohorts(workdir: Path, sizes: list[int], cells_per_patient: int, image_size:
     folders = {max(sizes): largest}
     labels = pd.read_csv(largest / "labels.csv")
     for size in sorted(sizes)[:-1]:
-        subset_csv = largest / f"labels_{size}.csv"
-        labels.head(size).to_csv(subset_csv, index=False)
+        subset_csv = workdir / f"labels_{size}.csv"  # beside, not inside, the synthetic cohort folder
+        subset = labels.head(size).assign(path=lambda t: largest.name + "/" + t["path"])
+        subset.to_csv(subset_csv, index=False)
         folders[size] = workdir / f"cohort_{size}"
         if not (folders[size] / "cells.parquet").is_file():
             index_cohort([subset_csv], folders[size], IndexOptions(layout="csv", workers=workers))

@@ -27,19 +27,20 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 
-def load_images(args: argparse.Namespace) -> tuple[pd.DataFrame, np.ndarray]:
-    """Cells and images: from a cohort folder on disk, or drawn in memory (the same pixels)."""
+def load_images(args: argparse.Namespace) -> tuple[pd.DataFrame, np.ndarray, dict]:
+    """Cells, images and generator settings: from a cohort folder, or drawn in memory (same pixels)."""
+    settings = {k: getattr(args, k) for k in ("patients", "cells_per_patient", "image_size", "domains", "seed")}
     if args.cohort:
         from marrowlens.cohort.images import load_rgb
         from marrowlens.cohort.manifest import load_cohort
 
         cohort = load_cohort(args.cohort)
         images = np.stack([np.asarray(load_rgb(cohort.image_path(p))) for p in cohort.cells["path"]])
-        return cohort.cells.reset_index(drop=True), images
-    from marrowlens.cohort.synthetic import plan_patients, render_cells
+        return cohort.cells.reset_index(drop=True), images, cohort.meta.get("synthetic", {})
+    from marrowlens.cohort.synthetic import GENERATOR_VERSION, plan_patients, render_cells
 
     plan = plan_patients(args.patients, args.seed, args.domains)
-    return render_cells(plan, args.cells_per_patient, args.image_size, args.seed)
+    return (*render_cells(plan, args.cells_per_patient, args.image_size, args.seed), {**settings, "generator_version": GENERATOR_VERSION})
 
 
 def mean_std(images: np.ndarray) -> np.ndarray:
@@ -90,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    cells, images = load_images(args)
+    cells, images, settings = load_images(args)
     features = {"meanstd": mean_std(images), "pixels": raw_pixels(images)}
     groups = cells["patient_id"].astype(str).to_numpy()
     blast = cells["is_blast"].astype(bool).to_numpy()
@@ -109,7 +110,7 @@ def main() -> None:
         print(f"{name:>10}: " + ", ".join(f"{k}={v:.3f}" for k, v in results[name].items()), flush=True)
     report = {
         "cohort": str(args.cohort) if args.cohort else "in memory",
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cohort")},
+        "generator": {k: settings.get(k) for k in ("patients", "cells_per_patient", "image_size", "domains", "seed", "generator_version")},
         "n_cells": int(len(cells)),
         "n_blasts_subtype_task": int(subtype_rows.sum()),
         "n_patients_subtype_task": int(len(set(groups[subtype_rows]))),

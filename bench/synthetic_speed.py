@@ -1,8 +1,9 @@
 """Generation speed of the synthetic cohort, against a reference measured in the same run.
 
 Measures, for one cohort size: drawing alone in memory (one process); the reference, Pillow
-writing the same arrays as PNG files (one process, the floor any PNG cohort pays); and
-``make_synthetic_cohort`` end to end (draw, write PNGs, index) with each worker count.
+writing the same arrays as PNG files (one process, the floor any PNG cohort pays);
+``make_synthetic_cohort`` end to end (draw, write PNGs, index) with each worker count; and the
+indexing step alone (the standard indexer decoding every PNG once), which end to end includes.
 Timings on a shared machine are noisy: read the ratios to the reference first.
 
 Example: python bench/synthetic_speed.py --scratch /tmp/synth_speed --out bench/out/synthetic_speed.json
@@ -20,7 +21,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from marrowlens.cohort.synthetic import make_synthetic_cohort, plan_patients, render_cells
+from marrowlens.cohort.manifest import IndexOptions, index_cohort
+from marrowlens.cohort.synthetic import LABELS_FILE, make_synthetic_cohort, plan_patients, render_cells
 
 
 def timed(fn) -> float:
@@ -59,6 +61,9 @@ def main() -> None:
         out = args.scratch / f"cohort_w{workers}"
         seconds = timed(lambda: make_synthetic_cohort(out, args.patients, args.cells_per_patient, args.image_size, workers=workers))
         rates[f"end_to_end_{workers}_workers"] = n / seconds
+    labels = args.scratch / f"cohort_w{workers}" / LABELS_FILE
+    index = timed(lambda: index_cohort([labels], args.scratch / "reindexed", IndexOptions(layout="csv", workers=2)))
+    rates["index_only_2_threads"] = n / index
     report = {
         "cells": n,
         "image_size": args.image_size,

@@ -396,7 +396,7 @@ def _blast(p: _Painter, mutation: str) -> _Body:
     if "large" in rates:
         rate = rates["large"]
         if has["large"]:
-            radius, ratio = radius * _LARGE, ratio * 0.88
+            radius *= _LARGE
         else:
             radius *= float(np.sqrt((1 - rate * _LARGE**2) / (1 - rate)))
     roughness = 0.02 * (2.5 if has.get("monocytoid") else 1.0)
@@ -429,7 +429,7 @@ def _blast(p: _Painter, mutation: str) -> _Body:
         p.add_zero_mean(BASO, -p.maps[BASO] * pale * rng.uniform(0.7, 0.95), cytoplasm)
     if has.get("hypergranular"):  # PML_RARA: dense azurophil granules, over the nucleus too
         dots = p.granules(p.kit.grain, rng.uniform(0.25, 0.45)) * (cytoplasm + 0.5 * body.nucleus)
-        p.add_zero_mean(AZUR, rng.uniform(0.3, 0.45) * dots, body.cell)
+        p.add_zero_mean(AZUR, rng.uniform(0.25, 0.4) * dots, body.cell)
     elif mutation != "NPM1" and rng.random() < 0.3:  # a few azurophil granules; NPM1 blasts are agranular
         dots = p.granules(p.kit.grain, rng.uniform(0.04, 0.1)) * cytoplasm
         p.add_zero_mean(AZUR, 0.35 * dots, body.cell)
@@ -507,7 +507,8 @@ def _develop(p: _Painter, body: _Body, stain: Stain) -> np.ndarray:
     background = p.texture(kit.red_cells) * rng.uniform(0.75, 0.95) + 0.03
     p.maps[EOS] += background * (1 - body.cell)
     strength = np.float32(np.clip(rng.normal(1.0, 0.04), 0.9, 1.1))
-    density = (stain.matrix * strength) @ np.maximum(p.maps, 0, out=p.maps).reshape(5, -1)
+    # Zero-mean features leave some stain maps negative; only the total density must not be.
+    density = np.maximum((stain.matrix * strength) @ p.maps.reshape(5, -1), 0)
     light = np.exp(np.negative(density, out=density), out=density) * stain.illumination[:, None]
     sigma = int(round(stain.blur * kit.unit * rng.uniform(0.8, 1.25) * 10))
     if sigma >= 2:  # separable blur as two matrix products: along x, then (transposed) along y

@@ -70,7 +70,7 @@ def plan_patients(patients: int, seed: int = 0, domains: int = 2) -> list[Patien
     """Classes round-robin after a seeded shuffle; domains round-robin within each class."""
     order = np.random.default_rng([seed, _ASSIGN]).permutation(patients)
     width = max(4, len(str(patients - 1)))
-    plan: list[Patient | None] = [None] * patients
+    plan: dict[int, Patient] = {}
     seen = dict.fromkeys(MUTATIONS, 0)
     for rank, index in enumerate(order):
         k = rank % len(MUTATIONS)
@@ -79,7 +79,7 @@ def plan_patients(patients: int, seed: int = 0, domains: int = 2) -> list[Patien
         seen[mutation] += 1
         rng = np.random.default_rng([seed, int(index), _PATIENT])
         low, high = BLAST_FRACTION["control" if mutation == "control" else "leukaemic"]
-        plan[index] = Patient(
+        plan[int(index)] = Patient(
             index=int(index),
             patient_id=f"P{index:0{width}d}",
             mutation=mutation,
@@ -87,7 +87,7 @@ def plan_patients(patients: int, seed: int = 0, domains: int = 2) -> list[Patien
             blast_fraction=float(rng.uniform(low, high)),
             stain=slide_stain(domain_stain(domain), rng),
         )
-    return plan  # type: ignore[return-value]
+    return [plan[i] for i in range(patients)]
 
 
 def _cell_generator(seed: int, patient: Patient, cell: int) -> tuple[np.random.Generator, str]:
@@ -105,6 +105,7 @@ def _cell_generator(seed: int, patient: Patient, cell: int) -> tuple[np.random.G
 
 
 def cell_name(patient: Patient, cell: int) -> str:
+    """Path of a cell's PNG relative to the cohort folder: images/<mutation>/<patient>/<cell>.png."""
     return f"{IMAGES_DIR}/{patient.mutation}/{patient.patient_id}/{patient.patient_id}_{cell:05d}.png"
 
 
@@ -134,9 +135,9 @@ def render_cells(plan: list[Patient], cells_per_patient: int, image_size: int = 
     """
     images = np.empty((len(plan) * cells_per_patient, image_size, image_size, 3), np.uint8)
     with _one_blas_thread():
-        for patient in plan:
+        for i, patient in enumerate(plan):
             for cell in range(cells_per_patient):
-                images[patient.index * cells_per_patient + cell] = _draw(seed, patient, cell, image_size)
+                images[i * cells_per_patient + cell] = _draw(seed, patient, cell, image_size)
     return plan_cells(plan, cells_per_patient, seed), images
 
 
@@ -184,7 +185,10 @@ def _prepare(out: Path, overwrite: bool) -> None:
     if foreign:
         raise MarrowLensError(f"refusing to overwrite {out}: it holds {foreign[0]!r}, which a synthetic cohort does not write")
     for child in children:
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
@@ -190,7 +190,7 @@ def _predict(model, info, stain, cohort, pending, out, key, batch_size, devices,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        callbacks=[_StoreWriter(out, len(cohort.cells), info.num_features, key)],
+        callbacks=[_StoreWriter(out, len(cohort.cells), info.num_features, key), TQDMProgressBar()],
         inference_mode=True,
     )
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from marrowlens.artifacts import read_meta, write_meta
@@ -127,7 +127,9 @@ def build_trainer(config: PretrainConfig, out: Path, monitor: str | None, has_ba
         limit_train_batches=trainer_cfg.limit_train_batches,
         log_every_n_steps=trainer_cfg.log_every_n_steps,
         use_distributed_sampler=False,
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        # tqdm, not rich: its lines survive in non-terminal logs (SLURM, nohup)
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), TQDMProgressBar()],
+        enable_model_summary=False,
         logger=loggers,
         default_root_dir=str(out),
         num_sanity_val_steps=0,
@@ -164,6 +166,8 @@ def pretrain(config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool =
     if launching:
         if batch != config.data.batch_size:
             print(f"note: batch size lowered to {batch} per device: the cohort has only {len(cohort.cells)} cells")
+        params = sum(p.numel() for p in backbone.parameters())
+        print(f"{config.model.method} with {config.model.backbone} ({params / 1e6:.1f} M parameters, {backbone.num_features} features) on {len(cohort.cells)} cells")
         print(f"learning rate {lr:.4g} for a global batch of {global_batch} ({config.optim.lr_scaling} scaling of base_lr {config.optim.base_lr} per 256)")
         if not resume:
             dump_config(config, out / CONFIG_FILE)
