@@ -327,6 +327,118 @@ def serve(
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
+# ---------------------------------------------------------------- probes: blast, mutation, cell type
+
+probe_app = typer.Typer(help="Probe frozen embeddings: blasts, mutations (through a blast filter), cell types.", no_args_is_help=True)
+app.add_typer(probe_app, name="probe")
+_PROBE_TASKS = ("blast", "mutation", "cell_type")
+
+
+def _probe_task(task: str) -> str:
+    if task not in _PROBE_TASKS:
+        raise MarrowLensError(f"unknown probe task {task!r}; choose one of {', '.join(_PROBE_TASKS)}")
+    return task
+
+
+def _print_outcome(outcome) -> None:
+    for line in outcome.headline:
+        say(line)
+    for path in outcome.written:
+        say(f"wrote {path}")
+
+
+@probe_app.command("fit")
+def probe_fit(
+    task: str = typer.Argument(..., help="blast | mutation | cell_type"),
+    embeddings: Path = typer.Option(..., "--embeddings", help="embedding folder (vectors.npy + cells.parquet)"),
+    out: Path = typer.Option(..., "--out", help="probe folder to write"),
+    head: Optional[str] = typer.Option(None, "--head", help="linear | knn"),
+    loss: Optional[str] = typer.Option(None, "--loss", help="ce | gce | sce | focal (linear head)"),
+    class_weight: Optional[str] = typer.Option(None, "--class-weight", help="none | balanced"),
+    cv: Optional[int] = typer.Option(None, "--cv", min=0, help="patient-grouped CV folds for the report; 0 skips it"),
+    blast_probe: Optional[Path] = typer.Option(None, "--blast-probe", help="blast probe folder (mutation task)"),
+    blast_threshold: Optional[float] = typer.Option(None, "--blast-threshold", help="keep cells with P(blast) >= this"),
+    config: Optional[Path] = typer.Option(None, "--config", help="probe YAML, e.g. configs/probes/mutation.yaml"),
+    overrides: List[str] = typer.Option([], "--set", help="config override key.sub=value (repeatable)"),
+    overwrite: bool = typer.Option(False, help="replace an existing probe in --out"),
+) -> None:
+    """Fit a probe on frozen embeddings: CV report first (patient-grouped), then the final head on all cells.
+
+    Example: marrowlens probe fit mutation --embeddings emb/ --blast-probe probes/blast --loss gce --out probes/mutation
+    """
+    from marrowlens.probes import run
+
+    flags = {"head": head, "loss.name": loss, "imbalance.class_weight": class_weight, "eval.cv": cv,
+             "mutation.blast_threshold": blast_threshold}
+    probe_config = run.probe_config(_probe_task(task), config, flags, overrides)
+    _print_outcome(run.fit(task, embeddings, out, probe_config, blast_probe=blast_probe, overwrite=overwrite))
+
+
+@probe_app.command("eval")
+def probe_eval(
+    probe: Path = typer.Argument(..., help="probe folder"),
+    embeddings: Path = typer.Option(..., "--embeddings", help="embedding folder (same model as the probe)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="report folder (default: the probe folder, or PROBE/external-<fp> for another store)"),
+    cv: Optional[int] = typer.Option(None, "--cv", min=0, help="folds (default: the probe's own setting)"),
+    leave_one_domain_out: bool = typer.Option(False, "--leave-one-domain-out", help="also train on all domains but one and test on it, for each"),
+    bootstrap: Optional[int] = typer.Option(None, "--bootstrap", min=0, help="bootstrap resamples of patients for the 95% intervals"),
+) -> None:
+    """Report a probe: patient-grouped CV on its own store, or the fitted probe as is on another store.
+
+    Example: marrowlens probe eval probes/mutation --embeddings emb/ --leave-one-domain-out
+    """
+    from marrowlens.probes import run
+
+    _print_outcome(run.evaluate(probe, embeddings, out=out, cv=cv, leave_one_domain_out=leave_one_domain_out, bootstrap=bootstrap))
+
+
+@probe_app.command("predict")
+def probe_predict(
+    probe: Path = typer.Argument(..., help="probe folder"),
+    embeddings: Path = typer.Option(..., "--embeddings", help="embedding folder (same model as the probe)"),
+    out: Path = typer.Option(..., "--out", help="cell predictions .parquet; patients go to <stem>.patients.parquet"),
+    overwrite: bool = typer.Option(False, help="replace existing prediction files"),
+) -> None:
+    """Predict every cell of a store, and aggregate per patient (undetermined when no cell is kept).
+
+    Example: marrowlens probe predict probes/mutation --embeddings emb/ --out predictions.parquet
+    """
+    from marrowlens.probes import run
+
+    _print_outcome(run.predict(probe, embeddings, out, overwrite=overwrite))
+
+
+@probe_app.command("noise-sweep")
+def probe_noise_sweep(
+    embeddings: Path = typer.Option(..., "--embeddings", help="embedding folder"),
+    task: str = typer.Option("mutation", "--task", help="blast | mutation | cell_type"),
+    noise: str = typer.Option("0,0.2,0.4", "--noise", help="comma-separated noise rates injected into training labels"),
+    kind: str = typer.Option("symmetric", "--kind", help="symmetric (per cell) | bag (whole patients relabelled)"),
+    losses: str = typer.Option("ce,gce,sce", "--losses", help="comma-separated losses to compare"),
+    out: Path = typer.Option(..., "--out", help="folder for sweep.json / sweep.md / sweep.png"),
+    blast_probe: Optional[Path] = typer.Option(None, "--blast-probe", help="blast probe (mutation; default: fit from the store's blast labels)"),
+    cv: Optional[int] = typer.Option(None, "--cv", min=2, help="patient-grouped folds"),
+    config: Optional[Path] = typer.Option(None, "--config", help="probe YAML"),
+    overrides: List[str] = typer.Option([], "--set", help="config override key.sub=value (repeatable)"),
+    overwrite: bool = typer.Option(False, help="replace an existing sweep in --out"),
+) -> None:
+    """Inject known label noise into training labels only and compare losses (cell and patient level).
+
+    Example: marrowlens probe noise-sweep --embeddings emb/ --task mutation --noise 0,0.2,0.4 --kind symmetric --out sweeps/mutation
+    """
+    from marrowlens.probes import run
+
+    if kind not in ("symmetric", "bag"):
+        raise MarrowLensError(f"--kind must be symmetric or bag, not {kind!r}")
+    try:
+        rates = [float(x) for x in noise.split(",") if x.strip()]
+    except ValueError:
+        raise MarrowLensError(f"--noise {noise!r} must be comma-separated numbers, e.g. 0,0.2,0.4") from None
+    loss_names = [x.strip() for x in losses.split(",") if x.strip()]
+    probe_config = run.probe_config(_probe_task(task), config, {"eval.cv": cv, "head": "linear"}, overrides)
+    _print_outcome(run.noise_sweep(embeddings, out, probe_config, rates, kind, loss_names, blast_probe=blast_probe, overwrite=overwrite))
+
+
 def main() -> None:
     """Console entry point: one-line errors, status 2; Ctrl-C is status 130."""
     try:

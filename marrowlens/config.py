@@ -191,3 +191,96 @@ def validate_config(model: type[ConfigT], data: dict[str, Any], source: str) -> 
 def dump_config(config: BaseModel, path: str | Path) -> None:
     """Save the resolved config beside a run (YAML, atomic)."""
     write_text_atomic(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+# ---------------------------------------------------------------- probes (frozen-embedding heads)
+
+
+class ProbeLossConfig(_Strict):
+    """Training loss of a probe head; GCE/SCE resist label noise, focal helps rare classes."""
+
+    name: Literal["ce", "gce", "sce", "focal"] = "ce"
+    gce_q: float = Field(0.7, gt=0, le=1, description="GCE exponent: 0 -> CE, 1 -> MAE")
+    sce_alpha: float = Field(0.1, ge=0, description="SCE weight of the cross-entropy term")
+    sce_beta: float = Field(1.0, ge=0, description="SCE weight of the reverse cross-entropy term")
+    focal_gamma: float = Field(2.0, ge=0)
+
+
+class LinearHeadConfig(_Strict):
+    """Torch head on standardised features; all weight decays train at once, early stopping each."""
+
+    hidden_dim: int = Field(0, ge=0, description="0: linear; >0: one hidden ReLU layer of this width")
+    weight_decays: list[float] = Field([0.0, 1e-4, 1e-3, 1e-2, 1e-1], min_length=1, description="L2 strengths tried")
+    lr: float = Field(1e-2, gt=0, description="Adam learning rate")
+    batch_size: int = Field(1024, ge=1)
+    max_epochs: int = Field(100, ge=1)
+    patience: int = Field(8, ge=1, description="epochs without a better validation loss before stopping")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="patients held out for early stopping")
+    refit: bool = Field(True, description="after selection, retrain on all cells for the chosen epochs")
+    early_stopping: bool = Field(True, description="off: max_epochs on all cells, middle weight decay of the grid")
+
+    @field_validator("weight_decays")
+    @classmethod
+    def _non_negative(cls, value: list[float]) -> list[float]:
+        if any(w < 0 for w in value):
+            raise ValueError("weight decays must be >= 0")
+        return value
+
+
+class KNNHeadConfig(_Strict):
+    """DINO-style weighted k-NN: votes exp(cosine / T) from the k nearest training cells."""
+
+    k: int = Field(20, ge=1)
+    temperature: float = Field(0.07, gt=0)
+
+
+class ImbalanceConfig(_Strict):
+    class_weight: Literal["none", "balanced"] = "none"
+    sampling: Literal["none", "balanced"] = Field("none", description="balanced: mini-batches drawn with equal class odds")
+
+
+class BlastLabelConfig(_Strict):
+    """Where blast / non-blast labels come from: ``is_blast``, or cell types mapped here."""
+
+    source: Literal["is_blast", "cell_type"] = "is_blast"
+    blast_types: list[str] = Field(default_factory=list, description="cell types that are blasts (source=cell_type)")
+    non_blast_types: list[str] | None = Field(None, description="cell types that are not; None: every other type")
+
+    @model_validator(mode="after")
+    def _types_given(self) -> "BlastLabelConfig":
+        if self.source == "cell_type" and not self.blast_types:
+            raise ValueError("blast.blast_types must list the blast cell types when blast.source is cell_type")
+        return self
+
+
+class MutationTaskConfig(_Strict):
+    control: str | None = Field("control", description="the mutation value of control patients (absent is fine)")
+    control_cells: Literal["non_blast", "kept", "all"] = Field(
+        "non_blast", description="which cells of control patients train the control class"
+    )
+    blast_threshold: float = Field(0.5, ge=0, le=1, description="cells with P(blast) >= this are kept")
+
+
+class CellTypeTaskConfig(_Strict):
+    mapping: dict[str, str] = Field(default_factory=dict, description="raw cell type -> class; unmapped types dropped")
+    min_cells: int = Field(2, ge=1, description="classes with fewer labelled cells are dropped")
+
+
+class ProbeEvalConfig(_Strict):
+    cv: int = Field(5, ge=0, description="patient-grouped folds; 0 skips cross-validation")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples of patients for the 95% intervals")
+    ece_bins: int = Field(15, ge=2)
+
+
+class ProbeConfig(_Strict):
+    task: Literal["blast", "mutation", "cell_type"] = "blast"
+    head: Literal["linear", "knn"] = "linear"
+    linear: LinearHeadConfig = LinearHeadConfig()
+    knn: KNNHeadConfig = KNNHeadConfig()
+    loss: ProbeLossConfig = ProbeLossConfig()
+    imbalance: ImbalanceConfig = ImbalanceConfig()
+    blast: BlastLabelConfig = BlastLabelConfig()
+    mutation: MutationTaskConfig = MutationTaskConfig()
+    cell_type: CellTypeTaskConfig = CellTypeTaskConfig()
+    eval: ProbeEvalConfig = ProbeEvalConfig()
+    seed: int = 0

@@ -1,0 +1,1 @@
+"""Probes on frozen embeddings: blast detection, mutation classification, cell types."""

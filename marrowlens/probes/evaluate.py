@@ -1,0 +1,252 @@
+"""Patient-grouped evaluation: cross-validation, leave-one-domain-out, patient aggregation, summaries.
+
+Splits come from scikit-learn's ``StratifiedGroupKFold``; every split, and every set of rows a
+fitted head (or a refitted blast filter) actually trained on, is checked against the test
+patients: a leak raises ``AssertionError`` (a bug, never a user error). Patient aggregation is
+hand-written (no library has it): the kept cells' probabilities are combined by their mean
+log-probability (a renormalised geometric mean), beside the fraction of kept cells voting each
+class; a patient with no kept cell is "undetermined" and is reported, never dropped.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+from sklearn.model_selection import StratifiedGroupKFold
+from tqdm.auto import tqdm
+
+from marrowlens.errors import MarrowLensError
+from marrowlens.probes.metrics import interval, metrics_with_ci
+from marrowlens.probes.noise import NoiseSpec
+from marrowlens.probes.tasks import BLAST, Probe, Task
+
+UNDETERMINED = "undetermined"
+_LOG_FLOOR = 1e-12
+
+
+@dataclass
+class Predictions:
+    """Per evaluated cell: truth, patient, whether the blast filter kept it, probabilities, fold."""
+
+    rows: np.ndarray
+    y: np.ndarray
+    patients: np.ndarray
+    kept: np.ndarray
+    proba: np.ndarray
+    fold: np.ndarray
+
+    @classmethod
+    def empty(cls, task: Task) -> "Predictions":
+        n = len(task.rows)
+        return cls(task.rows.copy(), task.y.copy(), task.groups.copy(), np.zeros(n, dtype=bool),
+                   np.full((n, len(task.classes)), np.nan), np.full(n, -1))
+
+
+# ---------------------------------------------------------------- splits
+
+
+def check_no_leak(groups: np.ndarray, train: np.ndarray, test: np.ndarray, what: str = "split") -> None:
+    """No patient may have cells on both sides."""
+    shared = np.intersect1d(np.asarray(groups)[train], np.asarray(groups)[test])
+    if len(shared):
+        raise AssertionError(f"patient leak in {what}: {len(shared)} patient(s) on both sides, e.g. {shared[0]!r}")
+
+
+def grouped_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified, patient-grouped K folds; fewer patients than folds is a user error."""
+    if n_splits < 2:
+        raise MarrowLensError(f"--cv {n_splits}: use 0 to skip cross-validation or 2 or more folds")
+    n_groups = len(np.unique(groups))
+    if n_groups < n_splits:
+        raise MarrowLensError(
+            f"{n_groups} patient(s) but {n_splits} folds: patient-grouped CV needs at least as many patients as folds; lower --cv"
+        )
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "least populated class" is expected with few patients
+        folds = list(splitter.split(np.zeros(len(y)), y, groups))
+    for train, test in folds:
+        check_no_leak(groups, train, test)
+    return folds
+
+
+def domain_folds(task: Task) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """One fold per domain: test on it, train on the others minus any patient also in the test."""
+    cells = task.emb.cells
+    if "domain" not in cells.columns or cells["domain"].isna().all():
+        raise MarrowLensError(f"{task.emb.folder} has no domain labels; leave-one-domain-out needs them")
+    domains = cells["domain"].to_numpy()[task.rows]
+    names = sorted({str(d) for d in domains if pd.notna(d)})
+    if len(names) < 2:
+        raise MarrowLensError(f"leave-one-domain-out needs two or more domains; {task.emb.folder} has {names}")
+    folds = []
+    for name in names:
+        test = np.flatnonzero(domains == name)
+        train = np.flatnonzero((domains != name) & pd.notna(domains) & ~np.isin(task.groups, task.groups[test]))
+        check_no_leak(task.groups, train, test, f"domain {name}")
+        folds.append((name, train, test))
+    return folds
+
+
+def _check_trained_rows(task: Task, probe: Probe, test: np.ndarray, what: str) -> None:
+    """What the fitted head (and a refitted blast filter) trained on shares no patient with the test."""
+    trained = [probe.train_rows]
+    if probe.blast is not None and getattr(task, "refit_blast", False):
+        trained.append(probe.blast.train_rows)
+    test_patients = np.unique(task.groups[test])
+    for rows in trained:
+        shared = np.intersect1d(task.groups_all[rows], test_patients)
+        if len(shared):
+            raise AssertionError(f"patient leak in {what}: the head trained on cells of test patient {shared[0]!r}")
+
+
+# ---------------------------------------------------------------- running folds
+
+
+def run_folds(
+    task: Task, folds: list[tuple[Any, np.ndarray, np.ndarray]], noise: NoiseSpec | None = None, desc: str = "cv"
+) -> tuple[Predictions, list[dict[str, Any]]]:
+    """Fit on each fold's training units, predict its test units; per-fold figures beside."""
+    pred = Predictions.empty(task)
+    info = []
+    for i, (name, train, test) in enumerate(tqdm(folds, desc=desc, unit="fold", disable=None)):
+        check_no_leak(task.groups, train, test, f"fold {name}")
+        try:
+            probe = task.fit(train, noise)
+        except MarrowLensError as exc:
+            raise MarrowLensError(f"fold {name}: {exc}") from None
+        _check_trained_rows(task, probe, test, f"fold {name}")
+        kept, proba = probe.predict_rows(task.emb.vectors, task.rows[test])
+        pred.kept[test], pred.proba[test], pred.fold[test] = kept, proba, i
+        info.append({"fold": name, "train_patients": int(len(np.unique(task.groups[train]))),
+                     "test_patients": int(len(np.unique(task.groups[test]))), "train_cells": int(len(probe.train_rows)),
+                     "test_cells": int(len(test)), "test_kept": int(kept.sum()), **_quick(task, pred, test)})
+    return pred, info
+
+
+def _quick(task: Task, pred: Predictions, test: np.ndarray) -> dict[str, Any]:
+    """Point estimates of one fold (cells, and patients for patient-level tasks)."""
+    kept = test[pred.kept[test]]
+    out: dict[str, Any] = {}
+    if len(kept):
+        y = np.searchsorted(task.classes, pred.y[kept])
+        p = pred.proba[kept].argmax(axis=1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+            balanced = float(balanced_accuracy_score(y, p))
+        out.update(accuracy=float(accuracy_score(y, p)), balanced_accuracy=balanced,
+                   macro_f1=float(f1_score(y, p, average="macro", zero_division=0)))
+    if task.name == "mutation":
+        table = aggregate_patients(pred.patients[test], pred.kept[test], pred.proba[test], task.classes, pred.y[test])
+        determined = table[table["predicted"] != UNDETERMINED]
+        out["patient_accuracy"] = float((determined["predicted"] == determined["truth"]).mean()) if len(determined) else None
+        out["undetermined_patients"] = int((table["predicted"] == UNDETERMINED).sum())
+    return out
+
+
+# ---------------------------------------------------------------- patient aggregation
+
+
+def aggregate_patients(
+    patients: np.ndarray, kept: np.ndarray, proba: np.ndarray, classes: list[str], truth: np.ndarray | None = None
+) -> pd.DataFrame:
+    """One row per patient: cells, kept cells, aggregated probabilities, votes, prediction."""
+    kept = np.asarray(kept, dtype=bool)
+    ids, which = np.unique(np.asarray(patients).astype(str), return_inverse=True)
+    n_patients, n_classes = len(ids), len(classes)
+    n_kept = np.bincount(which, weights=kept, minlength=n_patients).astype(int)
+    log_sum = np.zeros((n_patients, n_classes))
+    np.add.at(log_sum, which[kept], np.log(np.clip(proba[kept], _LOG_FLOOR, 1.0)))
+    votes = np.zeros((n_patients, n_classes))
+    np.add.at(votes, (which[kept], proba[kept].argmax(axis=1)), 1)
+    determined = n_kept > 0
+    combined = np.full((n_patients, n_classes), np.nan)
+    mean_log = log_sum[determined] / n_kept[determined, None]
+    mean_log -= mean_log.max(axis=1, keepdims=True)
+    combined[determined] = np.exp(mean_log) / np.exp(mean_log).sum(axis=1, keepdims=True)
+    fractions = np.full((n_patients, n_classes), np.nan)
+    fractions[determined] = votes[determined] / n_kept[determined, None]
+    predicted = np.full(n_patients, UNDETERMINED, dtype=object)
+    predicted[determined] = np.asarray(classes, dtype=object)[combined[determined].argmax(axis=1)]
+    confidence = np.full(n_patients, np.nan)
+    confidence[determined] = combined[determined].max(axis=1)
+    table = pd.DataFrame({"patient_id": ids, "n_cells": np.bincount(which, minlength=n_patients), "n_kept": n_kept})
+    table["kept_fraction"] = table["n_kept"] / table["n_cells"]
+    if truth is not None:
+        first = np.empty(n_patients, dtype=object)
+        first[which[::-1]] = np.asarray(truth, dtype=object)[::-1]
+        table["truth"] = first
+    table["predicted"] = predicted
+    table["confidence"] = confidence
+    for i, name in enumerate(classes):
+        table[f"p_{name}"] = combined[:, i]
+    for i, name in enumerate(classes):
+        table[f"frac_{name}"] = fractions[:, i]
+    return table
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def summarize(task: Task, pred: Predictions, n_boot: int, seed: int = 0, ece_bins: int = 15) -> dict[str, Any]:
+    """Cell-level metrics (kept cells), and patient-level ones for tasks that have them."""
+    kept = pred.kept
+    if not kept.any():
+        raise MarrowLensError("no evaluated cell was kept by the blast filter; nothing to report")
+    y = np.searchsorted(task.classes, pred.y)
+    cell = metrics_with_ci(y[kept], pred.proba[kept], pred.patients[kept], task.classes, n_boot, seed, ece_bins)
+    cell.update(n_evaluated=int(len(kept)), n_kept=int(kept.sum()))
+    out: dict[str, Any] = {"cell": cell, "patient": None, "patients_table": None}
+    if task.name == "mutation":
+        table = aggregate_patients(pred.patients, kept, pred.proba, task.classes, pred.y)
+        out["patient"] = patient_metrics(table, task.classes, n_boot, seed, ece_bins)
+        out["patients_table"] = table
+    elif task.name == "blast":
+        out["patient"], out["patients_table"] = blast_fractions(task, pred, n_boot, seed)
+    return out
+
+
+def patient_metrics(table: pd.DataFrame, classes: list[str], n_boot: int, seed: int, ece_bins: int) -> dict[str, Any]:
+    determined = table[table["predicted"] != UNDETERMINED]
+    undetermined = table.loc[table["predicted"] == UNDETERMINED, "patient_id"].astype(str).tolist()
+    out: dict[str, Any] = {"n_patients": int(len(table)), "n_determined": int(len(determined)),
+                           "n_undetermined": len(undetermined), "undetermined": undetermined,
+                           "coverage": float(len(determined) / len(table)) if len(table) else 0.0,
+                           "kept_cells_per_patient": {"min": int(table["n_kept"].min()), "median": float(table["n_kept"].median()),
+                                                      "max": int(table["n_kept"].max())}}
+    if len(determined):
+        y = np.searchsorted(classes, determined["truth"].astype(str).to_numpy())
+        proba = determined[[f"p_{c}" for c in classes]].to_numpy()
+        out.update(metrics_with_ci(y, proba, determined["patient_id"].to_numpy(), classes, n_boot, seed, ece_bins))
+        wrong_if_undetermined = (determined["predicted"] == determined["truth"]).sum() / len(table)
+        out["accuracy_counting_undetermined_as_wrong"] = float(wrong_if_undetermined)
+    return out
+
+
+def blast_fractions(task: Task, pred: Predictions, n_boot: int, seed: int) -> tuple[dict[str, Any] | None, pd.DataFrame | None]:
+    """Per patient: true vs predicted blast fraction (mean P(blast) too); MAE with a bootstrap CI."""
+    real = ~pd.Series(pred.patients).astype(str).str.startswith("cell:").to_numpy()
+    if not real.any():
+        return {"note": "no patient ids: blast fractions per patient cannot be formed"}, None
+    b = task.classes.index(BLAST)
+    frame = pd.DataFrame({"patient_id": pred.patients[real], "true": pred.y[real] == BLAST,
+                          "predicted": pred.proba[real].argmax(axis=1) == b, "p_blast": pred.proba[real, b]})
+    table = frame.groupby("patient_id").agg(n_cells=("true", "size"), true_blast_fraction=("true", "mean"),
+                                            predicted_blast_fraction=("predicted", "mean"), mean_p_blast=("p_blast", "mean")).reset_index()
+    error = np.abs(table["true_blast_fraction"] - table["predicted_blast_fraction"]).to_numpy()
+    boot = None
+    if n_boot > 0:
+        rng = np.random.default_rng(seed)
+        boot = error[rng.integers(0, len(error), size=(n_boot, len(error)))].mean(axis=1)
+    pearson = None
+    if len(table) > 2 and table["true_blast_fraction"].std() > 0 and table["predicted_blast_fraction"].std() > 0:
+        pearson = float(np.corrcoef(table["true_blast_fraction"], table["predicted_blast_fraction"])[0, 1])
+    return {"n_patients": int(len(table)),
+            "blast_fraction_mae": {"value": float(error.mean()), "ci": interval(boot) if boot is not None else None},
+            "blast_fraction_pearson_r": pearson}, table
+

@@ -1,0 +1,146 @@
+"""The probe folder: ``head.safetensors`` + ``probe.json`` + ``config.yaml`` + ``meta.json`` (no pickles).
+
+- Linear heads store their weights and the feature standardisation.
+- k-NN heads store the training row numbers and labels, not the vectors: the training store is
+  already on disk and fingerprinted, and a copy would double a store of millions of cells. The
+  vectors are re-read from the store the probe names (or from ``--embeddings`` when it *is* that
+  store, by fingerprint); a store that moved or changed is an error naming it.
+- A mutation probe carries a copy of the blast probe it filtered with, in ``blast_filter/``, so it
+  applies the same filter wherever it goes.
+
+``probe.json`` records the task, classes, head parameters, loss, and the embedding and model
+fingerprints; applying a probe to embeddings of another model is refused, naming both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from marrowlens.artifacts import atomic_path, read_meta, require_same_fingerprint, sha256_file, write_json_atomic, write_meta
+from marrowlens.config import ProbeConfig, dump_config, validate_config
+from marrowlens.embeddings import Embeddings, load_embeddings
+from marrowlens.errors import MarrowLensError
+from marrowlens.probes.heads import KNNProbe, LinearProbe
+from marrowlens.probes.tasks import Probe, RowView, head_spec
+
+PROBE_FILE = "probe.json"
+HEAD_FILE = "head.safetensors"
+CONFIG_FILE = "config.yaml"
+BLAST_DIR = "blast_filter"
+
+
+def save_probe(folder: Path, probe: Probe, emb: Embeddings, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the head, its description and its config (and the blast filter) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(probe.head, LinearProbe):
+        tensors = probe.head.tensors()
+    else:
+        codes = np.array([probe.classes.index(str(c)) for c in probe.train_labels], dtype=np.int64)
+        tensors = {"train_rows": torch.from_numpy(np.asarray(probe.train_rows, dtype=np.int64)), "train_labels": torch.from_numpy(codes)}
+    with atomic_path(folder / HEAD_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    kind, params = head_spec(probe.config)
+    labels, counts = np.unique(probe.train_labels, return_counts=True)
+    info = {
+        "task": probe.config.task,
+        "classes": list(probe.classes),
+        "head": kind,
+        "head_params": params,
+        "fitted": probe.head.fitted_state(),
+        "loss": probe.config.loss.name if kind == "linear" else None,
+        "fingerprint": "sha256:" + sha256_file(folder / HEAD_FILE),
+        "embeddings": {"folder": str(Path(emb.folder).resolve()), "fingerprint": emb.fingerprint},
+        "model_fingerprint": emb.model_fingerprint,
+        "train": {"cells": int(len(probe.train_rows)), "class_counts": {str(k): int(v) for k, v in zip(labels, counts)}},
+        "blast_filter": None,
+        **probe.notes,
+        **(extra or {}),
+    }
+    if probe.blast is not None:
+        blast_info = save_probe(folder / BLAST_DIR, probe.blast, emb) if probe.blast.source is None else copy_probe(probe.blast.source, folder / BLAST_DIR)
+        info["blast_filter"] = {"folder": BLAST_DIR, "copied_from": str(probe.blast.source) if probe.blast.source else None,
+                                "fingerprint": blast_info["fingerprint"], "threshold": probe.config.mutation.blast_threshold}
+    dump_config(probe.config, folder / CONFIG_FILE)
+    write_json_atomic(folder / PROBE_FILE, info)
+    write_meta(folder, "probe", task=info["task"], fingerprint=info["fingerprint"],
+               embeddings=info["embeddings"], model={"fingerprint": info["model_fingerprint"]})
+    return info
+
+
+def copy_probe(source: Path, target: Path) -> dict[str, Any]:
+    """Copy a probe's own files (not its reports) into ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (HEAD_FILE, CONFIG_FILE, PROBE_FILE, "meta.json"):
+        with atomic_path(target / name) as tmp:
+            tmp.write_bytes((Path(source) / name).read_bytes())
+    nested = Path(source) / BLAST_DIR
+    if nested.is_dir():
+        copy_probe(nested, target / BLAST_DIR)
+    return read_probe_info(target)
+
+
+def read_probe_info(folder: Path) -> dict[str, Any]:
+    folder = Path(folder)
+    read_meta(folder, "probe")
+    try:
+        return json.loads((folder / PROBE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MarrowLensError(f"{folder / PROBE_FILE} is unreadable: {exc}") from exc
+
+
+def require_same_model(info: dict[str, Any], folder: Path, emb: Embeddings) -> None:
+    """A probe only applies to embeddings made by the model it was trained on."""
+    require_same_fingerprint("model fingerprint", info["model_fingerprint"], f"probe {folder}", emb.model_fingerprint, f"embeddings {emb.folder}")
+
+
+def load_probe(folder: str | Path, emb: Embeddings) -> tuple[Probe, dict[str, Any]]:
+    """Load a probe to apply to ``emb`` (same model required); k-NN re-reads its training vectors."""
+    folder = Path(folder)
+    info = read_probe_info(folder)
+    require_same_model(info, folder, emb)
+    head_path = folder / HEAD_FILE
+    if not head_path.is_file():
+        raise MarrowLensError(f"{folder} is incomplete: {HEAD_FILE} is missing")
+    if "sha256:" + sha256_file(head_path) != info["fingerprint"]:
+        raise MarrowLensError(f"{head_path} does not match the fingerprint in {PROBE_FILE}: the probe was changed or damaged")
+    try:
+        config = validate_config(ProbeConfig, yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}, str(folder / CONFIG_FILE))
+    except OSError as exc:
+        raise MarrowLensError(f"{folder / CONFIG_FILE} is unreadable: {exc}") from exc
+    tensors = load_file(str(head_path))
+    classes = list(info["classes"])
+    if info["head"] == "linear":
+        head = LinearProbe.from_saved(info["head_params"], classes, tensors)
+        probe = Probe(config=config, head=head, classes=classes, train_rows=np.zeros(0, dtype=np.int64),
+                      train_labels=np.zeros(0, dtype=str), source=folder)
+    else:
+        rows, codes = tensors["train_rows"].numpy(), tensors["train_labels"].numpy()
+        labels = np.asarray(classes, dtype=object)[codes].astype(str)
+        vectors = training_vectors(info, folder, emb)
+        head = KNNProbe(**info["head_params"]).fit(RowView(vectors, rows), labels)
+        probe = Probe(config=config, head=head, classes=classes, train_rows=rows, train_labels=labels, source=folder)
+    if info.get("blast_filter"):
+        probe.blast, _ = load_probe(folder / info["blast_filter"]["folder"], emb)
+    return probe, info
+
+
+def training_vectors(info: dict[str, Any], folder: Path, emb: Embeddings) -> np.ndarray:
+    """The k-NN head's training store: ``emb`` when it is that store, else the recorded one."""
+    expected = info["embeddings"]["fingerprint"]
+    if emb.fingerprint == expected:
+        return emb.vectors
+    where = Path(info["embeddings"]["folder"])
+    try:
+        store = load_embeddings(where, check_finite=False)
+    except MarrowLensError as exc:
+        raise MarrowLensError(f"k-NN probe {folder} needs its training embeddings {where}, which cannot be read ({exc})") from None
+    require_same_fingerprint("embedding fingerprint", expected, f"k-NN probe {folder}", store.fingerprint, f"its training store {where}")
+    return store.vectors

@@ -1,0 +1,430 @@
+"""Probe heads on frozen embeddings, as scikit-learn classifiers (``clone``, ``cross_val_predict`` work).
+
+- :class:`LinearProbe`: a torch linear head (or one hidden layer) on standardised features. Every
+  L2 weight decay of the grid trains *at once* as one batched model (each mini-batch is read once
+  and multiplied by all heads), each with its own early stopping on a patient-grouped validation
+  split; the best by validation loss wins and is retrained on all cells for its epoch count.
+  Adam on mini-batches rather than full-batch L-BFGS: GCE/SCE and the hidden layer are not
+  convex, balanced sampling needs mini-batches, and early stopping needs epochs; with 1024-cell
+  batches 100k x 512 fits in seconds on 2 cores.
+- :class:`KNNProbe`: DINO's weighted k-NN (k=20, T=0.07) on a faiss ``IndexFlatIP`` over
+  L2-normalised copies (cosine similarity); each of the k neighbours votes ``exp(sim / T)`` for
+  its class, optionally times a class weight.
+
+Features may be memory maps: they are read in blocks, and only the rows a head needs are copied.
+The linear head runs torch on ``n_threads`` threads (1 by default): its mini-batch operations are
+too small to gain from intra-op parallelism (100k x 512: the same time with 1 or 2 threads), and
+one thread stays fast when the other cores are busy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Any, Iterator, Sequence
+
+import faiss
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.utils.class_weight import compute_class_weight
+from sklearn.utils.validation import check_is_fitted
+from tqdm.auto import tqdm
+
+from marrowlens.probes.losses import per_sample_loss, weighted_mean
+
+BLOCK = 65536  # rows per block when streaming a memory map
+MIN_VAL_CELLS = 3  # cells of every class a validation fold must hold to be used for early stopping
+SMALL_BLOCK = 8192  # rows per block for float64 statistics and validation passes (bounded temporaries)
+
+
+def as_rows(X: Any, rows: np.ndarray | None = None) -> np.ndarray:
+    """A C-contiguous float32 copy of ``X[rows]`` (all rows when None), read block by block."""
+    if not hasattr(X, "shape"):  # lists; arrays, memory maps and row views are read as they are
+        X = np.asarray(X, dtype=np.float32)
+    index = np.arange(len(X)) if rows is None else np.asarray(rows)
+    out = np.empty((len(index), X.shape[1]), dtype=np.float32)
+    for start in range(0, len(index), BLOCK):
+        chunk = index[start : start + BLOCK]
+        if len(chunk) and chunk[-1] - chunk[0] == len(chunk) - 1 and np.all(np.diff(chunk) == 1):
+            out[start : start + len(chunk)] = X[chunk[0] : chunk[-1] + 1]
+        else:
+            out[start : start + len(chunk)] = X[np.sort(chunk)][np.argsort(np.argsort(chunk))]
+    return out
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch on ``n`` intra-op threads inside the block, then restore the previous setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _column_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and standard deviation in float64, accumulated block by block."""
+    total = np.zeros(features.shape[1])
+    squares = np.zeros(features.shape[1])
+    for start in range(0, len(features), SMALL_BLOCK):
+        block = features[start : start + SMALL_BLOCK].astype(np.float64)
+        total += block.sum(axis=0)
+        squares += np.square(block).sum(axis=0)
+    mean = total / len(features)
+    std = np.sqrt(np.maximum(squares / len(features) - mean**2, 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+
+
+def _encode(y: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    classes, codes = np.unique(np.asarray(y), return_inverse=True)
+    return classes, codes.astype(np.int64)
+
+
+def _class_weights(codes: np.ndarray, n_classes: int, mode: str | None) -> np.ndarray | None:
+    if mode in (None, "none"):
+        return None
+    if mode != "balanced":
+        raise ValueError(f"class_weight must be None, 'none' or 'balanced', not {mode!r}")
+    present = np.unique(codes)
+    weights = np.ones(n_classes)
+    weights[present] = compute_class_weight("balanced", classes=present, y=codes)
+    return weights
+
+
+class LinearProbe(ClassifierMixin, BaseEstimator):
+    """Linear (or 1-hidden-layer) softmax head; L2 strength chosen by grouped early stopping.
+
+    With ``early_stopping=False`` (or too few cells or patients to hold any out) it trains
+    ``max_epochs`` on every cell with the middle weight decay of the grid.
+
+    ``fit(X, y, groups)``: ``groups`` (patients) make the validation split patient-grouped; without
+    them every cell is its own group.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int = 0,
+        loss: str = "ce",
+        gce_q: float = 0.7,
+        sce_alpha: float = 0.1,
+        sce_beta: float = 1.0,
+        focal_gamma: float = 2.0,
+        class_weight: str | None = None,
+        sampling: str = "none",
+        weight_decays: Sequence[float] = (0.0, 1e-4, 1e-3, 1e-2, 1e-1),
+        lr: float = 1e-2,
+        batch_size: int = 1024,
+        max_epochs: int = 100,
+        patience: int = 8,
+        val_fraction: float = 0.2,
+        refit: bool = True,
+        early_stopping: bool = True,
+        random_state: int = 0,
+        n_threads: int = 1,
+        progress: bool = False,
+    ) -> None:
+        self.hidden_dim = hidden_dim
+        self.loss = loss
+        self.gce_q = gce_q
+        self.sce_alpha = sce_alpha
+        self.sce_beta = sce_beta
+        self.focal_gamma = focal_gamma
+        self.class_weight = class_weight
+        self.sampling = sampling
+        self.weight_decays = weight_decays
+        self.lr = lr
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.val_fraction = val_fraction
+        self.refit = refit
+        self.early_stopping = early_stopping
+        self.random_state = random_state
+        self.n_threads = n_threads
+        self.progress = progress
+
+    # ------------------------------------------------------------------ fitting
+
+    def fit(self, X: Any, y: Sequence[Any], groups: Sequence[Any] | None = None) -> "LinearProbe":
+        with torch_threads(self.n_threads):
+            return self._fit(X, y, groups)
+
+    def _fit(self, X: Any, y: Sequence[Any], groups: Sequence[Any] | None) -> "LinearProbe":
+        self.classes_, codes = _encode(y)
+        if len(self.classes_) < 2:
+            raise ValueError("a probe needs at least two classes")
+        features = as_rows(X)
+        if len(features) != len(codes):
+            raise ValueError(f"X has {len(features)} rows but y has {len(codes)}")
+        self.n_features_in_ = features.shape[1]
+        self.mean_, self.scale_ = _column_stats(features)
+        for start in range(0, len(features), BLOCK):  # in place, block by block: no full-size temporaries
+            block = features[start : start + BLOCK]
+            block -= self.mean_
+            block /= self.scale_
+        weights = _class_weights(codes, len(self.classes_), self.class_weight)
+        self._class_weight_t = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        generator = torch.Generator().manual_seed(self.random_state)
+        x_all, y_all = torch.from_numpy(features), torch.from_numpy(codes)
+        everything = torch.arange(len(codes))  # rows are indexed, never copied: one feature matrix in memory
+
+        train, val = self._validation_split(codes, groups) if self.early_stopping else (None, None)
+        decays = [float(w) for w in self.weight_decays]
+        if val is None:  # early stopping off, or too few cells/groups to hold any out
+            self.validation_ = "none: fixed epochs, middle of the weight-decay grid"
+            self.weight_decay_ = decays[len(decays) // 2]
+            self.best_epoch_ = self.max_epochs
+            params = self._train(x_all, y_all, everything, [self.weight_decay_], self.max_epochs, generator)
+        else:
+            self.validation_ = f"{len(val)} cells held out"
+            params, best, val_losses = self._search(x_all, y_all, torch.from_numpy(train), torch.from_numpy(val), decays, generator)
+            self.val_losses_ = [float(v) for v in val_losses]
+            self.weight_decay_ = decays[best]
+            self.best_epoch_ = self._best_epochs[best]
+            params = [p[best : best + 1].clone() for p in params]
+            if self.refit:
+                params = self._train(x_all, y_all, everything, [self.weight_decay_], self.best_epoch_, generator)
+        self.params_ = [p.detach()[0].contiguous() for p in params]
+        return self
+
+    def _validation_split(self, codes: np.ndarray, groups: Sequence[Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Hold out whole patients, stratified, for early stopping.
+
+        Of the folds whose training part has every class, the one whose held-out patients carry the
+        most cells of their rarest class is used, if that is at least ``MIN_VAL_CELLS``: a validation
+        set with one cell of a class stops training on that cell's whim. Otherwise there is none.
+        """
+        n = len(codes)
+        everything = np.arange(n)
+        group_array = np.arange(n) if groups is None else np.asarray(groups)
+        n_groups = len(np.unique(group_array))
+        if n < 10 or n_groups < 2:
+            return everything, None
+        n_classes = int(codes.max()) + 1
+        splitter = StratifiedGroupKFold(n_splits=min(max(2, round(1 / self.val_fraction)), n_groups), shuffle=True,
+                                        random_state=self.random_state)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "least populated class": fine for a hold-out
+            folds = [(train, val) for train, val in splitter.split(np.zeros(n), codes, group_array)
+                     if len(np.unique(codes[train])) == n_classes]
+        if not folds:
+            return everything, None
+        train, val = max(folds, key=lambda fold: np.bincount(codes[fold[1]], minlength=n_classes).min())
+        if np.bincount(codes[val], minlength=n_classes).min() < MIN_VAL_CELLS:
+            return everything, None
+        overlap = set(group_array[train]) & set(group_array[val])
+        if overlap:
+            raise AssertionError(f"validation split leaks patients {sorted(overlap)[:3]}")
+        return train, val
+
+    def _init_params(self, n_models: int, n_in: int, y: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        """Zero (or small random) weights; the output bias starts at the log class prior the loss
+        sees, so early stopping after a few steps does not leave the head at a uniform prior."""
+        n_out = len(self.classes_)
+        prior = torch.bincount(y, minlength=n_out).double().clamp(min=1)
+        if self.sampling == "balanced":
+            prior = torch.ones(n_out, dtype=torch.float64)
+        elif self._class_weight_t is not None:
+            prior = prior * self._class_weight_t.double()
+        log_prior = torch.log(prior / prior.sum()).float()
+        if self.hidden_dim:
+            bound1, bound2 = 1 / math.sqrt(n_in), 1 / math.sqrt(self.hidden_dim)
+            shapes = [((n_models, n_in, self.hidden_dim), bound1), ((n_models, self.hidden_dim), bound1),
+                      ((n_models, self.hidden_dim, n_out), bound2), ((n_models, n_out), bound2)]
+            params = [(torch.rand(shape, generator=generator) * 2 - 1) * bound for shape, bound in shapes]
+        else:
+            params = [torch.zeros(n_models, n_in, n_out), torch.zeros(n_models, n_out)]
+        params[-1] = log_prior.expand(n_models, n_out).clone()
+        return [p.requires_grad_(True) for p in params]
+
+    def _batch_size(self, n: int) -> int:
+        """At least 8 steps per epoch, so small training sets still move between validations."""
+        return max(16, min(self.batch_size, math.ceil(n / 8)))
+
+    def _forward(self, params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Logits of every model in the grid: ``(models, cells, classes)``; ``x`` is read once."""
+        n_models = params[0].shape[0]
+        first = params[0]
+        out = (x @ first.permute(1, 0, 2).reshape(first.shape[1], -1)).view(len(x), n_models, -1).transpose(0, 1)
+        out = out + params[1][:, None, :]
+        if self.hidden_dim:
+            out = torch.relu(out)
+            out = torch.bmm(out, params[2]) + params[3][:, None, :]
+        return out
+
+    def _batch_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-model loss ``(models,)``; each model's gradient only reaches its own weights."""
+        n_models, n_cells, n_classes = logits.shape
+        losses = per_sample_loss(
+            self.loss, logits.reshape(-1, n_classes), target.repeat(n_models),
+            gce_q=self.gce_q, sce_alpha=self.sce_alpha, sce_beta=self.sce_beta, focal_gamma=self.focal_gamma,
+        ).view(n_models, n_cells)
+        return weighted_mean(losses, target, self._class_weight_t)
+
+    def _epoch_order(self, codes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n = len(codes)
+        if self.sampling == "balanced":
+            counts = torch.bincount(codes, minlength=len(self.classes_)).float()
+            odds = (1.0 / counts.clamp(min=1))[codes]
+            return torch.multinomial(odds, n, replacement=True, generator=generator)
+        if self.sampling not in ("none", None):
+            raise ValueError(f"sampling must be 'none' or 'balanced', not {self.sampling!r}")
+        return torch.randperm(n, generator=generator)
+
+    def _step_epoch(self, params, optimizer, decays, x, y, rows, generator) -> None:
+        order = rows[self._epoch_order(y[rows], generator)]
+        batch = self._batch_size(len(order))
+        for start in range(0, len(order), batch):
+            index = order[start : start + batch]
+            optimizer.zero_grad(set_to_none=True)
+            loss = self._batch_loss(self._forward(params, x[index]), y[index])
+            penalty = sum(p.pow(2).flatten(1).sum(1) for p in params[::2])  # L2 on weights, not biases
+            (loss + 0.5 * decays * penalty).sum().backward()
+            optimizer.step()
+
+    def _train(self, x, y, rows, decays: list[float], epochs: int, generator) -> list[torch.Tensor]:
+        params = self._init_params(len(decays), x.shape[1], y[rows], generator)
+        optimizer = torch.optim.Adam(params, lr=self.lr)
+        decay_t = torch.tensor(decays)
+        for _ in tqdm(range(epochs), desc="probe: refit", leave=False, disable=None if self.progress else True):
+            self._step_epoch(params, optimizer, decay_t, x, y, rows, generator)
+        return params
+
+    def _search(self, x, y, train, val, decays: list[float], generator):
+        """Train the whole grid together; keep each model's best state by validation loss."""
+        params = self._init_params(len(decays), x.shape[1], y[train], generator)
+        optimizer = torch.optim.Adam(params, lr=self.lr)
+        decay_t = torch.tensor(decays)
+        best_loss = torch.full((len(decays),), float("inf"))
+        best_params = [p.detach().clone() for p in params]
+        self._best_epochs = [0] * len(decays)
+        waited = torch.zeros(len(decays), dtype=torch.long)
+        bar = tqdm(range(self.max_epochs), desc="probe: weight-decay search", leave=False, disable=None if self.progress else True)
+        for epoch in bar:
+            self._step_epoch(params, optimizer, decay_t, x, y, train, generator)
+            with torch.no_grad():
+                val_loss = self._validation_loss(params, x, y, val)
+                better = val_loss < best_loss - 1e-6
+                for model in torch.nonzero(better).flatten().tolist():
+                    self._best_epochs[model] = epoch + 1
+                    for saved, current in zip(best_params, params):
+                        saved[model] = current[model]
+                best_loss = torch.where(better, val_loss, best_loss)
+                waited = torch.where(better, torch.zeros_like(waited), waited + 1)
+            if bool((waited >= self.patience).all()):
+                break
+        best = int(torch.argmin(best_loss))
+        return best_params, best, best_loss.tolist()
+
+    def _validation_loss(self, params, x, y, rows) -> torch.Tensor:
+        total = torch.zeros(params[0].shape[0])
+        for start in range(0, len(rows), SMALL_BLOCK):
+            index = rows[start : start + SMALL_BLOCK]
+            total += self._batch_loss(self._forward(params, x[index]), y[index]) * len(index)
+        return total / len(rows)
+
+    # ------------------------------------------------------------------ prediction
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        check_is_fitted(self, "params_")
+        params = [p[None] for p in self.params_]
+        out = np.empty((len(X), len(self.classes_)), dtype=np.float32)
+        with torch.no_grad(), torch_threads(self.n_threads):
+            for start in range(0, len(X), BLOCK):
+                block = (as_rows(X[start : start + BLOCK]) - self.mean_) / self.scale_
+                out[start : start + len(block)] = self._forward(params, torch.from_numpy(block))[0].numpy()
+        return out
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        logits = torch.from_numpy(self.decision_function(X)).double()
+        return torch.softmax(logits, dim=1).numpy()
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    # ------------------------------------------------------------------ persistence
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Weights and standardisation, for ``head.safetensors``."""
+        check_is_fitted(self, "params_")
+        names = ["w1", "b1", "w2", "b2"] if self.hidden_dim else ["weight", "bias"]
+        out = {name: p.contiguous() for name, p in zip(names, self.params_)}
+        out.update(mean=torch.from_numpy(self.mean_), scale=torch.from_numpy(self.scale_))
+        return out
+
+    def fitted_state(self) -> dict[str, Any]:
+        """JSON-able facts about the fit (chosen weight decay, epochs), for ``probe.json``."""
+        return {"weight_decay": self.weight_decay_, "epochs": self.best_epoch_, "validation": self.validation_}
+
+    @classmethod
+    def from_saved(cls, params: dict[str, Any], classes: Sequence[str], tensors: dict[str, torch.Tensor]) -> "LinearProbe":
+        head = cls(**params)
+        head.classes_ = np.asarray(classes, dtype=object)
+        names = ["w1", "b1", "w2", "b2"] if head.hidden_dim else ["weight", "bias"]
+        missing = [n for n in (*names, "mean", "scale") if n not in tensors]
+        if missing:
+            raise ValueError(f"head weights lack {missing}")
+        head.params_ = [tensors[n].float() for n in names]
+        head.mean_, head.scale_ = tensors["mean"].numpy(), tensors["scale"].numpy()
+        head.n_features_in_ = head.mean_.shape[0]
+        return head
+
+
+class KNNProbe(ClassifierMixin, BaseEstimator):
+    """Temperature-weighted k-NN vote on cosine similarity (DINO's k-NN evaluation)."""
+
+    def __init__(self, k: int = 20, temperature: float = 0.07, class_weight: str | None = None, batch_size: int = 4096) -> None:
+        self.k = k
+        self.temperature = temperature
+        self.class_weight = class_weight
+        self.batch_size = batch_size
+
+    def fit(self, X: Any, y: Sequence[Any], groups: Sequence[Any] | None = None) -> "KNNProbe":
+        self.classes_, codes = _encode(y)
+        if not hasattr(X, "shape"):
+            X = np.asarray(X, dtype=np.float32)
+        if len(X) != len(codes):
+            raise ValueError(f"X has {len(X)} rows but y has {len(codes)}")
+        self.n_features_in_ = int(X.shape[1])
+        self.index_ = faiss.IndexFlatIP(self.n_features_in_)
+        for start in range(0, len(codes), BLOCK):  # normalised block by block: the index holds the only copy
+            block = as_rows(X[start : start + BLOCK])
+            faiss.normalize_L2(block)
+            self.index_.add(block)
+        self.labels_ = codes
+        weights = _class_weights(codes, len(self.classes_), self.class_weight)
+        self.vote_weight_ = np.ones(len(self.classes_)) if weights is None else weights
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        check_is_fitted(self, "index_")
+        k = min(self.k, self.index_.ntotal)
+        out = np.empty((len(X), len(self.classes_)))
+        for start in range(0, len(X), self.batch_size):
+            query = as_rows(X[start : start + self.batch_size])
+            faiss.normalize_L2(query)
+            sims, neighbours = self.index_.search(query, k)
+            votes = np.exp(sims.astype(np.float64) / self.temperature) * self.vote_weight_[self.labels_[neighbours]]
+            scores = np.zeros((len(query), len(self.classes_)))
+            np.add.at(scores, (np.arange(len(query))[:, None], self.labels_[neighbours]), votes)
+            out[start : start + len(query)] = scores / scores.sum(axis=1, keepdims=True)
+        return out
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def fitted_state(self) -> dict[str, Any]:
+        return {"n_train": int(self.index_.ntotal)}
+
+
+def make_head(kind: str, params: dict[str, Any]) -> LinearProbe | KNNProbe:
+    """Build an unfitted head from its kind and constructor parameters."""
+    if kind == "linear":
+        return LinearProbe(**params)
+    if kind == "knn":
+        return KNNProbe(**params)
+    raise ValueError(f"unknown head kind {kind!r}")

@@ -1,0 +1,229 @@
+"""Reports of a probe: ``report.json`` (everything), ``report.md`` (readable tables), PNG plots.
+
+Plots use matplotlib's Agg backend (no display needed): cell- and patient-level confusion
+matrices, a reliability diagram (the picture behind the ECE), and per patient the blast fraction
+against the predicted confidence.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from marrowlens.artifacts import atomic_path, write_json_atomic, write_text_atomic
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+def reliability_bins(y: np.ndarray, proba: np.ndarray, bins: int) -> list[dict[str, float]]:
+    """Per confidence bin: cells, mean confidence, accuracy (for the reliability diagram)."""
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == y
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    out = []
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            out.append({"low": b / bins, "high": (b + 1) / bins, "n": int(inside.sum()),
+                        "confidence": float(confidence[inside].mean()), "accuracy": float(correct[inside].mean())})
+    return out
+
+
+def write_report(folder: Path, report: dict[str, Any], patients: pd.DataFrame | None) -> list[Path]:
+    """Write JSON, Markdown and plots; returns the paths written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if patients is not None:
+        report["patients"] = _records(patients)
+    write_json_atomic(folder / REPORT_JSON, report)
+    write_text_atomic(folder / REPORT_MD, render_markdown(report))
+    return [folder / REPORT_JSON, folder / REPORT_MD, *write_plots(folder, report, patients)]
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Plain JSON rows (pandas turns numpy scalars into Python ones and NaN into null)."""
+    return json.loads(frame.to_json(orient="records", double_precision=6))
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return "nan" if value != value else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _with_ci(entry: Any) -> tuple[str, str]:
+    if isinstance(entry, dict) and "value" in entry:
+        ci = entry.get("ci")
+        return _fmt(entry["value"]), f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "–"
+    return _fmt(entry), "–"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _level(title: str, block: dict[str, Any]) -> list[str]:
+    lines = [f"### {title}", ""]
+    names = [("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"),
+             ("roc_auc_ovr", "ROC-AUC (one-vs-rest, macro)"), ("ece", "ECE (top-label)")]
+    lines += _table(["metric", "value", "95% CI"], [[label, *_with_ci(block.get(key))] for key, label in names])
+    per_class = block.get("per_class") or {}
+    if per_class:
+        rows = []
+        for name, entry in per_class.items():
+            cells = [name]
+            for metric in ("precision", "recall", "f1"):
+                value, ci = _with_ci(entry[metric])
+                cells.append(f"{value} {ci}")
+            rows.append([*cells, entry["support"]])
+        lines += _table(["class", "precision [95% CI]", "recall [95% CI]", "F1 [95% CI]", "support"], rows)
+    cm = block.get("confusion_matrix")
+    if cm:
+        lines += ["Confusion matrix (rows: truth, columns: prediction):", ""]
+        lines += _table(["truth \\ predicted", *cm["labels"]], [[label, *row] for label, row in zip(cm["labels"], cm["matrix"])])
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Probe report: {report['task']}", ""]
+    ev = report.get("evaluation", {})
+    lines += _table(["", ""], [
+        ["task", report["task"]], ["head", report.get("head")], ["loss", report.get("loss")],
+        ["classes", ", ".join(report.get("classes", []))], ["evaluation", ev.get("description")],
+        ["grouping", ev.get("grouping")], ["blast filter", ev.get("blast_filter")],
+        ["embeddings", report.get("embeddings", {}).get("fingerprint")], ["model", report.get("embeddings", {}).get("model_fingerprint")],
+    ])
+    if report.get("cell") is None:
+        lines += ["No evaluation was run.", ""]
+    else:
+        cell = report["cell"]
+        lines += ["## Cell level", "", f"{cell['n']} cells evaluated ({cell.get('n_kept', cell['n'])} kept of "
+                  f"{cell.get('n_evaluated', cell['n'])}), {cell['n_groups']} patients; intervals: "
+                  f"{cell['bootstrap']['resamples']} bootstrap resamples of patients.", ""]
+        lines += _level("Metrics", cell)
+    patient = report.get("patient")
+    if patient:
+        lines += ["## Patient level", ""]
+        if "accuracy" in patient:
+            lines += [f"{patient['n_patients']} patients: {patient['n_determined']} determined, {patient['n_undetermined']} "
+                      f"undetermined (no kept cell; coverage {_fmt(patient['coverage'])}). Patient prediction = argmax of the "
+                      "mean log-probability of its kept cells. Accuracy counting undetermined patients as wrong: "
+                      f"{_fmt(patient.get('accuracy_counting_undetermined_as_wrong'))}.", ""]
+            if patient["undetermined"]:
+                lines += ["Undetermined: " + ", ".join(patient["undetermined"]), ""]
+            lines += _level("Metrics", patient)
+        elif "blast_fraction_mae" in patient:
+            value, ci = _with_ci(patient["blast_fraction_mae"])
+            lines += [f"{patient['n_patients']} patients. Blast fraction (true vs predicted) mean absolute error: {value} {ci}; "
+                      f"Pearson r: {_fmt(patient.get('blast_fraction_pearson_r'))}.", ""]
+        else:
+            lines += [patient.get("note", ""), ""]
+    if report.get("patients"):
+        lines += ["### Patients", ""]
+        keys = [k for k in report["patients"][0] if not k.startswith(("p_", "frac_"))]
+        lines += _table(keys, [[row[k] for k in keys] for row in report["patients"]])
+    if report.get("folds"):
+        lines += ["## Folds", ""]
+        keys = list(dict.fromkeys(k for row in report["folds"] for k in row))
+        lines += _table(keys, [[row.get(k) for k in keys] for row in report["folds"]])
+    if report.get("leave_one_domain_out"):
+        lines += ["## Leave one domain out", "", "Trained on every other domain (without any patient of the held-out one).", ""]
+        keys = list(dict.fromkeys(k for row in report["leave_one_domain_out"] for k in row))
+        lines += _table(keys, [[row.get(k) for k in keys] for row in report["leave_one_domain_out"]])
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def write_plots(folder: Path, report: dict[str, Any], patients: pd.DataFrame | None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for level in ("cell", "patient"):
+        block = report.get(level) or {}
+        if block.get("confusion_matrix"):
+            written.append(_save(plt, _confusion(plt, block["confusion_matrix"], f"{report['task']}: {level} level"), folder / f"confusion_{level}.png"))
+    bins = (report.get("cell") or {}).get("calibration_bins")
+    if bins:
+        written.append(_save(plt, _reliability(plt, bins, (report["cell"].get("ece") or {}).get("value")), folder / "calibration.png"))
+    if patients is not None and len(patients):
+        written.append(_save(plt, _patients(plt, patients, report["task"]), folder / "patients.png"))
+    return written
+
+
+def _save(plt, figure, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def _confusion(plt, cm: dict[str, Any], title: str):
+    matrix = np.asarray(cm["matrix"], dtype=float)
+    labels = cm["labels"]
+    size = 2.5 + 0.6 * len(labels)
+    figure, ax = plt.subplots(figsize=(size, size))
+    rows = matrix.sum(axis=1, keepdims=True)
+    shown = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    ax.imshow(shown, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", color="white" if shown[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
+    ax.set_title(title)
+    return figure
+
+
+def _reliability(plt, bins: list[dict[str, float]], ece: float | None):
+    figure, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    ax.bar([b["low"] for b in bins], [b["accuracy"] for b in bins], width=[b["high"] - b["low"] for b in bins],
+           align="edge", edgecolor="black", alpha=0.7)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"reliability (ECE {_fmt(ece)})")
+    return figure
+
+
+def _patients(plt, table: pd.DataFrame, task: str):
+    figure, ax = plt.subplots(figsize=(5, 4))
+    if "true_blast_fraction" in table:
+        ax.scatter(table["true_blast_fraction"], table["mean_p_blast"], s=18)
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("true blast fraction of the patient")
+        ax.set_ylabel("mean predicted P(blast)")
+    else:
+        determined = table["predicted"] != "undetermined"
+        right = determined & (table["predicted"] == table.get("truth"))
+        for mask, label, colour in ((right, "correct", "tab:green"), (determined & ~right, "wrong", "tab:red")):
+            ax.scatter(table.loc[mask, "kept_fraction"], table.loc[mask, "confidence"], s=18, color=colour, label=label)
+        if (~determined).any():
+            ax.scatter(table.loc[~determined, "kept_fraction"], np.zeros(int((~determined).sum())), marker="x",
+                       color="grey", label="undetermined")
+        ax.set_xlabel("blast fraction (cells kept by the blast filter)")
+        ax.set_ylabel("confidence of the patient prediction")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{task}: per patient")
+    return figure

@@ -1,0 +1,332 @@
+"""The ``marrowlens probe`` commands as library functions: fit, eval, predict, noise-sweep.
+
+Each loads its inputs, refuses mismatched ones, does its work and writes atomically; the CLI only
+parses and prints what these return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from marrowlens.artifacts import prepare_out_dir, short, write_json_atomic, write_meta, write_parquet_atomic, write_text_atomic
+from marrowlens.cohort.manifest import patient_groups
+from marrowlens.config import ProbeConfig, load_config, validate_config
+from marrowlens.embeddings import Embeddings, load_embeddings
+from marrowlens.errors import MarrowLensError
+from marrowlens.probes.evaluate import Predictions, aggregate_patients, domain_folds, grouped_folds, run_folds, summarize
+from marrowlens.probes.folder import PROBE_FILE, load_probe, save_probe
+from marrowlens.probes.noise import NoiseSpec
+from marrowlens.probes.report import reliability_bins, write_report
+from marrowlens.probes.tasks import Probe, Task, make_task
+
+PREDICT_BLOCK = 65536
+
+
+@dataclass
+class Outcome:
+    """What a command wrote and its headline figures, for the CLI to print."""
+
+    written: list[Path] = field(default_factory=list)
+    headline: list[str] = field(default_factory=list)
+
+
+def probe_config(task: str, config_path: Path | None, flags: dict[str, Any], overrides: list[str]) -> ProbeConfig:
+    """Defaults <- YAML <- named CLI flags <- ``--set`` overrides."""
+    named = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    return load_config(ProbeConfig, config_path, [*named, *overrides, f"task={task}"])
+
+
+def _load_store(path: Path) -> Embeddings:
+    return load_embeddings(path, mmap=True, check_finite=True)
+
+
+def _load_blast(path: Path | None, emb: Embeddings) -> Probe | None:
+    if path is None:
+        return None
+    probe, info = load_probe(path, emb)
+    if info["task"] != "blast":
+        raise MarrowLensError(f"--blast-probe {path} is a {info['task']!r} probe, not a blast probe")
+    return probe
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def cv_folds(task: Task, config: ProbeConfig) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Patient-grouped folds, made (and checked) before any fitting so bad input fails fast."""
+    folds = grouped_folds(task.y, task.groups, config.eval.cv, config.seed)
+    return [(i, train, test) for i, (train, test) in enumerate(folds)]
+
+
+def cross_validation_report(task: Task, config: ProbeConfig, folds: list | None = None) -> tuple[dict[str, Any], pd.DataFrame | None]:
+    folds = cv_folds(task, config) if folds is None else folds
+    pred, info = run_folds(task, folds, desc=f"{task.name} cv")
+    report, patients = _summary(task, pred, config)
+    report["folds"] = info
+    report["evaluation"] = {
+        "kind": "cross-validation", "description": f"{config.eval.cv}-fold patient-grouped CV (StratifiedGroupKFold, seed {config.seed})",
+        "folds": config.eval.cv, "grouping": "patient: no cell of a test patient is in training (checked)",
+        "blast_filter": _blast_note(task),
+    }
+    return report, patients
+
+
+def _blast_note(task: Task) -> str | None:
+    if task.name != "mutation":
+        return None
+    if task.refit_blast:
+        return "refitted in every fold on the training patients' blast labels (the store has them)"
+    return "the given blast probe, as is (the store has no blast labels to refit it)"
+
+
+def _summary(task: Task, pred: Predictions, config: ProbeConfig) -> tuple[dict[str, Any], pd.DataFrame | None]:
+    summary = summarize(task, pred, config.eval.bootstrap, config.seed, config.eval.ece_bins)
+    kept = pred.kept
+    summary["cell"]["calibration_bins"] = reliability_bins(np.searchsorted(task.classes, pred.y[kept]), pred.proba[kept], config.eval.ece_bins)
+    patients = summary.pop("patients_table")
+    return summary, patients
+
+
+def domain_report(task: Task) -> list[dict[str, Any]]:
+    _, info = run_folds(task, domain_folds(task), desc=f"{task.name} leave-one-domain-out")
+    return [{"held_out_domain": row.pop("fold"), **row} for row in info]
+
+
+def _header(config: ProbeConfig, task: Task, emb: Embeddings) -> dict[str, Any]:
+    return {
+        "task": config.task, "classes": task.classes, "head": config.head,
+        "loss": config.loss.name if config.head == "linear" else None,
+        "embeddings": {"folder": str(emb.folder), "fingerprint": emb.fingerprint, "model_fingerprint": emb.model_fingerprint},
+        "units": task.describe(), "config": config.model_dump(mode="json"),
+    }
+
+
+def _headline(report: dict[str, Any]) -> list[str]:
+    def show(name: str, entry: Any) -> str:
+        if not isinstance(entry, dict) or entry.get("value") is None:
+            return f"{name} –"
+        ci = entry.get("ci")
+        return f"{name} {entry['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    lines = []
+    cell = report.get("cell")
+    if cell:
+        lines.append(f"cell level ({cell['n']} cells): " + ", ".join(
+            show(label, cell.get(key)) for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"))))
+    patient = report.get("patient") or {}
+    if "accuracy" in patient:
+        lines.append(f"patient level ({patient['n_determined']} of {patient['n_patients']} determined): "
+                     + ", ".join(show(label, patient.get(key)) for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"))))
+    elif "blast_fraction_mae" in patient:
+        lines.append(f"patient level ({patient['n_patients']} patients): " + show("blast-fraction MAE", patient["blast_fraction_mae"]))
+    for row in report.get("leave_one_domain_out") or []:
+        lines.append(f"held-out domain {row['held_out_domain']}: accuracy {row.get('accuracy', float('nan')):.3f}, macro-F1 {row.get('macro_f1', float('nan')):.3f}")
+    return lines
+
+
+# ---------------------------------------------------------------- commands
+
+
+def fit(task_name: str, embeddings: Path, out: Path, config: ProbeConfig, blast_probe: Path | None = None, overwrite: bool = False) -> Outcome:
+    """Cross-validate (unless ``eval.cv`` is 0), then fit the final probe on every labelled cell."""
+    if blast_probe is not None and config.task != "mutation":
+        raise MarrowLensError(f"--blast-probe only applies to the mutation task, not {config.task}")
+    emb = _load_store(embeddings)
+    blast = _load_blast(blast_probe, emb)
+    task = make_task(config, emb, blast)
+    folds = cv_folds(task, config) if config.eval.cv else None
+    out = prepare_out_dir(out, overwrite)
+    final = task.fit(np.arange(len(task.rows)), final=True)  # fails early on bad input, before any CV
+    report = _header(config, task, emb)
+    patients = None
+    if folds is not None:
+        evaluation, patients = cross_validation_report(task, config, folds)
+        report.update(evaluation)
+    else:
+        report.update(cell=None, patient=None, evaluation={"kind": "none", "description": "skipped (--cv 0)"})
+    written = write_report(out, report, patients)
+    save_probe(out, final, emb, extra={"cv": report.get("evaluation", {}).get("description")})
+    return Outcome([out / PROBE_FILE, out / "head.safetensors", *written], _headline(report))
+
+
+def evaluate(probe_dir: Path, embeddings: Path, out: Path | None = None, cv: int | None = None,
+             leave_one_domain_out: bool = False, bootstrap: int | None = None) -> Outcome:
+    """CV of the probe's recipe on its own store, or the fitted probe as is on another store (same model)."""
+    emb = _load_store(embeddings)
+    probe, info = load_probe(probe_dir, emb)
+    data = probe.config.model_dump(mode="json")
+    data["eval"].update({k: v for k, v in (("cv", cv), ("bootstrap", bootstrap)) if v is not None})
+    config = validate_config(ProbeConfig, data, "command line")
+    task = make_task(config, emb, probe.blast)
+    same_store = emb.fingerprint == info["embeddings"]["fingerprint"]
+    report = _header(config, task, emb)
+    patients = None
+    if same_store and config.eval.cv:
+        evaluation, patients = cross_validation_report(task, config)
+        report.update(evaluation)
+    elif not same_store:
+        pred = Predictions.empty(task)
+        pred.kept, pred.proba = _predict_blocks(probe, emb, task.rows)
+        pred.fold[:] = 0
+        evaluation, patients = _summary(task, pred, config)
+        report.update(evaluation)
+        report["evaluation"] = {"kind": "external", "description": f"the fitted probe as is, on embeddings {short(emb.fingerprint)} "
+                                f"(trained on {short(info['embeddings']['fingerprint'])}); no refitting",
+                                "grouping": "none needed: no cell of this store was used for training",
+                                "blast_filter": "the probe's own blast filter" if probe.blast is not None else None}
+    else:
+        report.update(cell=None, patient=None, evaluation={"kind": "none", "description": "skipped (--cv 0)"})
+    if leave_one_domain_out:
+        report["leave_one_domain_out"] = domain_report(task)
+    if out is None:
+        out = Path(probe_dir) if same_store else Path(probe_dir) / f"external-{short(emb.fingerprint)}"
+    written = write_report(out, report, patients)
+    return Outcome(written, _headline(report))
+
+
+def _predict_blocks(probe: Probe, emb: Embeddings, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    kept = np.zeros(len(rows), dtype=bool)
+    proba = np.full((len(rows), len(probe.classes)), np.nan)
+    for start in tqdm(range(0, len(rows), PREDICT_BLOCK), desc="predict", unit="block", disable=None):
+        block = slice(start, start + PREDICT_BLOCK)
+        kept[block], proba[block] = probe.predict_rows(emb.vectors, rows[block])
+    return kept, proba
+
+
+def predict(probe_dir: Path, embeddings: Path, out: Path, overwrite: bool = False) -> Outcome:
+    """Cell predictions (``out``) and patient aggregates (``<out stem>.patients.parquet``)."""
+    out = Path(out)
+    if out.suffix != ".parquet":
+        raise MarrowLensError(f"--out {out} must end in .parquet")
+    patients_out = out.with_name(out.stem + ".patients.parquet")
+    for path in (out, patients_out):
+        if path.exists() and not overwrite:
+            raise MarrowLensError(f"{path} exists; pass --overwrite to replace it")
+    emb = _load_store(embeddings)
+    probe, info = load_probe(probe_dir, emb)
+    kept, proba = _predict_blocks(probe, emb, np.arange(len(emb)))
+    classes = probe.classes
+    cells = pd.DataFrame({"cell_id": emb.cells["cell_id"].to_numpy(), "patient_id": emb.cells["patient_id"].to_numpy(), "kept": kept})
+    best = np.nan_to_num(proba, nan=-1).argmax(axis=1)
+    cells["predicted"] = np.where(kept, np.asarray(classes, dtype=object)[best], None)
+    cells["confidence"] = np.where(kept, np.nanmax(np.where(kept[:, None], proba, 0), axis=1), np.nan)
+    for i, name in enumerate(classes):
+        cells[f"p_{name}"] = proba[:, i]
+    has_patient = emb.cells["patient_id"].notna().to_numpy()
+    groups = patient_groups(emb.cells).to_numpy()
+    patients = aggregate_patients(groups[has_patient], kept[has_patient], proba[has_patient], classes)
+    write_parquet_atomic(out, cells)
+    write_parquet_atomic(patients_out, patients)
+    undetermined = int((patients["predicted"] == "undetermined").sum())
+    headline = [f"{int(kept.sum())} of {len(kept)} cells kept" if probe.blast is not None else f"{len(kept)} cells predicted",
+                f"{len(patients)} patients, {undetermined} undetermined (no kept cell)"]
+    return Outcome([out, patients_out], headline)
+
+
+def noise_sweep(embeddings: Path, out: Path, config: ProbeConfig, rates: list[float], kind: str, losses: list[str],
+                blast_probe: Path | None = None, overwrite: bool = False) -> Outcome:
+    """Inject known noise into training labels only; CV every loss at every rate on the same folds."""
+    if config.head != "linear":
+        raise MarrowLensError("noise-sweep compares training losses, so it needs --head linear")
+    if config.eval.cv < 2:
+        raise MarrowLensError("noise-sweep needs cross-validation: --cv 2 or more")
+    for rate in rates:
+        if not 0 <= rate < 1:
+            raise MarrowLensError(f"noise rate {rate} must be in [0, 1)")
+    emb = _load_store(embeddings)
+    blast = _load_blast(blast_probe, emb)
+    if config.task == "mutation" and blast is None:
+        blast = _seed_blast_probe(config, emb)
+    out = prepare_out_dir(out, overwrite)
+    rows = []
+    for loss in losses:
+        data = config.model_dump(mode="json")
+        data["loss"]["name"] = loss
+        loss_config = validate_config(ProbeConfig, data, "--losses")
+        task = make_task(loss_config, emb, blast)
+        folds = cv_folds(task, loss_config)
+        for rate in rates:
+            noise = NoiseSpec(rate, kind, config.seed) if rate > 0 else None
+            pred, _ = run_folds(task, folds, noise, desc=f"{loss} noise {rate:g}")
+            summary, _ = _summary(task, pred, loss_config)
+            rows.append(_sweep_row(loss, rate, summary))
+    result = {"task": config.task, "kind": kind, "rates": rates, "losses": losses, "folds": config.eval.cv,
+              "embeddings": {"fingerprint": emb.fingerprint, "model_fingerprint": emb.model_fingerprint},
+              "blast_filter": _blast_note(task), "rows": rows, "config": config.model_dump(mode="json")}
+    write_json_atomic(out / "sweep.json", result)
+    write_text_atomic(out / "sweep.md", _sweep_markdown(result))
+    written = [out / "sweep.json", out / "sweep.md", _sweep_plot(out, result)]
+    write_meta(out, "noise-sweep", embeddings=result["embeddings"], task=config.task)
+    return Outcome(written, [_sweep_line(r) for r in rows])
+
+
+def _seed_blast_probe(config: ProbeConfig, emb: Embeddings) -> Probe:
+    """Without --blast-probe, the store's own blast labels make one (refitted in every fold anyway)."""
+    blast_config = validate_config(ProbeConfig, {"task": "blast", "blast": config.blast.model_dump(), "seed": config.seed,
+                                                 "linear": config.linear.model_dump()}, "noise-sweep blast filter")
+    try:
+        task = make_task(blast_config, emb)
+    except MarrowLensError as exc:
+        raise MarrowLensError(f"the mutation sweep needs --blast-probe or blast labels in the store ({exc})") from None
+    return task.fit(np.arange(len(task.rows)), final=True)
+
+
+def _value(entry: Any) -> float | None:
+    return entry.get("value") if isinstance(entry, dict) else entry
+
+
+def _sweep_row(loss: str, rate: float, summary: dict[str, Any]) -> dict[str, Any]:
+    cell, patient = summary["cell"], summary.get("patient") or {}
+    row = {"loss": loss, "noise": rate, "cell_accuracy": _value(cell["accuracy"]),
+           "cell_balanced_accuracy": _value(cell["balanced_accuracy"]), "cell_macro_f1": _value(cell["macro_f1"]),
+           "cell_balanced_accuracy_ci": cell["balanced_accuracy"]["ci"]}
+    if "accuracy" in patient:
+        row.update(patient_accuracy=_value(patient["accuracy"]), patient_accuracy_ci=patient["accuracy"]["ci"],
+                   patient_balanced_accuracy=_value(patient["balanced_accuracy"]), undetermined_patients=patient["n_undetermined"])
+    return row
+
+
+def _sweep_line(row: dict[str, Any]) -> str:
+    text = f"{row['loss']:>5} noise {row['noise']:.2f}: cell balanced accuracy {row['cell_balanced_accuracy']:.3f}"
+    if row.get("patient_accuracy") is not None:
+        text += f", patient accuracy {row['patient_accuracy']:.3f}"
+    return text
+
+
+def _sweep_markdown(result: dict[str, Any]) -> str:
+    from marrowlens.probes.report import _table
+
+    keys = ["loss", "noise", "cell_accuracy", "cell_balanced_accuracy", "cell_macro_f1", "patient_accuracy", "patient_balanced_accuracy", "undetermined_patients"]
+    keys = [k for k in keys if any(k in r for r in result["rows"])]
+    lines = [f"# Noise sweep: {result['task']} ({result['kind']} noise in training labels only)", "",
+             f"{result['folds']}-fold patient-grouped CV, the same folds and the same injected noise for every loss. "
+             f"Blast filter: {result['blast_filter'] or 'n/a'}.", ""]
+    lines += _table(keys, [[r.get(k) for k in keys] for r in result["rows"]])
+    return "\n".join(lines)
+
+
+def _sweep_plot(out: Path, result: dict[str, Any]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from marrowlens.probes.report import _save
+
+    metric = "patient_accuracy" if any(r.get("patient_accuracy") is not None for r in result["rows"]) else "cell_balanced_accuracy"
+    figure, ax = plt.subplots(figsize=(5, 4))
+    for loss in result["losses"]:
+        rows = [r for r in result["rows"] if r["loss"] == loss]
+        ax.plot([r["noise"] for r in rows], [r.get(metric) for r in rows], marker="o", label=loss)
+    ax.set_xlabel(f"injected {result['kind']} noise rate")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    ax.set_title(f"{result['task']}: noise sweep")
+    return _save(plt, figure, out / "sweep.png")

@@ -1,0 +1,277 @@
+"""What a probe learns: blast vs non-blast, cell types, or mutations through a blast filter.
+
+A task turns an embedding store into *units* (the labelled cells it is evaluated on, their truth
+and their patient) and fits a :class:`Probe` on any subset of them. The mutation task is the
+hand-written part (no library has it): a blast probe keeps the cells it calls blasts, those cells
+inherit their patient's ``mutation`` label (control patients contribute the cells chosen by
+``mutation.control_cells``), and the mutation head learns on them; applied to a patient, only the
+kept cells are classified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from marrowlens.cohort.manifest import patient_groups
+from marrowlens.config import BlastLabelConfig, ProbeConfig
+from marrowlens.embeddings import Embeddings
+from marrowlens.errors import MarrowLensError
+from marrowlens.probes.heads import KNNProbe, LinearProbe, as_rows, make_head
+from marrowlens.probes.noise import NoiseSpec, inject_noise
+
+BLAST, NON_BLAST = "blast", "non_blast"
+
+
+class RowView:
+    """Rows of a (memory-mapped) matrix, read only when a head asks: one copy, in the head."""
+
+    def __init__(self, vectors: np.ndarray, rows: np.ndarray) -> None:
+        self.vectors, self.rows = vectors, np.asarray(rows, dtype=np.int64)
+        self.shape = (len(self.rows), vectors.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return as_rows(self.vectors, self.rows[key])
+
+
+# ---------------------------------------------------------------- labels
+
+
+def _require_column(cells: pd.DataFrame, column: str, where: str, hint: str = "") -> pd.Series:
+    if column not in cells.columns or cells[column].isna().all():
+        raise MarrowLensError(f"{where} has no {column} labels (the column is missing or empty){hint}")
+    return cells[column]
+
+
+def blast_labels(cells: pd.DataFrame, config: BlastLabelConfig, where: str) -> pd.Series:
+    """``blast`` / ``non_blast`` per cell, None where unknown."""
+    if config.source == "is_blast":
+        values = _require_column(cells, "is_blast", where, "; the blast task needs them, or set blast.source=cell_type")
+        return values.map({True: BLAST, False: NON_BLAST}).astype(object).where(values.notna(), None)
+    types = _require_column(cells, "cell_type", where, "; blast.source=cell_type needs them")
+    labels = pd.Series(None, index=cells.index, dtype=object)
+    labels[types.isin(config.blast_types)] = BLAST
+    others = types.notna() & ~types.isin(config.blast_types)
+    if config.non_blast_types is not None:
+        others &= types.isin(config.non_blast_types)
+    labels[others] = NON_BLAST
+    return labels
+
+
+def has_blast_labels(cells: pd.DataFrame, config: BlastLabelConfig) -> bool:
+    try:
+        labels = blast_labels(cells, config, "")
+    except MarrowLensError:
+        return False
+    return bool(labels.notna().any())
+
+
+def cell_type_labels(cells: pd.DataFrame, config: ProbeConfig, where: str) -> pd.Series:
+    """Cell types (mapped to coarse classes when a mapping is given; unmapped types dropped)."""
+    types = _require_column(cells, "cell_type", where, "; the cell_type task needs them")
+    mapping = config.cell_type.mapping
+    labels = types.map(mapping) if mapping else types
+    labels = labels.astype(object).where(labels.notna(), None)
+    counts = labels.value_counts()
+    rare = counts[counts < config.cell_type.min_cells].index
+    return labels.where(~labels.isin(rare), None)
+
+
+# ---------------------------------------------------------------- fitted probe
+
+
+@dataclass
+class Probe:
+    """A fitted head with what is needed to apply it (and, for mutations, its blast filter)."""
+
+    config: ProbeConfig
+    head: LinearProbe | KNNProbe
+    classes: list[str]
+    train_rows: np.ndarray
+    train_labels: np.ndarray
+    blast: "Probe | None" = None
+    notes: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None  # the folder it was loaded from, if any
+
+    def proba(self, X: Any) -> np.ndarray:
+        """Probabilities over :attr:`classes` (a fold's head may have seen fewer: those get 0)."""
+        raw = self.head.predict_proba(X)
+        out = np.zeros((len(raw), len(self.classes)))
+        columns = [self.classes.index(str(c)) for c in self.head.classes_]
+        out[:, columns] = raw
+        return out
+
+    def blast_probability(self, X: Any) -> np.ndarray:
+        return self.proba(X)[:, self.classes.index(BLAST)]
+
+    def predict_rows(self, vectors: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(kept, proba)`` for store rows; cells the blast filter drops get NaN probabilities."""
+        rows = np.asarray(rows, dtype=np.int64)
+        proba = np.full((len(rows), len(self.classes)), np.nan)
+        if self.blast is None:
+            kept = np.ones(len(rows), dtype=bool)
+        else:
+            kept = self.blast.blast_probability(RowView(vectors, rows)) >= self.config.mutation.blast_threshold
+        if kept.any():
+            proba[kept] = self.proba(RowView(vectors, rows[kept]))
+        return kept, proba
+
+
+def head_spec(config: ProbeConfig) -> tuple[str, dict[str, Any]]:
+    """Head kind and constructor parameters from a config."""
+    weight = None if config.imbalance.class_weight == "none" else config.imbalance.class_weight
+    if config.head == "knn":
+        return "knn", {"k": config.knn.k, "temperature": config.knn.temperature, "class_weight": weight}
+    lin, loss = config.linear, config.loss
+    return "linear", {
+        "hidden_dim": lin.hidden_dim, "loss": loss.name, "gce_q": loss.gce_q, "sce_alpha": loss.sce_alpha,
+        "sce_beta": loss.sce_beta, "focal_gamma": loss.focal_gamma, "class_weight": weight,
+        "sampling": config.imbalance.sampling, "weight_decays": list(lin.weight_decays), "lr": lin.lr,
+        "batch_size": lin.batch_size, "max_epochs": lin.max_epochs, "patience": lin.patience,
+        "val_fraction": lin.val_fraction, "refit": lin.refit, "early_stopping": lin.early_stopping,
+        "random_state": config.seed,
+    }
+
+
+def fit_head(config: ProbeConfig, vectors: np.ndarray, rows: np.ndarray, labels: np.ndarray, groups: np.ndarray, classes: list[str]) -> Probe:
+    """Fit a fresh head on store rows; one class left is an error naming it."""
+    present = sorted(set(labels))
+    if len(present) < 2:
+        raise MarrowLensError(f"only class {str(present[0]) if present else '(none)'!r} has training cells; a probe needs two or more")
+    kind, params = head_spec(config)
+    head = make_head(kind, params)
+    head.fit(RowView(vectors, rows), labels, groups=groups)
+    return Probe(config=config, head=head, classes=classes, train_rows=np.asarray(rows), train_labels=np.asarray(labels))
+
+
+# ---------------------------------------------------------------- tasks
+
+
+class Task:
+    """Labelled units of a store and how to fit a probe on a subset of them."""
+
+    name: str
+
+    def __init__(self, config: ProbeConfig, emb: Embeddings) -> None:
+        self.config, self.emb = config, emb
+        self.groups_all = patient_groups(emb.cells).to_numpy()
+        labels = self.labels()
+        known = labels.notna().to_numpy()
+        self.rows = np.flatnonzero(known)
+        self.y = labels.to_numpy()[known].astype(str)
+        self.groups = self.groups_all[self.rows]
+        self.classes = sorted(set(self.y))
+        if len(self.classes) < 2:
+            raise MarrowLensError(f"{emb.folder}: the {self.name} task needs two classes, found {self.classes or 'none'}")
+
+    def labels(self) -> pd.Series:
+        raise NotImplementedError
+
+    def fit(self, train: np.ndarray, noise: NoiseSpec | None = None, final: bool = False) -> Probe:
+        """Fit on ``train`` (indices into :attr:`rows`); ``final`` marks the fit on every unit."""
+        rows, y, groups = self.rows[train], self.y[train], self.groups[train]
+        if noise is not None:
+            y = inject_noise(y, self.classes, noise, groups)
+        return fit_head(self.config, self.emb.vectors, rows, y, groups, self.classes)
+
+    def describe(self) -> dict[str, Any]:
+        return {"cells": int(len(self.rows)), "patients": int(len(set(self.groups)))}
+
+
+class BlastTask(Task):
+    name = "blast"
+
+    def labels(self) -> pd.Series:
+        return blast_labels(self.emb.cells, self.config.blast, str(self.emb.folder))
+
+
+class CellTypeTask(Task):
+    name = "cell_type"
+
+    def labels(self) -> pd.Series:
+        return cell_type_labels(self.emb.cells, self.config, str(self.emb.folder))
+
+
+class MutationTask(Task):
+    """Units: every cell of a patient with a ``mutation``; the blast filter decides which count.
+
+    ``blast`` is the blast probe given by the user. When the store has that probe's kind of blast
+    labels, each fit refits the filter on its own training patients (so a CV fold never sees a
+    test patient's blast labels); otherwise the given probe is used as it is.
+    """
+
+    name = "mutation"
+
+    def __init__(self, config: ProbeConfig, emb: Embeddings, blast: Probe) -> None:
+        self.blast = blast
+        super().__init__(config, emb)
+        self.refit_blast = has_blast_labels(emb.cells, blast.config.blast)
+        if self.refit_blast:
+            self.blast_y = blast_labels(emb.cells, blast.config.blast, str(emb.folder)).to_numpy()
+
+    def labels(self) -> pd.Series:
+        mutation = _require_column(self.emb.cells, "mutation", str(self.emb.folder), "; the mutation task needs them")
+        return mutation.astype(object).where(mutation.notna(), None)
+
+    @property
+    def control(self) -> str | None:
+        control = self.config.mutation.control
+        return control if control in self.classes else None
+
+    def blast_filter_for(self, rows: np.ndarray) -> Probe:
+        """The blast probe refitted on ``rows``' blast labels, or the given one."""
+        if not self.refit_blast:
+            return self.blast
+        labelled = rows[pd.notna(self.blast_y[rows])]
+        return fit_head(self.blast.config, self.emb.vectors, labelled, self.blast_y[labelled].astype(str),
+                        self.groups_all[labelled], [BLAST, NON_BLAST])
+
+    def training_cells(self, train: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        """Which of the ``train`` units train the head: kept cells, and the chosen control cells."""
+        y = self.y[train]
+        is_control = y == self.control if self.control is not None else np.zeros(len(y), dtype=bool)
+        choice = self.config.mutation.control_cells
+        control_cells = {"non_blast": ~kept, "kept": kept, "all": np.ones(len(y), dtype=bool)}[choice]
+        return np.where(is_control, control_cells, kept)
+
+    def fit(self, train: np.ndarray, noise: NoiseSpec | None = None, final: bool = False) -> Probe:
+        """In CV folds the blast filter is refitted (when it can be); the final fit keeps the given one."""
+        rows = self.rows[train]
+        refit = self.refit_blast and not final
+        blast = self.blast_filter_for(rows) if refit else self.blast
+        kept = blast.blast_probability(RowView(self.emb.vectors, rows)) >= self.config.mutation.blast_threshold
+        chosen = self.training_cells(train, kept)
+        y = self.y[train][chosen]
+        empty = [c for c in self.classes if c not in set(y)]
+        if empty:
+            raise MarrowLensError(
+                f"class {str(empty[0])!r} has no cells after the blast filter (threshold "
+                f"{self.config.mutation.blast_threshold}, {int(kept.sum())} of {len(kept)} cells kept); "
+                "lower --blast-threshold or check the blast probe"
+            )
+        groups = self.groups[train][chosen]
+        if noise is not None:
+            y = inject_noise(y, self.classes, noise, groups)
+        probe = fit_head(self.config, self.emb.vectors, rows[chosen], y, groups, self.classes)
+        probe.blast = blast
+        probe.notes = {"blast_filter": "refitted on the training patients' blast labels" if refit else "the given blast probe, as is",
+                       "kept_training_cells": int(kept.sum()), "training_cells": int(chosen.sum())}
+        return probe
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "control": self.control, "blast_filter_refitted": self.refit_blast}
+
+
+def make_task(config: ProbeConfig, emb: Embeddings, blast: Probe | None = None) -> Task:
+    if config.task == "mutation":
+        if blast is None:
+            raise MarrowLensError("the mutation task needs a blast probe (--blast-probe probes/blast)")
+        return MutationTask(config, emb, blast)
+    return {"blast": BlastTask, "cell_type": CellTypeTask}[config.task](config, emb)

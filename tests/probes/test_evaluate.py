@@ -1,0 +1,125 @@
+"""Patient grouping (property tests), leak checks, and patient aggregation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from marrowlens.config import ProbeConfig
+from marrowlens.errors import MarrowLensError
+from marrowlens.probes import tasks as tasks_module
+from marrowlens.probes.evaluate import (
+    UNDETERMINED,
+    aggregate_patients,
+    check_no_leak,
+    domain_folds,
+    grouped_folds,
+    run_folds,
+)
+from marrowlens.probes.tasks import make_task
+from tests.probes.helpers import make_store
+
+FAST = {"linear": {"max_epochs": 15, "patience": 3, "weight_decays": [0.0, 0.01]}}
+
+
+class TestGroupedFolds:
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(
+        n_patients=st.integers(3, 25),
+        n_splits=st.integers(2, 6),
+        seed=st.integers(0, 1000),
+        data=st.data(),
+    )
+    def test_no_patient_on_both_sides_and_every_cell_tested_once(self, n_patients, n_splits, seed, data) -> None:
+        sizes = data.draw(st.lists(st.integers(1, 6), min_size=n_patients, max_size=n_patients))
+        groups = np.repeat([f"p{i}" for i in range(n_patients)], sizes)
+        labels = data.draw(st.lists(st.sampled_from("ab"), min_size=n_patients, max_size=n_patients))
+        y = np.repeat(labels, sizes)
+        if n_patients < n_splits:
+            with pytest.raises(MarrowLensError, match="patient"):
+                grouped_folds(y, groups, n_splits, seed)
+            return
+        folds = grouped_folds(y, groups, n_splits, seed)
+        tested = np.concatenate([test for _, test in folds])
+        assert sorted(tested) == list(range(len(y)))
+        for train, test in folds:
+            assert not set(groups[train]) & set(groups[test])
+
+    def test_fewer_patients_than_folds_names_both(self) -> None:
+        with pytest.raises(MarrowLensError, match=r"3 patient\(s\) but 5 folds"):
+            grouped_folds(np.array(list("aabbc")), np.array(["p1", "p1", "p2", "p2", "p3"]), 5)
+
+    def test_leak_check_fires(self) -> None:
+        groups = np.array(["p1", "p1", "p2"])
+        with pytest.raises(AssertionError, match="patient leak"):
+            check_no_leak(groups, np.array([0]), np.array([1, 2]))
+
+
+class TestMutationFoldsNeverLeak:
+    @settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(n_splits=st.integers(2, 4), seed=st.integers(0, 100))
+    def test_every_head_and_refitted_blast_filter_trains_on_training_patients_only(self, tmp_path_factory, monkeypatch, n_splits, seed) -> None:
+        emb = make_store(tmp_path_factory.mktemp("emb"), patients_per_class=4, cells_per_patient=12, seed=seed)
+        seen: list[np.ndarray] = []
+        real_fit_head = tasks_module.fit_head
+
+        def spy(config, vectors, rows, labels, groups, classes):
+            seen.append(np.asarray(rows))
+            return real_fit_head(config, vectors, rows, labels, groups, classes)
+
+        monkeypatch.setattr(tasks_module, "fit_head", spy)
+        blast = make_task(ProbeConfig.model_validate({"task": "blast", **FAST}), emb).fit(np.arange(len(emb)), final=True)
+        task = make_task(ProbeConfig.model_validate({"task": "mutation", "seed": seed, **FAST}), emb, blast)
+        folds = grouped_folds(task.y, task.groups, n_splits, seed)
+        for i, (train, test) in enumerate(folds):
+            seen.clear()
+            run_folds(task, [(i, train, test)])
+            assert len(seen) == 2  # the refitted blast filter, then the mutation head
+            test_patients = set(task.groups[test])
+            for rows in seen:
+                assert not set(task.groups_all[rows]) & test_patients
+
+    def test_a_head_trained_on_test_patients_is_caught(self, tmp_path, monkeypatch) -> None:
+        emb = make_store(tmp_path / "emb", patients_per_class=3, cells_per_patient=8)
+        task = make_task(ProbeConfig.model_validate({"task": "blast", **FAST}), emb)
+        train, test = grouped_folds(task.y, task.groups, 3)[0]
+        honest_fit = task.fit
+        monkeypatch.setattr(task, "fit", lambda rows, noise=None: honest_fit(np.arange(len(task.rows))))
+        with pytest.raises(AssertionError, match="patient leak"):
+            run_folds(task, [(0, train, test)])
+
+
+class TestDomainFolds:
+    def test_one_fold_per_domain_without_shared_patients(self, tmp_path) -> None:
+        emb = make_store(tmp_path / "emb", domains=("a", "b", "c"))
+        task = make_task(ProbeConfig.model_validate({"task": "blast", **FAST}), emb)
+        folds = domain_folds(task)
+        assert [name for name, _, _ in folds] == ["a", "b", "c"]
+        domains = emb.cells["domain"].to_numpy()[task.rows]
+        for name, train, test in folds:
+            assert set(domains[test]) == {name} and name not in set(domains[train])
+
+    def test_one_domain_is_an_error(self, tmp_path) -> None:
+        emb = make_store(tmp_path / "emb", domains=("only",))
+        task = make_task(ProbeConfig.model_validate({"task": "blast", **FAST}), emb)
+        with pytest.raises(MarrowLensError, match="two or more domains"):
+            domain_folds(task)
+
+
+class TestAggregatePatients:
+    def test_mean_log_probability_votes_and_undetermined(self) -> None:
+        patients = np.array(["p1", "p1", "p1", "p2", "p2", "p3"])
+        kept = np.array([True, True, False, True, False, False])
+        proba = np.array([[0.9, 0.1], [0.4, 0.6], [np.nan, np.nan], [0.2, 0.8], [np.nan, np.nan], [np.nan, np.nan]])
+        table = aggregate_patients(patients, kept, proba, ["a", "b"], truth=np.array(["a", "a", "a", "b", "b", "a"])).set_index("patient_id")
+        geo = np.sqrt([0.9 * 0.4, 0.1 * 0.6])
+        assert table.loc["p1", "p_a"] == pytest.approx(geo[0] / geo.sum())
+        assert table.loc["p1", "predicted"] == "a"
+        assert table.loc["p1", "frac_a"] == pytest.approx(0.5) and table.loc["p1", "frac_b"] == pytest.approx(0.5)
+        assert (table.loc["p1", "n_cells"], table.loc["p1", "n_kept"]) == (3, 2)
+        assert table.loc["p2", "predicted"] == "b" and table.loc["p2", "p_b"] == pytest.approx(0.8)
+        assert table.loc["p3", "predicted"] == UNDETERMINED and table.loc["p3", "n_kept"] == 0
+        assert np.isnan(table.loc["p3", "p_a"]) and table.loc["p3", "truth"] == "a"
+        assert list(table.index) == ["p1", "p2", "p3"]  # nobody dropped

@@ -1,0 +1,142 @@
+"""Tasks: where labels come from, the blast filter before the mutation head, data-driven classes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from marrowlens.config import ProbeConfig
+from marrowlens.errors import MarrowLensError
+from marrowlens.probes import tasks as tasks_module
+from marrowlens.probes.tasks import BLAST, NON_BLAST, RowView, blast_labels, make_task
+from tests.probes.helpers import make_store, synthetic_cells
+
+FAST = {"linear": {"max_epochs": 15, "patience": 3, "weight_decays": [0.0, 0.01]}}
+
+
+def config(task: str, **extra) -> ProbeConfig:
+    return ProbeConfig.model_validate({"task": task, **FAST, **extra})
+
+
+@pytest.fixture
+def emb(tmp_path):
+    return make_store(tmp_path / "emb")
+
+
+@pytest.fixture
+def blast_probe(emb):
+    return make_task(config("blast", linear={"max_epochs": 60}), emb).fit(np.arange(len(emb)), final=True)
+
+
+def _kept(blast_probe, emb) -> np.ndarray:
+    return blast_probe.blast_probability(RowView(emb.vectors, np.arange(len(emb)))) >= 0.5
+
+
+class TestLabels:
+    def test_blast_labels_from_is_blast(self) -> None:
+        cells = synthetic_cells(patients_per_class=1, cells_per_patient=10)
+        cells.loc[0, "is_blast"] = pd.NA
+        labels = blast_labels(cells, config("blast").blast, "x")
+        assert labels[0] is None
+        assert set(labels[1:]) <= {BLAST, NON_BLAST}
+        assert (labels[1:] == BLAST).tolist() == cells["is_blast"][1:].astype(bool).tolist()
+
+    def test_blast_labels_from_mapped_cell_types(self) -> None:
+        cells = synthetic_cells(patients_per_class=1, cells_per_patient=30)
+        chosen = config("blast", blast={"source": "cell_type", "blast_types": ["myeloblast"], "non_blast_types": ["lymphocyte"]})
+        labels = blast_labels(cells, chosen.blast, "x")
+        assert set(labels[cells["cell_type"] == "myeloblast"]) == {BLAST}
+        assert set(labels[cells["cell_type"] == "lymphocyte"]) == {NON_BLAST}
+        assert labels[cells["cell_type"].isin(["neutrophil", "monocyte"])].isna().all()
+
+    def test_cell_type_source_needs_the_blast_types(self) -> None:
+        with pytest.raises(MarrowLensError, match="blast_types"):
+            from marrowlens.config import load_config
+
+            load_config(ProbeConfig, None, ["blast.source=cell_type"])
+
+    @pytest.mark.parametrize("column, task", [("is_blast", "blast"), ("mutation", "mutation"), ("cell_type", "cell_type")])
+    def test_missing_label_column_names_it(self, tmp_path, column: str, task: str, blast_probe) -> None:
+        cells = synthetic_cells()
+        cells[column] = None
+        bare = make_store(tmp_path / "bare", cells=cells, vectors=np.zeros((len(cells), 16), dtype=np.float32) + np.arange(16, dtype=np.float32))
+        with pytest.raises(MarrowLensError, match=f"no {column} labels"):
+            make_task(config(task), bare, blast_probe)
+
+    def test_cell_type_mapping_drops_unmapped_and_rare_types(self, tmp_path) -> None:
+        store = make_store(tmp_path / "e", cells_per_patient=30)
+        mapped = config("cell_type", cell_type={"mapping": {"lymphocyte": "lymph", "neutrophil": "granulocyte", "monocyte": "granulocyte"}})
+        task = make_task(mapped, store)
+        assert task.classes == ["granulocyte", "lymph"]
+        kept_types = set(store.cells["cell_type"].to_numpy()[task.rows])
+        assert "myeloblast" not in kept_types
+        rare = config("cell_type", cell_type={"min_cells": 10_000})
+        with pytest.raises(MarrowLensError, match="needs two classes"):
+            make_task(rare, store)
+
+
+class TestMutationTask:
+    def test_blast_filter_removes_non_blasts_before_the_mutation_head(self, emb, blast_probe, monkeypatch) -> None:
+        calls = []
+        real = tasks_module.fit_head
+        monkeypatch.setattr(tasks_module, "fit_head", lambda c, v, rows, labels, g, k: calls.append((rows, labels)) or real(c, v, rows, labels, g, k))
+        task = make_task(config("mutation"), emb, blast_probe)
+        task.fit(np.arange(len(task.rows)), final=True)
+        rows, labels = calls[-1]
+        kept = _kept(blast_probe, emb)
+        leukemic = (emb.cells["mutation"] != "control").to_numpy()
+        assert set(rows[leukemic[rows]]) == set(np.flatnonzero(kept & leukemic))  # exactly the kept leukemic cells
+        is_blast = emb.cells["is_blast"].astype(bool).to_numpy()
+        assert (kept == is_blast).mean() > 0.95 and (leukemic & ~is_blast).sum() > 20  # many non-blasts removed
+        np.testing.assert_array_equal(labels, emb.cells["mutation"].to_numpy()[rows])
+
+    @pytest.mark.parametrize("choice", ["non_blast", "kept", "all"])
+    def test_control_cells_follow_the_config(self, emb, blast_probe, choice: str) -> None:
+        task = make_task(config("mutation", mutation={"control_cells": choice}), emb, blast_probe)
+        probe = task.fit(np.arange(len(task.rows)), final=True)
+        is_control = (emb.cells["mutation"] == "control").to_numpy()
+        trained = set(probe.train_rows[is_control[probe.train_rows]])
+        kept = _kept(blast_probe, emb)
+        expected = {"non_blast": ~kept, "kept": kept, "all": np.ones(len(kept), dtype=bool)}[choice]
+        assert trained == set(np.flatnonzero(expected & is_control))
+
+    def test_classes_are_the_data_s(self, tmp_path) -> None:
+        store = make_store(tmp_path / "apl", mutations=("PML_RARA", "other_AML"))
+        blast = make_task(config("blast"), store).fit(np.arange(len(store)), final=True)
+        task = make_task(config("mutation"), store, blast)
+        assert task.classes == ["PML_RARA", "other_AML"] and task.control is None
+        probe = task.fit(np.arange(len(task.rows)), final=True)
+        kept, proba = probe.predict_rows(store.vectors, np.arange(len(store)))
+        assert proba.shape == (len(store), 2) and np.isnan(proba[~kept]).all()
+
+    def test_a_custom_control_name(self, tmp_path) -> None:
+        store = make_store(tmp_path / "e", mutations=("NPM1", "healthy"))
+        blast = make_task(config("blast"), store).fit(np.arange(len(store)), final=True)
+        assert make_task(config("mutation", mutation={"control": "healthy"}), store, blast).control == "healthy"
+
+    def test_class_with_no_cells_after_the_filter(self, tmp_path) -> None:
+        store = make_store(tmp_path / "e", mutations=("NPM1", "CBFB_MYH11"), blast_fraction={"CBFB_MYH11": 0.0})
+        blast = make_task(config("blast"), store).fit(np.arange(len(store)), final=True)
+        task = make_task(config("mutation"), store, blast)
+        with pytest.raises(MarrowLensError, match="class 'CBFB_MYH11' has no cells after the blast filter"):
+            task.fit(np.arange(len(task.rows)), final=True)
+
+    def test_refit_only_with_blast_labels(self, tmp_path, blast_probe) -> None:
+        cells = synthetic_cells()
+        cells["is_blast"] = pd.array([pd.NA] * len(cells), dtype="boolean")
+        unlabelled = make_store(tmp_path / "u", cells=cells, vectors=make_store(tmp_path / "l").vectors.copy())
+        task = make_task(config("mutation"), unlabelled, blast_probe)
+        assert not task.refit_blast
+        probe = task.fit(np.arange(len(task.rows)))
+        assert probe.blast is blast_probe and "as is" in probe.notes["blast_filter"]
+
+
+@pytest.mark.parametrize("name", ["blast", "mutation", "cell_type"])
+def test_shipped_configs_load(name: str) -> None:
+    from pathlib import Path
+
+    from marrowlens.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "probes" / f"{name}.yaml"
+    assert load_config(ProbeConfig, path).task == name
