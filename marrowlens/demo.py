@@ -7,23 +7,30 @@ first, so the demo doubles as a tutorial. Re-running it starts over (``--overwri
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(os.path.relpath(Path(__file__).resolve().parents[1] / "configs"))
 
 
-def steps(out: Path, patients: int, cells: int) -> list[list[str]]:
+def steps(out: Path, patients: int, cells: int) -> Iterator[list[object]]:
+    """The demo's commands, made one at a time (the search query is a cell the first step drew)."""
     cohort, run, emb = out / "cohort", out / "runs" / "simclr", out / "emb"
-    return [
-        ["cohort", "synth", "--out", cohort, "--patients", patients, "--cells-per-patient", cells,
-         "--image-size", 64, "--seed", 0, "--overwrite"],
-        ["pretrain", "--config", CONFIGS / "pretrain" / "tiny_cpu.yaml", "--cohort", cohort, "--out", run, "--overwrite"],
-        ["embed", "--model", run, "--cohort", cohort, "--out", emb, "--overwrite"],
-    ]
+    blast, mutation, index = out / "probes" / "blast", out / "probes" / "mutation", out / "idx"
+    yield ["cohort", "synth", "--out", cohort, "--patients", patients, "--cells-per-patient", cells,
+           "--image-size", 64, "--seed", 0, "--overwrite"]
+    yield ["pretrain", "--config", CONFIGS / "pretrain" / "tiny_cpu.yaml", "--cohort", cohort, "--out", run, "--overwrite"]
+    yield ["embed", "--model", run, "--cohort", cohort, "--out", emb, "--overwrite"]
+    yield ["probe", "fit", "blast", "--config", CONFIGS / "probes" / "blast.yaml", "--embeddings", emb, "--out", blast, "--overwrite"]
+    yield ["probe", "fit", "mutation", "--config", CONFIGS / "probes" / "mutation.yaml", "--embeddings", emb,
+           "--blast-probe", blast, "--out", mutation, "--overwrite"]
+    yield ["index", "build", "--embeddings", emb, "--out", index, "--overwrite"]
+    yield ["search", "--index", index, "--image", next(iter(sorted((cohort / "images").rglob("*.png")))), "-k", 5]
 
 
 def main() -> None:
@@ -40,6 +47,8 @@ def main() -> None:
         if result.returncode != 0:
             sys.exit(f"demo stopped: `{shlex.join(words)}` failed (exit {result.returncode})")
     print(f"\ndemo finished in {time.time() - started:.0f} s; everything is under {args.out}/")
+    print(f"reports: {args.out}/probes/blast/report.md, {args.out}/probes/mutation/report.md")
+    print(f"browse similar cells: marrowlens serve --index {args.out}/idx  (then open http://127.0.0.1:8000/)")
 
 
 if __name__ == "__main__":
