@@ -439,6 +439,28 @@ def probe_noise_sweep(
     _print_outcome(run.noise_sweep(embeddings, out, probe_config, rates, kind, loss_names, blast_probe=blast_probe, overwrite=overwrite))
 
 
+# ---------------------------------------------------------------- a whole study in one command
+
+
+@app.command("run")
+def run_command(
+    cohort: Path = typer.Option(..., "--cohort", help="cohort folder (`marrowlens cohort index`)"),
+    config: Path = typer.Option(..., "--config", help="study YAML, e.g. configs/run/deepapl.yaml"),
+    out: Path = typer.Option(..., "--out", help="results folder (re-running resumes and skips finished stages)"),
+    set_: List[str] = typer.Option([], "--set", help="run-config override, e.g. embed.batch_size=64 (repeatable)"),
+    pretrain_set: List[str] = typer.Option([], "--pretrain-set", help="pretrain override, e.g. trainer.max_epochs=5 (repeatable)"),
+) -> None:
+    """Pretrain -> embed -> probes -> index -> report, resuming whatever is already done.
+
+    Example: marrowlens run --cohort cohort/ --config configs/run/deepapl.yaml --out results/deepapl
+    """
+    from marrowlens.pipeline import load_run_config, run_study
+
+    report = run_study(cohort, load_run_config(config, set_, pretrain_set), out, say=say)
+    if report is not None:
+        say(f"wrote {report}")
+
+
 def main() -> None:
     """Console entry point: one-line errors, status 2; Ctrl-C is status 130."""
     try:

@@ -284,3 +284,66 @@ class ProbeConfig(_Strict):
     cell_type: CellTypeTaskConfig = CellTypeTaskConfig()
     eval: ProbeEvalConfig = ProbeEvalConfig()
     seed: int = 0
+
+
+# ---------------------------------------------------------------- study runs (marrowlens run)
+
+
+class PretrainStageConfig(_Strict):
+    config: Path | None = Field(None, description="pretrain YAML, relative to the run config's folder")
+    set: list[str] = Field(default_factory=list, description="pretrain overrides key.sub=value")
+
+
+class EmbedStageConfig(_Strict):
+    batch_size: int = Field(256, ge=1)
+    num_workers: int | None = Field(None, ge=0)
+    precision: Literal["32", "16-mixed", "bf16-mixed"] = "32"
+    stain_normalize: Literal["none", "reinhard"] = "none"
+
+
+class ProbeStageConfig(_Strict):
+    task: Literal["blast", "mutation", "cell_type"]
+    config: Path | None = Field(None, description="probe YAML, relative to the run config's folder")
+    set: list[str] = Field(default_factory=list, description="probe overrides key.sub=value")
+    blast_probe: str | None = Field(None, description="an earlier probe of this run that filters blasts (mutation task)")
+
+
+class IndexStageConfig(_Strict):
+    enabled: bool = True
+    kind: Literal["auto", "flat", "ivf", "hnsw", "ivfpq"] = "auto"
+    metric: Literal["cosine", "l2"] = "cosine"
+    set: list[str] = Field(default_factory=list)
+
+
+class RunConfig(_Strict):
+    """A whole study: pretrain -> embed -> probes (in order) -> index -> report."""
+
+    pretrain: PretrainStageConfig = PretrainStageConfig()
+    embed: EmbedStageConfig = EmbedStageConfig()
+    probes: dict[str, ProbeStageConfig] = Field(default_factory=dict)
+    index: IndexStageConfig = IndexStageConfig()
+
+    @model_validator(mode="after")
+    def _filters_come_first(self) -> "RunConfig":
+        names = list(self.probes)
+        for position, (name, probe) in enumerate(self.probes.items()):
+            if probe.blast_probe is None:
+                if probe.task == "mutation":
+                    raise ValueError(f"probes.{name}: a mutation probe needs blast_probe (an earlier blast probe)")
+                continue
+            if probe.task != "mutation":
+                raise ValueError(f"probes.{name}: blast_probe applies to mutation probes only")
+            if probe.blast_probe not in names[:position] or self.probes[probe.blast_probe].task != "blast":
+                raise ValueError(f"probes.{name}: blast_probe {probe.blast_probe!r} must name an earlier blast probe")
+        return self
+
+    def resolve_paths(self, base: Path) -> "RunConfig":
+        """Make the stage config paths absolute, relative to the run config file's folder."""
+        def fix(path: Path | None) -> Path | None:
+            return path if path is None or path.is_absolute() else (base / path).resolve()
+
+        copy = self.model_copy(deep=True)
+        copy.pretrain.config = fix(copy.pretrain.config)
+        for probe in copy.probes.values():
+            probe.config = fix(probe.config)
+        return copy

@@ -203,8 +203,9 @@ class MutationTask(Task):
     """Units: every cell of a patient with a ``mutation``; the blast filter decides which count.
 
     ``blast`` is the blast probe given by the user. When the store has that probe's kind of blast
-    labels, each fit refits the filter on its own training patients (so a CV fold never sees a
-    test patient's blast labels); otherwise the given probe is used as it is.
+    labels, each CV fit refits the filter on the labelled cells of everyone but the held-out
+    patients (so a fold never sees a test patient's blast labels); otherwise the given probe is
+    used as it is.
     """
 
     name = "mutation"
@@ -225,11 +226,16 @@ class MutationTask(Task):
         control = self.config.mutation.control
         return control if control in self.classes else None
 
-    def blast_filter_for(self, rows: np.ndarray) -> Probe:
-        """The blast probe refitted on ``rows``' blast labels, or the given one."""
+    def blast_filter_for(self, train: np.ndarray) -> Probe:
+        """The blast probe refitted on every blast-labelled cell outside the held-out patients.
+
+        That includes cells with no mutation label at all (a second source with cell classes,
+        e.g. the Munich LMU set beside AML_Hehr), which the mutation units do not cover.
+        """
         if not self.refit_blast:
             return self.blast
-        labelled = rows[pd.notna(self.blast_y[rows])]
+        held_out = np.setdiff1d(self.groups, self.groups[train])
+        labelled = np.flatnonzero(pd.notna(self.blast_y) & ~np.isin(self.groups_all, held_out))
         return fit_head(self.blast.config, self.emb.vectors, labelled, self.blast_y[labelled].astype(str),
                         self.groups_all[labelled], [BLAST, NON_BLAST])
 
@@ -245,7 +251,7 @@ class MutationTask(Task):
         """In CV folds the blast filter is refitted (when it can be); the final fit keeps the given one."""
         rows = self.rows[train]
         refit = self.refit_blast and not final
-        blast = self.blast_filter_for(rows) if refit else self.blast
+        blast = self.blast_filter_for(train) if refit else self.blast
         kept = blast.blast_probability(RowView(self.emb.vectors, rows)) >= self.config.mutation.blast_threshold
         chosen = self.training_cells(train, kept)
         y = self.y[train][chosen]

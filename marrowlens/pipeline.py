@@ -1,0 +1,170 @@
+"""``marrowlens run``: one command for a whole study, pretrain -> embed -> probes -> index -> report.
+
+Every stage is the library call behind its own command. A stage is skipped when its output is
+complete and was made from the same inputs and settings (a key of both, kept in ``stages.json``);
+an unfinished pretraining resumes from its last checkpoint and an unfinished embedding from its
+last written row; anything whose inputs changed is redone, and so is everything after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from marrowlens.artifacts import write_json_atomic, write_meta, write_text_atomic
+from marrowlens.cohort.manifest import load_cohort
+from marrowlens.config import PretrainConfig, RunConfig, load_config, read_yaml, validate_config
+from marrowlens.errors import MarrowLensError
+
+STAGES_FILE = "stages.json"
+REPORT_FILE = "report.md"
+
+
+def load_run_config(path: Path, overrides: list[str], pretrain_overrides: list[str]) -> RunConfig:
+    """The run config with its stage config paths made absolute and extra pretrain overrides added."""
+    from marrowlens.config import apply_overrides
+
+    data = apply_overrides(read_yaml(path), overrides)
+    config = validate_config(RunConfig, data, str(path)).resolve_paths(Path(path).resolve().parent)
+    config.pretrain.set = [*config.pretrain.set, *pretrain_overrides]
+    return config
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Study:
+    """Bookkeeping of one results folder: which stage was made from what."""
+
+    out: Path
+    say: Callable[[str], None]
+    stages: dict[str, str] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        path = self.out / STAGES_FILE
+        self.stages = json.loads(path.read_text()) if path.is_file() else {}
+
+    def done(self, stage: str, key: str, complete: bool) -> bool:
+        if complete and self.stages.get(stage) == key:
+            self.say(f"[{stage}] up to date, skipped")
+            return True
+        self.say(f"[{stage}] running")
+        return False
+
+    def begin(self, stage: str, key: str) -> bool:
+        """Note that ``stage`` starts with ``key``; True when an unfinished run of the same key can resume."""
+        resumable = self.stages.get(f"{stage} (started)") == key
+        self.stages.pop(stage, None)
+        self.record(f"{stage} (started)", key)
+        return resumable
+
+    def record(self, stage: str, key: str) -> None:
+        self.stages[stage] = key
+        write_json_atomic(self.out / STAGES_FILE, self.stages)
+
+
+def run_study(cohort_dir: Path, config: RunConfig, out: Path, say: Callable[[str], None] = print) -> Path | None:
+    """Run (or finish) a study; returns the report path on the main process, None on other ranks."""
+    from marrowlens.ssl.backbones import INFO_FILE
+    from marrowlens.ssl.train import LAST_CKPT, pretrain
+
+    out = Path(out)
+    _refuse_foreign_results(out, cohort_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cohort = load_cohort(cohort_dir)
+    study = Study(out, say)
+    run_dir, emb_dir = out / "run", out / "emb"
+
+    pretrain_config = load_config(PretrainConfig, config.pretrain.config, config.pretrain.set)
+    key = _key(pretrain_config.model_dump(mode="json"), cohort.meta["fingerprint"])
+    finished = (run_dir / INFO_FILE).is_file()
+    if not study.done("pretrain", key, finished):
+        resume = study.begin("pretrain", key) and (run_dir / LAST_CKPT).is_file()
+        result = pretrain(pretrain_config, cohort_dir, run_dir, resume=resume, overwrite=not resume)
+        if result is None:
+            return None  # a secondary DDP process: the main one carries on alone
+        study.record("pretrain", key)
+    backbone = json.loads((run_dir / INFO_FILE).read_text())
+    study.lines.append(f"- backbone: `{backbone['timm_name']}` at {backbone['image_size']} px ({run_dir})")
+
+    emb_key = _key(backbone["fingerprint"], cohort.meta["fingerprint"], config.embed.model_dump(mode="json"))
+    if not study.done("embed", emb_key, (emb_dir / "meta.json").is_file()):
+        from marrowlens.ssl.embed import embed_cohort
+
+        resume = study.begin("embed", emb_key)
+        embed_cohort(run_dir, cohort_dir, emb_dir, batch_size=config.embed.batch_size, precision=config.embed.precision,
+                     num_workers=config.embed.num_workers, stain_normalize=config.embed.stain_normalize,
+                     overwrite=not resume or (emb_dir / "meta.json").is_file())
+        study.record("embed", emb_key)
+    from marrowlens.embeddings import load_embeddings
+
+    store = load_embeddings(emb_dir)
+    study.lines.append(f"- embeddings: {len(store)} cells x {store.meta['dim']} ({emb_dir})")
+    _probe_stages(config, store.fingerprint, emb_dir, out, study)
+    if config.index.enabled:
+        _index_stage(config, store.fingerprint, emb_dir, out / "idx", study)
+    return _write_report(out, cohort_dir, cohort.meta, study)
+
+
+def _probe_stages(config: RunConfig, emb_fingerprint: str, emb_dir: Path, out: Path, study: Study) -> None:
+    from marrowlens.probes import run as probes
+
+    keys: dict[str, str] = {}
+    for name, stage in config.probes.items():
+        probe_config = probes.probe_config(stage.task, stage.config, {}, stage.set)
+        blast_dir = out / "probes" / stage.blast_probe if stage.blast_probe else None
+        keys[name] = _key(emb_fingerprint, probe_config.model_dump(mode="json"), keys.get(stage.blast_probe or ""))
+        folder = out / "probes" / name
+        if study.done(f"probe {name}", keys[name], (folder / "report.md").is_file()):
+            study.lines += [f"- probe `{name}` ({stage.task}): see {folder / 'report.md'}"]
+            continue
+        outcome = probes.fit(stage.task, emb_dir, folder, probe_config, blast_probe=blast_dir, overwrite=True)
+        study.record(f"probe {name}", keys[name])
+        for line in outcome.headline:
+            study.say(f"  {line}")
+        study.lines += [f"- probe `{name}` ({stage.task}): see {folder / 'report.md'}", *[f"  - {line}" for line in outcome.headline]]
+
+
+def _index_stage(config: RunConfig, emb_fingerprint: str, emb_dir: Path, index_dir: Path, study: Study) -> None:
+    from marrowlens.retrieval.index import build_index
+
+    key = _key(emb_fingerprint, config.index.model_dump(mode="json"))
+    if not study.done("index", key, (index_dir / "meta.json").is_file()):
+        build_index(emb_dir, index_dir, kind=config.index.kind, metric=config.index.metric, overrides=config.index.set, overwrite=True)
+        study.record("index", key)
+    study.lines.append(f"- similar-cell index: {index_dir}; browse with `marrowlens serve --index {index_dir}`")
+
+
+def _write_report(out: Path, cohort_dir: Path, cohort_meta: dict[str, Any], study: Study) -> Path:
+    counts = "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in values.items()) for name, values in cohort_meta["counts"].items())
+    text = "\n".join(
+        [
+            "# MarrowLens study",
+            "",
+            f"- cohort: {cohort_dir} ({cohort_meta['n_cells']} cells, {cohort_meta['n_patients']} patients, "
+            f"{cohort_meta['n_quarantined']} quarantined)",
+            f"- labels: {counts}",
+            *study.lines,
+            "",
+        ]
+    )
+    write_text_atomic(out / REPORT_FILE, text)
+    write_meta(out, "study", cohort={"folder": str(Path(cohort_dir).resolve()), "fingerprint": cohort_meta["fingerprint"]},
+               stages=study.stages)
+    return out / REPORT_FILE
+
+
+def _refuse_foreign_results(out: Path, cohort_dir: Path) -> None:
+    """A results folder belongs to one cohort; another cohort needs another folder."""
+    meta_path = out / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        current = load_cohort(cohort_dir).meta["fingerprint"]
+        if meta.get("kind") == "study" and meta["cohort"]["fingerprint"] != current:
+            raise MarrowLensError(f"{out} holds a study of another cohort ({meta['cohort']['folder']}); choose another --out")

@@ -1,0 +1,133 @@
+"""`marrowlens run` on synthetic stand-ins of the DeepAPL and AML_Hehr layouts (made here)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from marrowlens.cohort.manifest import IndexOptions, index_cohort
+from marrowlens.cohort.synthetic import make_synthetic_cohort
+from marrowlens.pipeline import load_run_config, run_study
+from tests.conftest import REPO_ROOT
+
+TINY_PRETRAIN = ["model.backbone=test_resnet", "model.image_size=32", "trainer.max_epochs=1", "data.batch_size=16",
+                 "data.num_workers=0", "data.val_cells=64"]
+TINY_PROBE = ["eval.cv=2", "eval.bootstrap=20", "linear.max_epochs=5", "linear.weight_decays=[0.001]"]
+DEEPAPL_NAMES = {"myeloblast": "Blast, no lineage spec", "neutrophil": "Segmented neutrophils", "lymphocyte": "Lymphocyte",
+                 "monocyte": "Monocyte", "eosinophil": "Eosinophils"}
+
+
+def _shipped(name: str, tmp_path: Path) -> Path:
+    """The shipped study config with its paths kept and tiny settings added to every stage."""
+    data = yaml.safe_load((REPO_ROOT / "configs" / "run" / f"{name}.yaml").read_text())
+    data["pretrain"]["config"] = str(REPO_ROOT / "configs" / "run" / data["pretrain"]["config"])
+    data["pretrain"]["set"] = [*data["pretrain"].get("set", []), *TINY_PRETRAIN]
+    data["embed"]["num_workers"] = 0
+    for probe in data["probes"].values():
+        probe["config"] = str(REPO_ROOT / "configs" / "run" / probe["config"])
+        probe["set"] = [*probe.get("set", []), *TINY_PROBE]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def deepapl_like(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DeepAPL's layout: labels.csv with path, label (cell class), patient, diagnosis (APL/AML)."""
+    root = tmp_path_factory.mktemp("deepapl")
+    synthetic = make_synthetic_cohort(root / "synthetic", patients=12, cells_per_patient=14, image_size=32, seed=3)
+    cells = synthetic.cells
+    labels = pd.DataFrame({
+        "path": "synthetic/" + cells["path"],
+        "label": cells["cell_type"].map(DEEPAPL_NAMES),
+        "patient": cells["patient_id"],
+        "diagnosis": cells["mutation"].map(lambda m: "APL" if m == "PML_RARA" else "AML"),
+    })
+    labels.to_csv(root / "labels.csv", index=False)
+    index_cohort([root], root / "cohort")
+    return root / "cohort"
+
+
+class TestDeepAPLStudy:
+    def test_whole_study_then_skips_then_redoes_what_changed(self, deepapl_like: Path, tmp_path: Path) -> None:
+        config_path = _shipped("deepapl", tmp_path)
+        out = tmp_path / "results"
+        messages: list[str] = []
+        report = run_study(deepapl_like, load_run_config(config_path, [], []), out, say=messages.append)
+        assert report == out / "report.md"
+        text = report.read_text()
+        for name in ("blast", "leukemic", "apl", "wbc"):
+            assert (out / "probes" / name / "report.json").is_file()
+            assert f"probe `{name}`" in text
+        apl = json.loads((out / "probes" / "apl" / "report.json").read_text())
+        assert apl["classes"] == ["PML_RARA", "other_AML"]
+        assert (out / "idx" / "index.faiss").is_file() and "marrowlens serve --index" in text
+        assert json.loads((out / "meta.json").read_text())["kind"] == "study"
+
+        messages.clear()
+        run_study(deepapl_like, load_run_config(config_path, [], []), out, say=messages.append)
+        assert all("skipped" in m for m in messages if m.startswith("[")), messages
+
+        messages.clear()
+        run_study(deepapl_like, load_run_config(config_path, ["probes.wbc.set=[eval.cv=3, eval.bootstrap=20, linear.max_epochs=5]"], []),
+                  out, say=messages.append)
+        ran = [m for m in messages if m.endswith("running")]
+        assert ran == ["[probe wbc] running"]
+
+    def test_cli_and_refusals(self, cli, deepapl_like: Path, tmp_path: Path) -> None:
+        config_path = _shipped("deepapl", tmp_path)
+        bad = yaml.safe_load(config_path.read_text())
+        bad["probes"]["apl"]["blast_probe"] = "wbc"
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad, sort_keys=False))
+        code, output = cli("run", "--cohort", deepapl_like, "--config", tmp_path / "bad.yaml", "--out", tmp_path / "r")
+        assert code == 2 and "must name an earlier blast probe" in output
+        code, output = cli("run", "--cohort", deepapl_like, "--config", config_path, "--out", tmp_path / "r", "--set", "embed.nope=1")
+        assert code == 2 and "embed.nope" in output
+
+
+def test_interrupted_pretraining_resumes_inside_a_study(deepapl_like: Path, tmp_path: Path, monkeypatch) -> None:
+    from marrowlens.ssl import train
+
+    config = load_run_config(_shipped("deepapl", tmp_path), [], ["trainer.max_epochs=2"])
+    calls: list[bool] = []
+    real = train.pretrain
+
+    def first_dies(*args, resume: bool = False, **kwargs):
+        calls.append(resume)
+        if len(calls) == 1:
+            real(*args, resume=resume, **{**kwargs})
+            (tmp_path / "results" / "run" / "backbone.json").unlink()  # as if killed before the export
+            raise KeyboardInterrupt
+        return real(*args, resume=resume, **kwargs)
+
+    monkeypatch.setattr(train, "pretrain", first_dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(deepapl_like, config, tmp_path / "results", say=lambda _: None)
+    run_study(deepapl_like, config, tmp_path / "results", say=lambda _: None)
+    assert calls == [False, True]
+
+
+def test_hehr_layout_with_blast_labels_from_a_second_source(tmp_path: Path) -> None:
+    """AML_Hehr (mutation/patient/cell, no cell classes) + an LMU-style folder of coded cell classes."""
+    synthetic = make_synthetic_cohort(tmp_path / "synthetic", patients=10, cells_per_patient=12, image_size=32, seed=4)
+    hehr, lmu = tmp_path / "data" / "AML_Hehr", tmp_path / "data" / "LMU"
+    for row in synthetic.cells.itertuples():
+        target = hehr / row.mutation / row.patient_id / Path(row.path).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(synthetic.image_path(row.path), target)
+        code = {"myeloblast": "MYO", "lymphocyte": "LYT", "neutrophil": "NGS", "monocyte": "MON", "eosinophil": "EOS"}[row.cell_type]
+        (lmu / code).mkdir(parents=True, exist_ok=True)
+        shutil.copy(synthetic.image_path(row.path), lmu / code / f"{row.patient_id}_{Path(row.path).name}")
+    cohort = index_cohort([hehr, lmu], tmp_path / "cohort", IndexOptions())
+    layouts = [source["layout"] for source in cohort.meta["sources"]]
+    assert layouts == ["mutation_patient", "cell_type"]
+    assert cohort.cells.loc[cohort.cells["domain"] == "AML_Hehr", "is_blast"].isna().all()
+    report = run_study(tmp_path / "cohort", load_run_config(_shipped("aml_hehr", tmp_path), [], []), tmp_path / "results", say=lambda _: None)
+    mutation = json.loads((tmp_path / "results" / "probes" / "mutation" / "report.json").read_text())
+    assert set(mutation["classes"]) == {"PML_RARA", "NPM1", "CBFB_MYH11", "RUNX1_RUNX1T1", "control"}
+    assert "probe `mutation`" in report.read_text()
