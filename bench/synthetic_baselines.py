@@ -60,6 +60,7 @@ MODELS = {
     "meanstd": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
     "pixels": lambda: make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=500)),
     "pixels_pca": lambda: make_pipeline(StandardScaler(), PCA(64, random_state=0), LogisticRegression(max_iter=2000)),
+    "embeddings": lambda: make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000)),
 }
 
 
@@ -87,19 +88,28 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--domains", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default="meanstd,pixels,pixels_pca")
+    parser.add_argument("--embeddings", type=Path, help="an embedding store of --cohort (needs --cohort; e.g. SSL): adds the model 'embeddings'")
     args = parser.parse_args()
 
     start = time.perf_counter()
     cells, images, settings = load_images(args)
-    features = {"meanstd": mean_std(images), "pixels": raw_pixels(images)}
+    features = {"meanstd": mean_std(images), "pixels": raw_pixels(images), "pixels_pca": raw_pixels(images)}
+    models = args.models.split(",")
+    if args.embeddings:
+        from marrowlens.embeddings import load_embeddings
+
+        store = load_embeddings(args.embeddings)
+        order = pd.Series(np.arange(len(store.cells)), index=store.cells["cell_id"].to_numpy())
+        features["embeddings"] = np.asarray(store.vectors)[order.loc[cells["cell_id"].to_numpy()].to_numpy()]
+        models.append("embeddings")
     groups = cells["patient_id"].astype(str).to_numpy()
     blast = cells["is_blast"].astype(bool).to_numpy()
     subtype_rows = blast & (cells["mutation"] != "control").to_numpy()
     mutation = cells["mutation"].astype(str).to_numpy()
     results: dict[str, dict[str, float]] = {}
-    for name in args.models.split(","):
-        x = features["meanstd" if name == "meanstd" else "pixels"]
+    for name in models:
+        x = features[name]
         pred_blast = grouped_predictions(name, x, blast, groups, args.seed)
         pred_sub = grouped_predictions(name, x[subtype_rows], mutation[subtype_rows], groups[subtype_rows], args.seed)
         results[name] = {
@@ -110,6 +120,7 @@ def main() -> None:
         print(f"{name:>10}: " + ", ".join(f"{k}={v:.3f}" for k, v in results[name].items()), flush=True)
     report = {
         "cohort": str(args.cohort) if args.cohort else "in memory",
+        "embeddings": str(args.embeddings) if args.embeddings else None,
         "generator": {k: settings.get(k) for k in ("patients", "cells_per_patient", "image_size", "domains", "seed", "generator_version")},
         "n_cells": int(len(cells)),
         "n_blasts_subtype_task": int(subtype_rows.sum()),
