@@ -11,9 +11,11 @@ it reports, with patient-grouped 5-fold CV on the DeepAPL Discovery cohort (82 p
     patient-level ROC-AUC and balanced accuracy with 95% bootstrap intervals over patients;
 and, over all five sources (DeepAPL, Matek, Acevedo, Zheng 2018, BCCD), the five shared white-cell
 classes with leave-one-source-out macro-F1, for the SSL backbone with and without Reinhard stain
-normalisation at embedding time.
+normalisation at embedding time and, given --ssl-run-without-stain (the same pretraining with
+``views.stain_jitter_prob=0``), without stain augmentation in the SSL views.
 
-    python bench/real_cohorts.py --data ../shared/data --ssl-run runs/real --workdir /tmp/real_bench --out bench/out/real
+    python bench/real_cohorts.py --data ../shared/data --ssl-run runs/real \
+        [--ssl-run-without-stain runs/real_nostain] --workdir /tmp/real_bench --out bench/out/real
 """
 
 from __future__ import annotations
@@ -60,10 +62,13 @@ def pixel_store(cohort_dir: Path, out: Path) -> Path:
     return out
 
 
-def stores(cohort_dir: Path, ssl_run: Path, workdir: Path) -> dict[str, Path]:
+def stores(cohort_dir: Path, ssl_run: Path, workdir: Path, ssl_run_without_stain: Path | None = None) -> dict[str, Path]:
     info = json.loads((ssl_run / "backbone.json").read_text())
     made = {}
-    for name, model, stain in (("ssl", ssl_run, "none"), ("ssl+reinhard", ssl_run, "reinhard"), ("random", info["timm_name"], "none")):
+    variants = [("ssl", ssl_run, "none"), ("ssl+reinhard", ssl_run, "reinhard"), ("random", info["timm_name"], "none")]
+    if ssl_run_without_stain is not None:
+        variants.append(("ssl-no-stain-aug", ssl_run_without_stain, "none"))
+    for name, model, stain in variants:
         folder = workdir / f"emb_{name}"
         if not (folder / "meta.json").is_file():
             embed_cohort(model, cohort_dir, folder, image_size=info["image_size"], num_workers=2, stain_normalize=stain, overwrite=True)
@@ -140,15 +145,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--ssl-run", type=Path, required=True)
+    parser.add_argument("--ssl-run-without-stain", type=Path, default=None,
+                        help="the same pretraining without stain augmentation, for the white-cell comparison")
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     started = time.time()
     cohort_dir = cohort(args.data, args.workdir)
-    made = stores(cohort_dir, args.ssl_run, args.workdir)
+    made = stores(cohort_dir, args.ssl_run, args.workdir, args.ssl_run_without_stain)
     deepapl_rows = [measure(name, made[name], args.workdir) for name in ("ssl", "random", "pixels")]
-    wbc_rows = [wbc_across_sources(name, made[name], args.workdir) for name in ("ssl", "ssl+reinhard", "random", "pixels")]
+    wbc_names = ["ssl", "ssl+reinhard", "ssl-no-stain-aug", "random", "pixels"]
+    wbc_rows = [wbc_across_sources(name, made[name], args.workdir) for name in wbc_names if name in made]
     result = {"machine": f"{platform.node()} {platform.machine()}, CPU only", "ssl_run": str(args.ssl_run),
+              "ssl_run_without_stain": str(args.ssl_run_without_stain) if args.ssl_run_without_stain else None,
               "seconds": round(time.time() - started), "deepapl": deepapl_rows, "white_cells_across_sources": wbc_rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "real_cohorts.json").write_text(json.dumps(result, indent=2) + "\n")
