@@ -80,6 +80,9 @@ def resolve_config(config: PretrainConfig, out: Path, resume: bool) -> PretrainC
                     f"--resume continues {out} as configured, but {section}.{key} is {value!r} here and "
                     f"{old[section][key]!r} in {out / CONFIG_FILE}"
                 )
+    if config.trainer.max_epochs != saved.trainer.max_epochs and is_launching_process():
+        print(f"note: training now stops after {config.trainer.max_epochs} epochs, but the learning-rate schedule "
+              f"restored from {out / LAST_CKPT} stays the one planned for {saved.trainer.max_epochs} epochs")
     return config
 
 

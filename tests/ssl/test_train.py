@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from marrowlens.artifacts import sha256_file
-from marrowlens.config import PretrainConfig, load_config
+from marrowlens.config import PretrainConfig, dump_config, load_config
 from marrowlens.errors import MarrowLensError
 from marrowlens.ssl import train
 from tests.conftest import REPO_ROOT, run_cli_subprocess
@@ -167,3 +167,15 @@ def test_shipped_configs_run_on_cpu_with_small_settings(labelled_cohort: Path, t
     result = train.pretrain(config, labelled_cohort, tmp_path / name)
     assert torch.isfinite(torch.tensor(result.metrics["train_loss_epoch"]))
     assert (tmp_path / name / "backbone.safetensors").is_file()
+
+
+def test_resume_may_change_only_resumable_settings_and_says_what_a_new_max_epochs_means(tmp_path: Path, capsys) -> None:
+    saved = load_config(PretrainConfig, CONFIG, ["trainer.max_epochs=40"])
+    dump_config(saved, tmp_path / train.CONFIG_FILE)
+    with pytest.raises(MarrowLensError, match="optim.base_lr"):
+        train.resolve_config(load_config(PretrainConfig, CONFIG, ["trainer.max_epochs=40", "optim.base_lr=0.5"]), tmp_path, resume=True)
+    same = train.resolve_config(load_config(PretrainConfig, CONFIG, ["trainer.max_epochs=40"]), tmp_path, resume=True)
+    assert same.trainer.max_epochs == 40 and "schedule" not in capsys.readouterr().out
+    shorter = train.resolve_config(load_config(PretrainConfig, CONFIG, ["trainer.max_epochs=16"]), tmp_path, resume=True)
+    assert shorter.trainer.max_epochs == 16
+    assert "planned for 40 epochs" in capsys.readouterr().out
