@@ -75,7 +75,7 @@ def load_embeddings(folder: str | Path, mmap: bool = True, check_finite: bool = 
 
 
 def first_non_finite_row(vectors: np.ndarray, block: int = 65536) -> int | None:
-    """Index of the first row with NaN/inf, scanning in blocks so a memory map stays paged out."""
+    """Index of the first row with NaN/inf, scanning in blocks (no full-size temporary)."""
     for start in range(0, len(vectors), block):
         finite = np.isfinite(vectors[start : start + block]).all(axis=1)
         if not finite.all():
@@ -140,6 +140,9 @@ class EmbeddingWriter:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.shape != (len(rows), self.dim):
             raise ValueError(f"expected {(len(rows), self.dim)} vectors, got {vectors.shape}")
+        bad = first_non_finite_row(vectors)
+        if bad is not None:
+            raise MarrowLensError(f"row {int(rows[bad])} holds NaN or inf (from a model: check its weights and precision)")
         order = np.argsort(rows, kind="stable")
         rows, vectors = rows[order], vectors[order]
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
@@ -175,7 +178,9 @@ class EmbeddingWriter:
         del self._done
         self.done_path.unlink(missing_ok=True)
         (self.folder / _PROGRESS).unlink(missing_ok=True)
-        return load_embeddings(self.folder)
+        # Every row was checked as it was written; scanning the map again would page the whole
+        # store into this process's resident memory.
+        return load_embeddings(self.folder, check_finite=False)
 
 
 def write_embeddings(folder: str | Path, vectors: np.ndarray, cells: pd.DataFrame, meta: dict[str, Any]) -> Embeddings:

@@ -54,9 +54,17 @@ class TestLoad:
         vectors = np.ones((5, 3), dtype=np.float32)
         vectors[3, 1] = np.nan
         writer = EmbeddingWriter(tmp_path, 5, 3, key={})
-        writer.write(np.arange(5), vectors)
+        with pytest.raises(MarrowLensError, match="row 3 holds NaN or inf"):
+            writer.write(np.arange(5)[::-1], vectors[::-1])
+        assert writer.pending().tolist() == [0, 1, 2, 3, 4]
+        writer.write(np.arange(5), np.ones((5, 3)))
+        writer.finish(_cells(5), META)
+        on_disk = np.load(tmp_path / "vectors.npy", mmap_mode="r+")
+        on_disk[3, 1] = np.inf  # damaged after it was written
+        on_disk.flush()
+        del on_disk
         with pytest.raises(MarrowLensError, match="row 3 .*c3.* NaN or inf"):
-            writer.finish(_cells(5), META)
+            load_embeddings(tmp_path)
         assert load_embeddings(tmp_path, check_finite=False).vectors.shape == (5, 3)
 
     def test_misaligned_store_is_refused(self, tmp_path: Path) -> None:
