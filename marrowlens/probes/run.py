@@ -114,15 +114,21 @@ def _headline(report: dict[str, Any]) -> list[str]:
         ci = entry.get("ci")
         return f"{name} {entry['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
+    def measured(block: dict[str, Any], keys: tuple[tuple[str, str], ...]) -> str:
+        """The named metrics, plus ROC-AUC where it could be computed (the APL figure of merit)."""
+        auc = block.get("roc_auc_ovr")
+        extra = (("roc_auc_ovr", "ROC-AUC"),) if isinstance(auc, dict) and auc.get("value") is not None else ()
+        return ", ".join(show(label, block.get(key)) for key, label in keys + extra)
+
     lines = []
     cell = report.get("cell")
     if cell:
-        lines.append(f"cell level ({cell['n']} cells): " + ", ".join(
-            show(label, cell.get(key)) for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"))))
+        lines.append(f"cell level ({cell['n']} cells): "
+                     + measured(cell, (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"))))
     patient = report.get("patient") or {}
     if "accuracy" in patient:
         lines.append(f"patient level ({patient['n_determined']} of {patient['n_patients']} determined): "
-                     + ", ".join(show(label, patient.get(key)) for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"))))
+                     + measured(patient, (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"))))
     elif "blast_fraction_mae" in patient:
         lines.append(f"patient level ({patient['n_patients']} patients): " + show("blast-fraction MAE", patient["blast_fraction_mae"]))
     for row in report.get("leave_one_domain_out") or []:

@@ -83,6 +83,8 @@ class TestRoundTrip:
                         "--bootstrap", "20", "--leave-one-domain-out", "--out", tmp_path / "eval")
         assert code == 0, out
         assert "held-out domain centre_a" in out and "wrote" in out
+        patient_line = next(line for line in out.splitlines() if line.startswith("patient level"))
+        assert "balanced accuracy" in patient_line and "ROC-AUC" in patient_line, patient_line
         report = _report(tmp_path / "eval")
         assert report["evaluation"]["folds"] == 2
         rows = report["leave_one_domain_out"]
