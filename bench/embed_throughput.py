@@ -6,7 +6,7 @@ peak resident memory (the main process, and the largest data-loading worker) of
 them at the end (the usual notebook approach), on the same images, backbone, batch and workers.
 The goal: marrowlens's peak RSS does not grow with the cohort; its speed matches the plain loop.
 
-    python bench/embed_throughput.py --workdir /tmp/embbench --sizes 10000,100000
+    python bench/embed_throughput.py --workdir work/embbench --sizes 10000,100000
 """
 
 from __future__ import annotations

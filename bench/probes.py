@@ -25,6 +25,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -257,7 +258,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("speed")
     p.add_argument("--sizes", default="100000x512,1000000x384")
-    p.add_argument("--work", default="/tmp/marrowlens_bench_probes", help="where the synthetic vectors are written")
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "marrowlens_bench_probes"), help="where the synthetic vectors are written")
     p.add_argument("--queries", type=int, default=2000, help="k-NN queries timed")
     p.add_argument("--reference-max", type=int, default=100000, help="largest n for the scikit-learn references")
     p.add_argument("--out", default="bench/out/probes")

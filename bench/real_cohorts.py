@@ -15,7 +15,7 @@ normalisation at embedding time and, given --ssl-run-without-stain (the same pre
 ``views.stain_jitter_prob=0``), without stain augmentation in the SSL views.
 
     python bench/real_cohorts.py --data ../shared/data --ssl-run runs/real \
-        [--ssl-run-without-stain runs/real_nostain] --workdir /tmp/real_bench --out bench/out/real
+        [--ssl-run-without-stain runs/real_nostain] --workdir work/real_bench --out bench/out/real
 """
 
 from __future__ import annotations

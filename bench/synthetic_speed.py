@@ -6,7 +6,7 @@ writing the same arrays as PNG files (one process, the floor any PNG cohort pays
 indexing step alone (the standard indexer decoding every PNG once), which end to end includes.
 Timings on a shared machine are noisy: read the ratios to the reference first.
 
-Example: python bench/synthetic_speed.py --scratch /tmp/synth_speed --out bench/out/synthetic_speed.json
+Example: python bench/synthetic_speed.py --scratch work/synth_speed --out bench/out/synthetic_speed.json
 """
 
 from __future__ import annotations
