@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.exceptions import TyperException
 
 from marrowlens.errors import MarrowLensError
 
@@ -462,12 +463,22 @@ def run_command(
 
 
 def main() -> None:
-    """Console entry point: one-line errors, status 2; Ctrl-C is status 130."""
+    """Console entry point: one-line errors, status 2; Ctrl-C is status 130.
+
+    Click runs outside its standalone mode so that its usage errors (a missing ``--out``, an
+    unknown option) print as the same one line as every other error, not as a framed box.
+    """
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="marrowlens")
     except MarrowLensError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except TyperException as exc:  # click's usage errors
+        command = getattr(getattr(exc, "ctx", None), "command_path", "marrowlens")
+        if exc.format_message():  # empty after a bare group name, whose help has been printed
+            typer.echo(f"error: {exc.format_message()} (see `{command} --help`)", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-CONFIGS = Path(os.path.relpath(Path(__file__).resolve().parents[1] / "configs"))
+from marrowlens.config import SHIPPED_CONFIGS
+
+CONFIGS = Path(os.path.relpath(SHIPPED_CONFIGS))
 
 
 def steps(out: Path, patients: int, cells: int) -> Iterator[list[object]]:
@@ -26,9 +28,9 @@ def steps(out: Path, patients: int, cells: int) -> Iterator[list[object]]:
            "--image-size", 64, "--seed", 0, "--overwrite"]
     yield ["pretrain", "--config", CONFIGS / "pretrain" / "tiny_cpu.yaml", "--cohort", cohort, "--out", run, "--overwrite"]
     yield ["embed", "--model", run, "--cohort", cohort, "--out", emb, "--overwrite"]
-    yield ["probe", "fit", "blast", "--config", CONFIGS / "probes" / "blast.yaml", "--embeddings", emb, "--out", blast, "--overwrite"]
-    yield ["probe", "fit", "mutation", "--config", CONFIGS / "probes" / "mutation.yaml", "--embeddings", emb,
-           "--blast-probe", blast, "--out", mutation, "--overwrite"]
+    # without --config a probe runs its task's shipped config (configs/probes/TASK.yaml)
+    yield ["probe", "fit", "blast", "--embeddings", emb, "--out", blast, "--overwrite"]
+    yield ["probe", "fit", "mutation", "--embeddings", emb, "--blast-probe", blast, "--out", mutation, "--overwrite"]
     yield ["index", "build", "--embeddings", emb, "--out", index, "--overwrite"]
     yield ["search", "--index", index, "--image", next(iter(sorted((cohort / "images").rglob("*.png")))), "-k", 5]
 

@@ -4,6 +4,17 @@ Anything raised as :class:`MarrowLensError` is bad input or a refused operation:
 message on one line and exits non-zero, without a traceback. Everything else is a bug.
 """
 
+from __future__ import annotations
+
+from typing import Iterable
+
 
 class MarrowLensError(Exception):
     """Bad input or a refused operation, explained in one line."""
+
+
+def listing(values: Iterable[object], limit: int = 5) -> str:
+    """The first few values and how many more: a one-line error stays one readable line."""
+    shown = list(values)
+    head = ", ".join(map(str, shown[:limit]))
+    return f"{head} and {len(shown) - limit} more" if len(shown) > limit else head

@@ -25,8 +25,9 @@ REPORT_FILE = "report.md"
 
 def load_run_config(path: Path, overrides: list[str], pretrain_overrides: list[str]) -> RunConfig:
     """The run config with its stage config paths made absolute and extra pretrain overrides added."""
-    from marrowlens.config import apply_overrides
+    from marrowlens.config import apply_overrides, check_override_keys
 
+    check_override_keys(RunConfig, overrides)
     data = apply_overrides(read_yaml(path), overrides)
     config = validate_config(RunConfig, data, str(path)).resolve_paths(Path(path).resolve().parent)
     config.pretrain.set = [*config.pretrain.set, *pretrain_overrides]

@@ -21,8 +21,10 @@ class TestLoadConfig:
     @pytest.mark.parametrize(
         "override, message",
         [
-            ("optim.base_lrr=1", "optim.base_lrr: Extra inputs are not permitted"),
-            ("views.min_scale=0.1", "views.min_scale"),
+            ("optim.base_lrr=1", r"override 'optim.base_lrr=1': unknown key optim.base_lrr; did you mean optim.base_lr\?"),
+            ("trainer.max_epoch=3", "did you mean trainer.max_epochs"),
+            ("modle.backbone=resnet18", "unknown key modle; did you mean model"),
+            ("views.min_scale=0.1", "override 'views.min_scale=0.1': views.min_scale"),
             ("model.method=byol", "model.method"),
             ("nonsense", "not of the form"),
             ("dino.local_crop_scale=[0.5, 0.2]", "local_crop_scale"),
@@ -40,3 +42,14 @@ class TestLoadConfig:
     def test_missing_file(self, tmp_path: Path) -> None:
         with pytest.raises(MarrowLensError, match="does not exist"):
             load_config(PretrainConfig, tmp_path / "none.yaml")
+
+    def test_a_typo_in_the_file_is_blamed_on_the_file_with_a_guess(self, tmp_path: Path) -> None:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({"trainer": {"max_epoch": 3}}))
+        with pytest.raises(MarrowLensError, match=r"c.yaml: trainer.max_epoch: .*did you mean trainer.max_epochs\?"):
+            load_config(PretrainConfig, path, ["optim.base_lr=0.1"])
+
+    def test_a_bad_value_from_an_override_blames_the_override_not_the_file(self) -> None:
+        shipped = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny_cpu.yaml"
+        with pytest.raises(MarrowLensError, match=r"^config override 'views.min_scale=0.1'"):
+            load_config(PretrainConfig, shipped, ["views.min_scale=0.1"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from marrowlens.errors import MarrowLensError
+from marrowlens.errors import MarrowLensError, listing
 
 MUTATIONS = ("PML_RARA", "NPM1", "CBFB_MYH11", "RUNX1_RUNX1T1", "control")
 
@@ -80,7 +80,7 @@ class MutationVocabulary:
                 mapped[value] = name
         if unknown:
             raise MarrowLensError(
-                f"unknown mutation label(s) {', '.join(map(repr, unknown))} in {where}; allowed: "
+                f"{len(unknown)} unknown mutation label(s) {listing(map(repr, unknown))} in {where}; allowed: "
                 f"{', '.join(self.allowed)} (map others with --map-mutation {unknown[0]}=NAME)"
             )
         return mapped

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from marrowlens.artifacts import read_meta, write_meta, write_parquet_atomic, write_text_atomic
 from marrowlens.cohort.images import IMAGE_SUFFIXES, ImageDecodeError, inspect_image
 from marrowlens.cohort.labels import MutationVocabulary, cell_type_name, is_blast_type, parse_bool
-from marrowlens.errors import MarrowLensError
+from marrowlens.errors import MarrowLensError, listing
 
 CELLS_FILE = "cells.parquet"
 QUARANTINE_FILE = "quarantine.csv"
@@ -167,7 +167,7 @@ def _csv_columns(header: list[str], options: IndexOptions, defaults: dict[str, s
         chosen[canonical] = column
     missing = [c for c in chosen.values() if c not in header]
     if missing:
-        raise MarrowLensError(f"CSV has no column(s) {', '.join(missing)}; it has {', '.join(header)}")
+        raise MarrowLensError(f"CSV has no column(s) {', '.join(missing)}; it has {listing(header, 10)}")
     return chosen
 
 
@@ -212,12 +212,28 @@ def _read_csv_layout(source: Path, layout: str, options: IndexOptions) -> tuple[
     return candidates, [], {}
 
 
+def _refuse_images_folder_of_labelled_source(source: Path) -> None:
+    """ROOT/images of a ``labels.csv`` source would read its patient folders as labels: say what to index."""
+    labels = source.parent / "labels.csv"
+    if source.is_dir() and not (source / "labels.csv").is_file() and labels.is_file():
+        try:
+            paths = pd.read_csv(labels, usecols=["path"], nrows=100)["path"].astype(str)
+        except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
+            return
+        if paths.str.startswith(f"{source.name}/").any():
+            raise MarrowLensError(
+                f"{source} is the image folder of {source.parent}, whose labels.csv holds the labels: "
+                f"index {source.parent} instead"
+            )
+
+
 def read_source(source: Path, options: IndexOptions) -> tuple[str, list[_Candidate], list[tuple[Path, str]], dict[str, str]]:
     """Read one source folder or CSV into candidate cells (not yet decoded)."""
     if not source.exists():
         raise MarrowLensError(f"{source} does not exist")
     if options.layout not in LAYOUTS:
         raise MarrowLensError(f"unknown layout {options.layout!r}; known: {', '.join(LAYOUTS)}")
+    _refuse_images_folder_of_labelled_source(source)
     layout = detect_layout(source) if options.layout == "auto" else options.layout
     reader = _read_csv_layout if layout in ("csv", "deepapl") else _read_folder_layout
     candidates, others, classes = reader(source, layout, options)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from marrowlens.artifacts import prepare_out_dir, short, write_json_atomic, write_meta, write_parquet_atomic, write_text_atomic
 from marrowlens.cohort.manifest import patient_groups
-from marrowlens.config import ProbeConfig, load_config, validate_config
+from marrowlens.config import ProbeConfig, load_config, shipped_probe_config, validate_config
 from marrowlens.embeddings import Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.probes.evaluate import Predictions, aggregate_patients, domain_folds, grouped_folds, run_folds, summarize
@@ -37,9 +37,9 @@ class Outcome:
 
 
 def probe_config(task: str, config_path: Path | None, flags: dict[str, Any], overrides: list[str]) -> ProbeConfig:
-    """Defaults <- YAML <- named CLI flags <- ``--set`` overrides."""
+    """The task's shipped YAML (or the user's) <- named CLI flags <- ``--set`` overrides."""
     named = [f"{key}={value}" for key, value in flags.items() if value is not None]
-    return load_config(ProbeConfig, config_path, [*named, *overrides, f"task={task}"])
+    return load_config(ProbeConfig, config_path or shipped_probe_config(task), [*named, *overrides, f"task={task}"])
 
 
 def _load_store(path: Path) -> Embeddings:

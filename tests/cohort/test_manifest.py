@@ -108,6 +108,24 @@ class TestOtherLayouts:
         remapped = index_cohort([root], tmp_path / "c2", IndexOptions(map_mutation={"AML": "non_APL"})).cells
         assert set(remapped["mutation"]) == {"PML_RARA", "non_APL"}
 
+    def test_the_images_folder_of_a_labels_csv_source_points_to_its_parent(self, tmp_path: Path) -> None:
+        """`cohort index deepapl_jhu/images` read 82 patient folders as mutations; say to index the parent."""
+        root = tmp_path / "deepapl"
+        rows = []
+        for patient in range(12):
+            path = f"images/Patient_{patient:02d}/Blast/c.jpg"
+            write_cell(root / path, seed=patient, fmt="JPEG")
+            rows.append({"path": path, "label": "Blast", "patient": f"Patient_{patient:02d}", "diagnosis": "AML"})
+        pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+        with pytest.raises(MarrowLensError, match=rf"^{root / 'images'} is the image folder of {root}, .*labels.csv.*: index {root} instead$"):
+            index_cohort([root / "images"], tmp_path / "cohort")
+        (root / "labels.csv").unlink()  # no labels.csv beside it: the folder is read as a layout, and
+        with pytest.raises(MarrowLensError) as error:  # the unknown labels are listed, but only the first few
+            index_cohort([root / "images"], tmp_path / "cohort", IndexOptions(layout="mutation_patient"))
+        message = str(error.value)
+        assert "12 unknown mutation label(s) 'Patient_00'" in message and "and 7 more" in message
+        assert "Patient_11" not in message and len(message) < 400
+
     def test_user_csv_with_column_map_and_blast_truths(self, tmp_path: Path) -> None:
         write_cell(tmp_path / "imgs" / "a.png", seed=1)
         write_cell(tmp_path / "imgs" / "b.png", seed=2)

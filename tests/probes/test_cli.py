@@ -52,6 +52,18 @@ def _check_level(block: dict, classes: list[str]) -> None:
 
 
 class TestRoundTrip:
+    def test_a_fit_without_config_saves_the_shipped_config(self, fitted: Path) -> None:
+        """`probe fit blast --embeddings emb/ --head linear` (the README) must train as configs/probes/blast.yaml says."""
+        import yaml
+
+        from marrowlens.config import ProbeConfig, load_config
+
+        saved = load_config(ProbeConfig, fitted / "blast" / "config.yaml")
+        shipped = Path(__file__).resolve().parents[2] / "configs" / "probes" / "blast.yaml"
+        expected = load_config(ProbeConfig, shipped, [*FAST[1::2], "eval.cv=3"])
+        assert saved == expected and saved.imbalance.class_weight == "balanced"
+        assert yaml.safe_load((fitted / "blast" / "config.yaml").read_text())["imbalance"]["class_weight"] == "balanced"
+
     def test_fit_writes_the_probe_folder_and_a_full_report(self, fitted: Path) -> None:
         for name in ("blast", "mutation"):
             folder = fitted / name

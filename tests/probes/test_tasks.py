@@ -140,3 +140,26 @@ def test_shipped_configs_load(name: str) -> None:
 
     path = Path(__file__).resolve().parents[2] / "configs" / "probes" / f"{name}.yaml"
     assert load_config(ProbeConfig, path).task == name
+
+
+@pytest.mark.parametrize("name", ["blast", "mutation", "cell_type"])
+def test_no_config_means_the_shipped_config(name: str) -> None:
+    """The README's commands name no --config: they must run exactly what configs/probes/TASK.yaml says."""
+    from pathlib import Path
+
+    from marrowlens.probes.run import probe_config
+
+    shipped = Path(__file__).resolve().parents[2] / "configs" / "probes" / f"{name}.yaml"
+    assert probe_config(name, None, {}, []) == probe_config(name, shipped, {}, [])
+    with_flags = probe_config(name, None, {"head": "knn", "loss.name": None}, ["eval.cv=3"])
+    assert with_flags == probe_config(name, shipped, {"head": "knn"}, ["eval.cv=3"])
+
+
+def test_shipped_defaults_are_the_measured_ones() -> None:
+    """Balanced class weights (blast: 0.861 vs 0.824 on real cells) and CE for mutations (AUC 0.904 vs 0.833)."""
+    from marrowlens.probes.run import probe_config
+
+    assert probe_config("blast", None, {}, []).imbalance.class_weight == "balanced"
+    mutation = probe_config("mutation", None, {}, [])
+    assert mutation.loss.name == "ce" and mutation.imbalance.class_weight == "balanced"
+    assert probe_config("mutation", None, {"loss.name": "gce"}, []).loss.name == "gce"
