@@ -284,11 +284,14 @@ def search(
 
     results = query(index, images=image, cell_ids=cell_id, k=k, filters=filter_, model=model)
     if json_out:
-        payload = [{"query": label, "neighbours": neighbour_records(t), "vote": vote(t)} for label, t in results]
+        payload = [{"query": label, "query_cell": t.attrs.get("query_cell"), "neighbours": neighbour_records(t), "vote": vote(t)}
+                   for label, t in results]
         say(json.dumps(payload, indent=2))
         return
     for label, table in results:
         say(f"query {label}:")
+        if "query_cell" in table.attrs:
+            say(f"  (this image is indexed cell {table.attrs['query_cell'][:12]}: left out of its own neighbours and vote)")
         say(format_table(table))
         say(format_vote(table))
 

@@ -36,6 +36,7 @@ FILTER_COLUMNS = ("patient_id", "cell_type", "is_blast", "mutation", "domain", "
 VOTE_COLUMNS = ("cell_type", "is_blast", "mutation")
 NEIGHBOUR_COLUMNS = ["rank", "row", "cell_id", "patient_id", "cell_type", "is_blast", "mutation", "domain", "split", "path", "similarity", "distance"]
 MIN_ID_PREFIX = 6
+IDENTICAL_SIMILARITY = 1 - 1e-5  # a query image this close to an indexed cell is that cell
 
 
 class UnknownCellError(MarrowLensError):
@@ -189,7 +190,25 @@ class Searcher:
         raise UnknownCellError(f"no indexed cell has id {cell_id!r}")
 
     def search_images(self, images: Sequence[Image.Image], k: int, filters: dict[str, set[str]] | None = None) -> list[pd.DataFrame]:
-        return self.search_vectors(self.embed(images), k, filters)
+        """Neighbours of query images. A query that is an indexed cell (its very vector comes back first)
+        is left out of its own neighbours and vote, as a ``--cell-id`` query is; the table's
+        ``attrs["query_cell"]`` then names that cell."""
+        vectors = self.embed(images)
+        tables = self.search_vectors(vectors, k, filters, spare=1)
+        return [self._without_itself(table, vector, k) for table, vector in zip(tables, vectors)]
+
+    def _without_itself(self, table: pd.DataFrame, vector: np.ndarray, k: int) -> pd.DataFrame:
+        if len(table) and self._identical(table.iloc[0], vector):
+            query_cell = str(table["cell_id"].iloc[0])
+            table = table.iloc[1:].assign(rank=np.arange(1, len(table)))
+            table.attrs["query_cell"] = query_cell
+        return table.iloc[:k].reset_index(drop=True)
+
+    def _identical(self, hit: pd.Series, vector: np.ndarray) -> bool:
+        """The hit is the query's own vector, up to float noise of another batch composition."""
+        if self.index.metric == "cosine":
+            return bool(hit["similarity"] >= IDENTICAL_SIMILARITY)
+        return bool(hit["distance"] <= (1 - IDENTICAL_SIMILARITY) * max(1.0, float(np.linalg.norm(vector))))
 
     def search_cells(self, rows: Sequence[int], k: int, filters: dict[str, set[str]] | None = None) -> list[pd.DataFrame]:
         """Neighbours of indexed cells, not counting the cell itself."""
@@ -197,9 +216,11 @@ class Searcher:
         return self.search_vectors(vectors, k, filters, exclude=list(rows))
 
     def search_vectors(
-        self, vectors: np.ndarray, k: int, filters: dict[str, set[str]] | None = None, exclude: Sequence[int] | None = None
+        self, vectors: np.ndarray, k: int, filters: dict[str, set[str]] | None = None, exclude: Sequence[int] | None = None,
+        spare: int = 0,
     ) -> list[pd.DataFrame]:
-        """The k nearest cells of each query vector that pass ``filters``, as one table per query."""
+        """The k nearest cells of each query vector that pass ``filters``, as one table per query
+        (plus up to ``spare`` more where the index has them, for a caller that may drop one)."""
         mask = filter_mask(self.index.cells, filters) if filters else None
         available = int(mask.sum()) if mask is not None else len(self)
         if exclude is not None:
@@ -211,6 +232,7 @@ class Searcher:
             self_note = " besides the query cell" if exclude is not None else ""
             raise MarrowLensError(f"k={k} is larger than the index allows: only {available} {what}{self_note}")
         selector = _bitmap_selector(mask) if mask is not None else None
+        k += min(spare, available - k)
         fetch = k + (1 if exclude is not None else 0)
         # A filter passing a fraction f of the cells leaves an approximate index ~f of its usual
         # candidates; 1/f times the effort keeps the candidate count (capped at a full scan).

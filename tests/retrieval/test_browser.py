@@ -88,8 +88,10 @@ def test_upload_shows_k_neighbour_thumbnails(server: str, image_index: ImageInde
 
             assert page.eval_on_selector("#query-image", "img => img.complete && img.naturalWidth > 0")
             captions = page.locator("#grid .card").all_inner_texts()
-            assert len(captions) == K and "#1" in captions[0] and "patient NPM1_p1" in captions[0] and "NPM1" in captions[0]
-            assert "sim 1.000" in captions[0]
+            assert len(captions) == K and "#1" in captions[0] and "patient" in captions[0]
+            assert not any("sim 1.000" in caption for caption in captions)  # the query cell is not its own neighbour
+            note = page.inner_text("#self-note")
+            assert note.startswith("This image is indexed cell") and "patient NPM1_p1" in note and "left out of its own neighbours and vote" in note
             assert "mutation" in page.inner_text("#vote") and f"/{K}" in page.inner_text("#vote")
             assert page.inner_text("#status").startswith(f"{K} neighbours in")
             page.screenshot(path=str(tmp_path / "retrieval-page.png"), full_page=True)
@@ -100,6 +102,7 @@ def test_upload_shows_k_neighbour_thumbnails(server: str, image_index: ImageInde
             page.wait_for_function(f"() => !document.querySelector('#grid .card[data-cell-id=\"{clicked}\"]')", timeout=60_000)
             page.wait_for_function(all_loaded, timeout=60_000)
             assert "patient" in page.inner_text("#query-caption")
+            assert page.inner_text("#self-note").startswith(f"The query is indexed cell {clicked[:12]}")
 
             assert all(url.startswith(server) or url.startswith("blob:") for url in requests), requests
         finally:

@@ -6,11 +6,17 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from marrowlens.ssl.backbones import export_backbone, load_backbone
 from tests.conftest import run_cli_subprocess, write_cell
 from tests.retrieval.conftest import ImageIndex
+
+
+def cell_id_of_path(index: Path, path: str) -> str:
+    """The id an index gives the cell at ``path`` (relative to its cohort root)."""
+    return pd.read_parquet(index / "cells.parquet").set_index("path").loc[path, "cell_id"]
 
 
 class TestHelp:
@@ -54,16 +60,18 @@ class TestBuildAndInfo:
 
 
 class TestSearch:
-    def test_an_indexed_image_finds_itself_first(self, cli, image_index: ImageIndex) -> None:
+    def test_an_indexed_image_is_named_and_left_out_of_its_own_vote(self, cli, image_index: ImageIndex) -> None:
+        """The demo searches with a cell of the index: it must not count itself among its neighbours."""
         code, output = cli("search", "--index", image_index.idx, "--image", image_index.image("NPM1", 1, 2), "-k", "4")
         assert code == 0, output
         lines = output.splitlines()
         assert lines[0] == f"query {image_index.image('NPM1', 1, 2)}:"
-        assert lines[1].split() == ["rank", "cell", "patient", "cell_type", "blast", "mutation", "similarity", "path"]
-        first = lines[2].split()
-        assert first[0] == "1" and first[2] == "NPM1_p1" and first[5] == "NPM1" and float(first[6]) > 0.9999
-        assert first[7] == "NPM1/NPM1_p1/cell2.png"
-        assert len(lines) == 7 and lines[6].startswith("k-NN vote: mutation: ")
+        assert lines[1].startswith("  (this image is indexed cell ") and "left out of its own neighbours and vote" in lines[1]
+        assert lines[2].split() == ["rank", "cell", "patient", "cell_type", "blast", "mutation", "similarity", "path"]
+        ranks = [line.split() for line in lines[3:7]]
+        assert [r[0] for r in ranks] == ["1", "2", "3", "4"]
+        assert "NPM1/NPM1_p1/cell2.png" not in output.split("similarity")[1] and all(float(r[6]) < 0.99999 for r in ranks)
+        assert len(lines) == 8 and lines[7].startswith("k-NN vote: mutation: ") and "/4" in lines[7]
 
     def test_json_for_several_images(self, cli, image_index: ImageIndex) -> None:
         images = [image_index.image("control", 0, 1), image_index.image("NPM1", 0, 3)]
@@ -71,10 +79,19 @@ class TestSearch:
         assert code == 0
         results = json.loads(output)
         assert [r["query"] for r in results] == [str(p) for p in images]
-        for result, expected in zip(results, ["control/control_p0/cell1.png", "NPM1/NPM1_p0/cell3.png"]):
-            assert len(result["neighbours"]) == 3 and result["neighbours"][0]["path"] == expected
-            assert result["neighbours"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+        cells = pd.read_parquet(image_index.idx / "cells.parquet").set_index("path")["cell_id"]
+        for result, itself in zip(results, ["control/control_p0/cell1.png", "NPM1/NPM1_p0/cell3.png"]):
+            assert result["query_cell"] == cells[itself]
+            assert len(result["neighbours"]) == 3 and itself not in {n["path"] for n in result["neighbours"]}
+            assert [n["rank"] for n in result["neighbours"]] == [1, 2, 3]
             assert sum(count for _, count in result["vote"]["mutation"]) == 3
+
+    def test_a_new_image_is_not_taken_for_an_indexed_cell(self, cli, image_index: ImageIndex, tmp_path: Path) -> None:
+        new = write_cell(tmp_path / "new.png", seed=999, size=40)
+        code, output = cli("search", "--index", image_index.idx, "--image", new, "-k", "24", "--json")
+        assert code == 0, output
+        result = json.loads(output)[0]
+        assert result["query_cell"] is None and len(result["neighbours"]) == 24
 
     def test_filter(self, cli, image_index: ImageIndex) -> None:
         code, output = cli("search", "--index", image_index.idx, "--image", image_index.image("NPM1", 0, 0), "-k", "12", "--filter", "mutation=control", "--json")
@@ -84,7 +101,7 @@ class TestSearch:
 
     def test_by_cell_id_prefix_leaves_the_cell_out(self, cli, image_index: ImageIndex) -> None:
         code, output = cli("search", "--index", image_index.idx, "--image", image_index.image("NPM1", 0, 0), "-k", "1", "--json")
-        cell_id = json.loads(output)[0]["neighbours"][0]["cell_id"]
+        cell_id = json.loads(output)[0]["query_cell"]
         code, output = cli("search", "--index", image_index.idx, "--cell-id", cell_id[:10], "-k", "5", "--json")
         assert code == 0, output
         result = json.loads(output)[0]
@@ -160,14 +177,14 @@ class TestRunFolderBackbone:
         run, idx = run_index
         query = image_index.image("control", 1, 4)
         code, output = cli("search", "--index", idx, "--image", query, "-k", "2", "--json")
-        assert code == 0 and json.loads(output)[0]["neighbours"][0]["path"] == "control/control_p1/cell4.png"
+        assert code == 0 and json.loads(output)[0]["query_cell"] == cell_id_of_path(idx, "control/control_p1/cell4.png")
         moved = tmp_path / "moved_run"
         shutil.move(run, moved)
         try:
             code, output = cli("search", "--index", idx, "--image", query)
             assert code == 2 and "no longer exists; pass --model with where it is now" in output
             code, output = cli("search", "--index", idx, "--image", query, "-k", "2", "--model", moved)
-            assert code == 0 and "control/control_p1/cell4.png" in output
+            assert code == 0 and f"indexed cell {cell_id_of_path(idx, 'control/control_p1/cell4.png')[:12]}" in output
             code, output = cli("search", "--index", idx, "--image", query, "--model", "test_resnet")  # same arch, other weights
             assert code == 2 and "backbone fingerprint mismatch" in output
         finally:
@@ -190,8 +207,7 @@ class TestAdd:
         assert code == 0, output
         assert f"wrote {tmp_path / 'idx' / 'index.faiss'}: added 4 cells, 28 in all" in output
         code, output = cli("search", "--index", tmp_path / "idx", "--image", root / "NPM1" / "NPM1_p9" / "new2.png", "-k", "1", "--json")
-        hit = json.loads(output)[0]["neighbours"][0]
-        assert hit["path"] == "NPM1/NPM1_p9/new2.png" and hit["row"] >= 24
+        assert json.loads(output)[0]["query_cell"] == cell_id_of_path(tmp_path / "idx", "NPM1/NPM1_p9/new2.png")
         code, output = cli("index", "add", tmp_path / "idx", "--embeddings", tmp_path / "emb2")
         assert code == 2 and "4 cell(s) of" in output and "are already in index" in output
 
@@ -224,7 +240,6 @@ class TestStainNormalisation:
         assert json.loads((tmp_path / "idx" / "meta.json").read_text())["preprocessing"]["stain"]["method"] == "reinhard"
         assert "queries are stain-normalised (reinhard) like the cells" in cli("index", "info", tmp_path / "idx")[1]
         code, output = cli("search", "--index", tmp_path / "idx", "--image", image_index.image("control", 0, 5), "-k", "1", "--json")
-        hit = json.loads(output)[0]["neighbours"][0]
-        assert hit["path"] == "control/control_p0/cell5.png" and hit["similarity"] == pytest.approx(1.0, abs=1e-5)
+        assert json.loads(output)[0]["query_cell"] == cell_id_of_path(tmp_path / "idx", "control/control_p0/cell5.png")
         code, output = cli("index", "add", tmp_path / "idx", "--embeddings", image_index.emb)
         assert code == 2 and "stain normalisation mismatch" in output and "with none" in output

@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
+from swagger_ui_bundle import swagger_ui_path
 
 from marrowlens import __version__
 from marrowlens.cohort.images import ImageDecodeError, decode_bytes, load_rgb
@@ -67,6 +69,8 @@ class VoteEntry(BaseModel):
 
 
 class Query(BaseModel):
+    """What was searched for; ``cell`` is the indexed cell queried (or uploaded), left out of its own neighbours."""
+
     kind: Literal["upload", "cell"]
     filename: str | None = None
     cell: Cell | None = None
@@ -156,8 +160,20 @@ def create_app(
         version=__version__,
         description="Upload a cell image (or name an indexed cell) and get the most similar cells of the cohort.",
         lifespan=lifespan,
+        docs_url=None,  # served below from the packaged Swagger UI: FastAPI's own page loads it from a CDN
+        redoc_url=None,
     )
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def docs() -> HTMLResponse:
+        """The interactive API docs, working offline."""
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url, title=f"{app.title} - API docs",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js", swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
     templates = Jinja2Templates(directory=HERE / "templates")
 
     @app.exception_handler(UnknownCellError)
@@ -200,7 +216,8 @@ def create_app(
         k: int = Form(default_k, ge=1, description="number of neighbours"),
         filter: list[str] = Form([], description="column=value[,value] filters, e.g. mutation=NPM1"),
     ) -> SearchResult:
-        """The k most similar indexed cells to an uploaded image or to an indexed cell (itself excluded)."""
+        """The k most similar indexed cells to an uploaded image or to an indexed cell (itself excluded:
+        an upload that is an indexed cell is named in ``query.cell`` and left out too)."""
         searcher: Searcher = request.app.state.searcher
         if (image is None) == (cell_id is None or not cell_id.strip()):
             raise HTTPException(422, "send exactly one of: an image file, or a cell_id")
@@ -213,7 +230,8 @@ def create_app(
             except ImageDecodeError as exc:
                 raise HTTPException(400, f"the upload is not a usable image: {exc}") from None
             table = searcher.search_images([decoded], k, filters)[0]
-            query = Query(kind="upload", filename=image.filename)
+            itself = searcher.exact_row(table.attrs["query_cell"]) if "query_cell" in table.attrs else None
+            query = Query(kind="upload", filename=image.filename, cell=None if itself is None else cell_model(searcher, itself))
         else:
             row = searcher.row_of(cell_id)
             table = searcher.search_cells([row], k, filters)[0]

@@ -123,6 +123,12 @@ function render(result, queryImage, queryCaption) {
   $("query-image").src = queryImage;
   $("query-caption").textContent = queryCaption;
   renderVote(result.vote, result.neighbours.length);
+  const itself = result.query.cell, note = $("self-note");
+  note.hidden = !itself;
+  note.textContent = itself
+    ? `${result.query.kind === "upload" ? "This image is" : "The query is"} indexed cell ${itself.cell_id.slice(0, 12)} ` +
+      `(${describe(itself).join(" · ")}): it is left out of its own neighbours and vote.`
+    : "";
   $("grid").replaceChildren(...result.neighbours.map(card));
 }
 
