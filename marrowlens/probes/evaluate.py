@@ -125,7 +125,8 @@ def run_folds(
         pred.kept[test], pred.proba[test], pred.fold[test] = kept, proba, i
         info.append({"fold": name, "train_patients": int(len(np.unique(task.groups[train]))),
                      "test_patients": int(len(np.unique(task.groups[test]))), "train_cells": int(len(probe.train_rows)),
-                     "test_cells": int(len(test)), "test_kept": int(kept.sum()), **_quick(task, pred, test)})
+                     "test_cells": int(len(test)), "test_kept": int(kept.sum()), "head": probe.head.fitted_state(),
+                     **_quick(task, pred, test)})
     return pred, info
 
 

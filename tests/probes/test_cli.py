@@ -63,6 +63,9 @@ class TestRoundTrip:
         expected = load_config(ProbeConfig, shipped, [*FAST[1::2], "eval.cv=3"])
         assert saved == expected and saved.imbalance.class_weight == "balanced"
         assert yaml.safe_load((fitted / "blast" / "config.yaml").read_text())["imbalance"]["class_weight"] == "balanced"
+        report = _report(fitted / "blast")
+        assert report["evaluation"]["hyper_parameters"].startswith("weight decay chosen inside each training fold")
+        assert all("weight_decay" in fold["head"] for fold in report["folds"])
 
     def test_fit_writes_the_probe_folder_and_a_full_report(self, fitted: Path) -> None:
         for name in ("blast", "mutation"):
