@@ -13,11 +13,13 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from marrowlens.artifacts import read_meta, write_meta
 from marrowlens.cohort.manifest import load_cohort
@@ -37,19 +39,40 @@ LAST_CKPT = Path("checkpoints") / "last.ckpt"
 RESUMABLE = {("trainer", "max_epochs"), ("data", "num_workers")}
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files appear whole or not at all: a kill mid-save keeps the previous one."""
 
-class AtomicCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose files appear whole or not at all (a kill mid-save keeps the old one)."""
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        partial = f"{path}.partial"
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        os.replace(partial, path)
 
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        partial = f"{filepath}.partial"
-        trainer.save_checkpoint(partial, self.save_weights_only)  # collective; rank 0 writes
-        if trainer.is_global_zero:
-            os.replace(partial, filepath)
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(self)
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
+
+def checkpoint_callbacks(folder: Path, monitor: str | None) -> list[ModelCheckpoint]:
+    """``best-{epoch}.ckpt`` by the monitored metric, and ``last.ckpt`` after every finished epoch.
+
+    Lightning's ``save_last`` writes ``last.ckpt`` only in epochs that improved the monitored metric,
+    so ``last`` is its own unmonitored checkpoint, overwritten in place (no version suffix). Both save
+    in ``on_train_epoch_end``, after the epoch's online k-NN check has run; ``best`` comes first so
+    that ``last.ckpt`` holds its updated state.
+    """
+    best = ModelCheckpoint(
+        dirpath=str(folder),
+        filename="best-{epoch}",
+        monitor=monitor or "train_loss_epoch",
+        mode="max" if monitor else "min",
+        save_top_k=1,
+        save_on_train_epoch_end=True,
+    )
+    last = ModelCheckpoint(
+        dirpath=str(folder),
+        filename=LAST_CKPT.stem,
+        monitor=None,
+        save_top_k=1,
+        enable_version_counter=False,
+        save_on_train_epoch_end=True,
+    )
+    return [best, last]
 
 
 @dataclass
@@ -107,14 +130,6 @@ def build_trainer(config: PretrainConfig, out: Path, monitor: str | None, has_ba
     loggers = [CSVLogger(save_dir=str(out), name="logs")]
     if importlib.util.find_spec("tensorboard") is not None:
         loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard"))
-    checkpoint = AtomicCheckpoint(
-        dirpath=str(out / "checkpoints"),
-        filename="best-{epoch}",
-        monitor=monitor or "train_loss_epoch",
-        mode="max" if monitor else "min",
-        save_top_k=1,
-        save_last=True,
-    )
     devices = trainer_cfg.devices
     on_gpu = trainer_cfg.accelerator in ("gpu", "cuda") or (trainer_cfg.accelerator == "auto" and torch.cuda.is_available())
     several = trainer_cfg.nodes > 1 or devices == "auto" or (isinstance(devices, int) and devices > 1)
@@ -131,7 +146,8 @@ def build_trainer(config: PretrainConfig, out: Path, monitor: str | None, has_ba
         log_every_n_steps=trainer_cfg.log_every_n_steps,
         use_distributed_sampler=False,
         # tqdm, not rich: its lines survive in non-terminal logs (SLURM, nohup)
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), TQDMProgressBar()],
+        callbacks=[*checkpoint_callbacks(out / LAST_CKPT.parent, monitor), LearningRateMonitor(logging_interval="step"), TQDMProgressBar()],
+        plugins=[AtomicCheckpointIO()],
         enable_model_summary=False,
         logger=loggers,
         default_root_dir=str(out),

@@ -19,10 +19,12 @@ from marrowlens.artifacts import sha256_file
 from marrowlens.config import PretrainConfig, dump_config, load_config
 from marrowlens.errors import MarrowLensError
 from marrowlens.ssl import train
+from marrowlens.ssl.base import SSLModule
 from tests.conftest import REPO_ROOT, run_cli_subprocess
 from tests.ssl.conftest import TINY
 
 CONFIG = REPO_ROOT / "configs" / "pretrain" / "tiny_cpu.yaml"
+BUILD_TRAINER = train.build_trainer
 
 
 def _sets(*extra: str) -> list[str]:
@@ -179,3 +181,60 @@ def test_resume_may_change_only_resumable_settings_and_says_what_a_new_max_epoch
     shorter = train.resolve_config(load_config(PretrainConfig, CONFIG, ["trainer.max_epochs=16"]), tmp_path, resume=True)
     assert shorter.trainer.max_epochs == 16
     assert "planned for 40 epochs" in capsys.readouterr().out
+
+
+def _worsening_knn(self: SSLModule) -> None:
+    """The online k-NN check, replaced by a score that only gets worse: epoch 0 stays the best."""
+    self._check_features, self._check_labels, self._check_query = [], [], []
+    self.log("val_knn_acc", 0.9 - 0.1 * self.current_epoch)
+
+
+class _CheckpointSpy(pl.Callback):
+    """Notes, when each epoch starts, which epochs ``last.ckpt`` and ``best-*.ckpt`` hold."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.seen = folder, []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.seen.append((trainer.current_epoch, *_checkpoint_epochs(self.folder)))
+
+
+def _checkpoint_epochs(folder: Path) -> tuple[int | None, list[str]]:
+    last = folder / "last.ckpt"
+    epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"] if last.is_file() else None
+    return epoch, sorted(p.name for p in folder.glob("best-*.ckpt"))
+
+
+def _with_callbacks(monkeypatch, *callbacks: pl.Callback) -> None:
+    def patched(*args, **kwargs):
+        trainer = BUILD_TRAINER(*args, **kwargs)
+        trainer.callbacks[:0] = callbacks  # before the checkpoint callbacks, as Lightning orders them anyway
+        return trainer
+
+    monkeypatch.setattr(train, "build_trainer", patched)
+
+
+def test_last_checkpoint_is_the_latest_epoch_even_when_the_metric_gets_worse(labelled_cohort: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(SSLModule, "on_validation_epoch_end", _worsening_knn)
+    config = load_config(PretrainConfig, CONFIG, [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=3"])
+    spy = _CheckpointSpy(tmp_path / "r" / "checkpoints")
+    _with_callbacks(monkeypatch, spy)
+    train.pretrain(config, labelled_cohort, tmp_path / "r")
+    assert spy.seen == [(0, None, []), (1, 0, ["best-epoch=0.ckpt"]), (2, 1, ["best-epoch=0.ckpt"])]
+    assert _checkpoint_epochs(tmp_path / "r" / "checkpoints") == (2, ["best-epoch=0.ckpt"])
+    assert not list((tmp_path / "r" / "checkpoints").glob("*.partial"))
+
+
+def test_resume_after_a_non_improving_epoch_continues_from_it(labelled_cohort: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(SSLModule, "on_validation_epoch_end", _worsening_knn)
+    config = load_config(PretrainConfig, CONFIG, [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=3"])
+    _with_callbacks(monkeypatch, _InterruptAtEpoch(2))  # epoch 1 finished without improving
+    with pytest.raises(MarrowLensError, match="interrupted"):
+        train.pretrain(config, labelled_cohort, tmp_path / "r")
+    assert _checkpoint_epochs(tmp_path / "r" / "checkpoints") == (1, ["best-epoch=0.ckpt"])
+    spy = _CheckpointSpy(tmp_path / "r" / "checkpoints")
+    _with_callbacks(monkeypatch, spy)
+    train.pretrain(config, labelled_cohort, tmp_path / "r", resume=True)
+    assert [epoch for epoch, *_ in spy.seen] == [2]
+    meta = json.loads((tmp_path / "r" / "meta.json").read_text())
+    assert meta["global_step"] == 3 * 4 and meta["epochs"] == 3
