@@ -7,3 +7,7 @@ message on one line and exits non-zero, without a traceback. Everything else is 
 
 class MarrowLensError(Exception):
     """Bad input or a refused operation, explained in one line."""
+
+
+class Interrupted(MarrowLensError):
+    """Ctrl-C during a long step (pretraining, embedding); the message says how to continue."""

@@ -27,7 +27,7 @@ from marrowlens.cohort.manifest import Cohort, load_cohort
 from marrowlens.cohort.stain import METHODS as STAIN_METHODS
 from marrowlens.cohort.stain import ReinhardNormalize, ReinhardTarget, fit_reinhard
 from marrowlens.embeddings import EmbeddingWriter, Embeddings
-from marrowlens.errors import MarrowLensError
+from marrowlens.errors import Interrupted, MarrowLensError
 from marrowlens.ssl.backbones import BackboneInfo, load_backbone
 
 
@@ -196,6 +196,6 @@ def _predict(model, info, stain, cohort, pending, out, key, batch_size, devices,
     try:
         trainer.predict(_Embedder(model), dataloaders=loader, return_predictions=False)
     except SystemExit as exc:  # Lightning's graceful Ctrl-C ends in sys.exit(1)
-        raise MarrowLensError(f"embedding interrupted; run the same command again to resume ({out})") from exc
+        raise Interrupted(f"embedding interrupted; run the same command again to resume ({out})") from exc
 
 

@@ -24,7 +24,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from marrowlens.artifacts import read_meta, write_meta
 from marrowlens.cohort.manifest import load_cohort
 from marrowlens.config import PretrainConfig, dump_config, load_config
-from marrowlens.errors import MarrowLensError
+from marrowlens.errors import Interrupted, MarrowLensError
 from marrowlens.ssl.backbones import BackboneInfo, create_backbone, default_norm, export_backbone
 from marrowlens.ssl.base import SSLModule, scaled_lr
 from marrowlens.ssl.data import PretrainData, check_subset
@@ -156,6 +156,13 @@ def build_trainer(config: PretrainConfig, out: Path, monitor: str | None, has_ba
     )
 
 
+def how_to_continue(out: Path) -> str:
+    """What continues an interrupted ``marrowlens pretrain``: --resume needs a finished epoch."""
+    if (out / LAST_CKPT).is_file():
+        return f"run the same command with --resume to continue from {out / LAST_CKPT}"
+    return f"no epoch had finished ({out / LAST_CKPT} does not exist): run the same command with --overwrite to start over"
+
+
 def _has_batchnorm(module: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
@@ -196,7 +203,7 @@ def pretrain(config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool =
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(out / LAST_CKPT) if resume else None)
     except SystemExit as exc:  # Lightning's graceful Ctrl-C ends in sys.exit(1)
-        raise MarrowLensError(f"training interrupted; continue it with the same command and --resume ({out / LAST_CKPT})") from exc
+        raise Interrupted(f"training interrupted; {how_to_continue(out)}") from exc
     if not trainer.is_global_zero:
         return None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

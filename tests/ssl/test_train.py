@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from marrowlens.artifacts import sha256_file
 from marrowlens.config import PretrainConfig, dump_config, load_config
-from marrowlens.errors import MarrowLensError
+from marrowlens.errors import Interrupted, MarrowLensError
 from marrowlens.ssl import train
 from marrowlens.ssl.base import SSLModule
 from tests.conftest import REPO_ROOT, run_cli_subprocess
@@ -238,3 +238,14 @@ def test_resume_after_a_non_improving_epoch_continues_from_it(labelled_cohort: P
     assert [epoch for epoch, *_ in spy.seen] == [2]
     meta = json.loads((tmp_path / "r" / "meta.json").read_text())
     assert meta["global_step"] == 3 * 4 and meta["epochs"] == 3
+
+
+@pytest.mark.parametrize("epoch, hint", [(0, "no epoch had finished.*--overwrite to start over"), (1, "--resume to continue from .*last.ckpt")])
+def test_an_interrupted_pretraining_says_what_continues_it(labelled_cohort: Path, tmp_path: Path, monkeypatch, epoch: int, hint: str) -> None:
+    config = load_config(PretrainConfig, CONFIG, [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=2", "data.val_cells=0"])
+    _with_callbacks(monkeypatch, _InterruptAtEpoch(epoch))
+    with pytest.raises(Interrupted, match=hint):
+        train.pretrain(config, labelled_cohort, tmp_path / "r")
+    monkeypatch.setattr(train, "build_trainer", BUILD_TRAINER)
+    resume = "--resume" in hint  # doing what the message says works
+    assert train.pretrain(config, labelled_cohort, tmp_path / "r", resume=resume, overwrite=not resume) is not None
