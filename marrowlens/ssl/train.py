@@ -9,6 +9,7 @@ rate with the global batch, and exports the trained backbone at the end.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQ
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from marrowlens.artifacts import read_meta, write_meta
+from marrowlens.artifacts import read_meta, require_same_fingerprint, write_json_atomic, write_meta
 from marrowlens.cohort.manifest import load_cohort
 from marrowlens.config import PretrainConfig, dump_config, load_config
 from marrowlens.errors import Interrupted, MarrowLensError
@@ -34,6 +35,7 @@ from marrowlens.ssl.simclr import SimCLR
 from marrowlens.ssl.views import build_views
 
 CONFIG_FILE = "config.yaml"
+COHORT_FILE = "cohort.json"
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
 # Settings a resumed run may change; anything else would make it a different run.
 RESUMABLE = {("trainer", "max_epochs"), ("data", "num_workers")}
@@ -109,6 +111,17 @@ def resolve_config(config: PretrainConfig, out: Path, resume: bool) -> PretrainC
     return config
 
 
+def check_cohort(out: Path, cohort_dir: Path, fingerprint: str, resume: bool, launching: bool) -> None:
+    """The cohort is part of a run: note it at the start, and refuse to resume on another one."""
+    path = out / COHORT_FILE
+    if resume and path.is_file():
+        started = json.loads(path.read_text())
+        require_same_fingerprint("cohort", started["fingerprint"], f"{out} (started on {started['folder']})",
+                                 fingerprint, f"--cohort {cohort_dir}")
+    elif launching:  # a new run, or one started before runs noted their cohort
+        write_json_atomic(path, {"folder": str(Path(cohort_dir).resolve()), "fingerprint": fingerprint})
+
+
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise MarrowLensError("--resume and --overwrite contradict each other")
@@ -175,6 +188,7 @@ def pretrain(config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool =
         prepare_run_dir(out, resume, overwrite)
     config = resolve_config(config, out, resume)
     cohort = load_cohort(cohort_dir)
+    check_cohort(out, cohort_dir, cohort.meta["fingerprint"], resume, launching)
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
     backbone = create_backbone(config.model.backbone, config.model.image_size, config.model.weights)
     mean, std = default_norm(config.model.backbone)

@@ -15,7 +15,8 @@ import pytorch_lightning as pl
 import torch
 from safetensors.torch import load_file
 
-from marrowlens.artifacts import sha256_file
+from marrowlens.artifacts import sha256_file, short
+from marrowlens.cohort.synthetic import make_synthetic_cohort
 from marrowlens.config import PretrainConfig, dump_config, load_config
 from marrowlens.errors import Interrupted, MarrowLensError
 from marrowlens.ssl import train
@@ -249,3 +250,16 @@ def test_an_interrupted_pretraining_says_what_continues_it(labelled_cohort: Path
     monkeypatch.setattr(train, "build_trainer", BUILD_TRAINER)
     resume = "--resume" in hint  # doing what the message says works
     assert train.pretrain(config, labelled_cohort, tmp_path / "r", resume=resume, overwrite=not resume) is not None
+
+
+def test_resume_on_another_cohort_is_refused(cli, labelled_cohort: Path, tmp_path: Path) -> None:
+    other = make_synthetic_cohort(tmp_path / "other", patients=4, cells_per_patient=8, image_size=32, seed=1)
+    base = ("pretrain", "--config", CONFIG, "--backbone", "test_resnet", "--out", tmp_path / "r", *_sets("data.val_cells=0"))
+    code, output = cli(*base, "--cohort", labelled_cohort, "--max-epochs", "1")
+    assert code == 0, output
+    started = json.loads((tmp_path / "r" / train.COHORT_FILE).read_text())
+    meta_before = (tmp_path / "r" / "meta.json").read_text()
+    code, output = cli(*base, "--cohort", other.folder, "--max-epochs", "2", "--resume")
+    assert code == 2 and "cohort mismatch" in output and "\n" not in output.strip()
+    assert short(started["fingerprint"]) in output and short(other.meta["fingerprint"]) in output
+    assert (tmp_path / "r" / "meta.json").read_text() == meta_before
