@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -169,6 +170,23 @@ def build_trainer(config: PretrainConfig, out: Path, monitor: str | None, has_ba
     )
 
 
+def require_steps(cells: int, world: int, batch: int, config: PretrainConfig) -> None:
+    """Refuse a run whose epochs take no optimizer step: it would "finish" with an untrained backbone.
+
+    Counted as Lightning runs them: full batches only (the sampler and the loader drop the rest), cut
+    by ``limit_train_batches`` (a fraction rounds down), one step per ``accumulate_grad_batches``
+    batches and one for a remainder at the end of the epoch.
+    """
+    full = cells // world // batch
+    limit = config.trainer.limit_train_batches
+    batches = full if limit is None else min(full, limit) if isinstance(limit, int) else int(full * limit)
+    if math.ceil(batches / config.trainer.accumulate_grad_batches) < 1:
+        kept = "" if limit is None else f", of which trainer.limit_train_batches={limit} keeps {batches}"
+        raise MarrowLensError(
+            f"this run trains 0 steps: {cells} cells on {world} device(s) give {full} full batches of {batch} per epoch{kept}"
+        )
+
+
 def how_to_continue(out: Path) -> str:
     """What continues an interrupted ``marrowlens pretrain``: --resume needs a finished epoch."""
     if (out / LAST_CKPT).is_file():
@@ -200,6 +218,7 @@ def pretrain(config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool =
     batch = min(config.data.batch_size, len(cohort.cells) // world)
     if batch < 2:
         raise MarrowLensError(f"{len(cohort.cells)} cells cannot fill a batch of 2 per device on {world} device(s)")
+    require_steps(len(cohort.cells), world, batch, config)
     data = PretrainData(cohort, config, views, check_transform, batch)
     global_batch = batch * world * config.trainer.accumulate_grad_batches
     lr = scaled_lr(config, global_batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -263,3 +264,23 @@ def test_resume_on_another_cohort_is_refused(cli, labelled_cohort: Path, tmp_pat
     assert code == 2 and "cohort mismatch" in output and "\n" not in output.strip()
     assert short(started["fingerprint"]) in output and short(other.meta["fingerprint"]) in output
     assert (tmp_path / "r" / "meta.json").read_text() == meta_before
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("trainer.limit_train_batches=0", "trainer.limit_train_batches"),
+    ("trainer.limit_train_batches=-3", "trainer.limit_train_batches"),
+    ("trainer.devices=0", "trainer.devices"),
+    ("trainer.limit_train_batches=0.1", "trains 0 steps: 32 cells on 1 device.* 4 full batches of 8 .*keeps 0"),
+])
+def test_settings_that_train_no_step_are_one_line_errors(cli, labelled_cohort: Path, tmp_path: Path, setting: str, message: str) -> None:
+    code, output = cli("pretrain", "--config", CONFIG, "--cohort", labelled_cohort, "--out", tmp_path / "r", "--backbone", "test_resnet",
+                       "--max-epochs", "1", *_sets(setting))
+    assert code == 2 and re.search(message, output) and "\n" not in output.strip(), output
+    assert not (tmp_path / "r" / "backbone.safetensors").exists()
+
+
+def test_planned_steps_count_full_batches_after_the_limit_and_accumulation() -> None:
+    config = load_config(PretrainConfig, CONFIG, ["trainer.accumulate_grad_batches=4"])
+    train.require_steps(9, 1, 8, config)  # one full batch, one (partial-accumulation) step
+    with pytest.raises(MarrowLensError, match="0 full batches of 8"):
+        train.require_steps(15, 2, 8, config)
