@@ -11,3 +11,15 @@ class MarrowLensError(Exception):
 
 class Interrupted(MarrowLensError):
     """Ctrl-C during a long step (pretraining, embedding); the message says how to continue."""
+
+
+def in_main_process(exc: MarrowLensError) -> MarrowLensError:
+    """The error a DataLoader worker raised, as one line again.
+
+    torch re-raises a worker's exception in the main process as the same type, but with the worker's
+    whole traceback as its message; the last line of that traceback is the original message.
+    """
+    text = str(exc)
+    if "\nOriginal Traceback" not in text:
+        return exc
+    return type(exc)(text.rstrip().splitlines()[-1].partition(": ")[2])

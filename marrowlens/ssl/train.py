@@ -26,7 +26,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from marrowlens.artifacts import read_meta, require_same_fingerprint, write_json_atomic, write_meta
 from marrowlens.cohort.manifest import load_cohort
 from marrowlens.config import PretrainConfig, dump_config, load_config
-from marrowlens.errors import Interrupted, MarrowLensError
+from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
 from marrowlens.ssl.backbones import BackboneInfo, create_backbone, default_norm, export_backbone
 from marrowlens.ssl.base import SSLModule, scaled_lr
 from marrowlens.ssl.data import PretrainData, check_subset
@@ -237,6 +237,8 @@ def pretrain(config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool =
         trainer.fit(module, datamodule=data, ckpt_path=str(out / LAST_CKPT) if resume else None)
     except SystemExit as exc:  # Lightning's graceful Ctrl-C ends in sys.exit(1)
         raise Interrupted(f"training interrupted; {how_to_continue(out)}") from exc
+    except MarrowLensError as exc:  # a missing cell, maybe seen by a loader worker
+        raise in_main_process(exc) from exc.__cause__
     if not trainer.is_global_zero:
         return None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

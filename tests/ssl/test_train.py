@@ -284,3 +284,12 @@ def test_planned_steps_count_full_batches_after_the_limit_and_accumulation() -> 
     train.require_steps(9, 1, 8, config)  # one full batch, one (partial-accumulation) step
     with pytest.raises(MarrowLensError, match="0 full batches of 8"):
         train.require_steps(15, 2, 8, config)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_deleted_image_is_named_in_one_line(cli, cohort_missing_a_cell: tuple[Path, Path], tmp_path: Path, workers: int) -> None:
+    folder, gone = cohort_missing_a_cell
+    code, output = cli("pretrain", "--config", CONFIG, "--cohort", folder, "--out", tmp_path / "r", "--backbone", "test_resnet",
+                       "--max-epochs", "1", *_sets(f"data.num_workers={workers}"))
+    assert code == 2 and "\n" not in output.strip(), output
+    assert str(gone) in output and f"marrowlens cohort check {folder} --fix" in output
