@@ -293,3 +293,16 @@ def test_a_deleted_image_is_named_in_one_line(cli, cohort_missing_a_cell: tuple[
                        "--max-epochs", "1", *_sets(f"data.num_workers={workers}"))
     assert code == 2 and "\n" not in output.strip(), output
     assert str(gone) in output and f"marrowlens cohort check {folder} --fix" in output
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+@pytest.mark.parametrize("command", ["pretrain", "embed"])
+def test_a_corrupt_weights_file_is_named_in_one_line(cli, labelled_cohort: Path, tmp_path: Path, command: str, suffix: str) -> None:
+    weights = tmp_path / f"garbage{suffix}"
+    weights.write_bytes(bytes(range(256)) * 4)
+    if command == "pretrain":
+        args = ("pretrain", "--config", CONFIG, "--backbone", "test_resnet", "--max-epochs", "1", *_sets())
+    else:
+        args = ("embed", "--model", "test_resnet", "--image-size", "32", "--num-workers", "0")
+    code, output = cli(*args, "--cohort", labelled_cohort, "--out", tmp_path / "out", "--weights", weights)
+    assert code == 2 and f"cannot read weights {weights}" in output and "\n" not in output.strip(), output
