@@ -306,3 +306,26 @@ def test_a_corrupt_weights_file_is_named_in_one_line(cli, labelled_cohort: Path,
         args = ("embed", "--model", "test_resnet", "--image-size", "32", "--num-workers", "0")
     code, output = cli(*args, "--cohort", labelled_cohort, "--out", tmp_path / "out", "--weights", weights)
     assert code == 2 and f"cannot read weights {weights}" in output and "\n" not in output.strip(), output
+
+
+def _ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("command", ["pretrain", "embed"])
+def test_ctrl_c_exits_130_through_main(labelled_cohort: Path, tmp_path: Path, monkeypatch, capsys, command: str) -> None:
+    from marrowlens import cli
+    from marrowlens.ssl import embed
+    from marrowlens.ssl.simclr import SimCLR
+
+    if command == "pretrain":
+        monkeypatch.setattr(SimCLR, "training_step", _ctrl_c)
+        args = ["pretrain", "--config", CONFIG, "--backbone", "test_resnet", "--max-epochs", "1", *_sets()]
+    else:
+        monkeypatch.setattr(embed._Embedder, "predict_step", _ctrl_c)
+        args = ["embed", "--model", "test_resnet", "--image-size", "32", "--num-workers", "0"]
+    monkeypatch.setattr(sys, "argv", ["marrowlens", *map(str, args), "--cohort", str(labelled_cohort), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 130
+    assert re.match(r"(training|embedding) interrupted; .*run the same command", capsys.readouterr().err)
