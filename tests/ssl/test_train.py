@@ -240,6 +240,9 @@ def test_resume_after_a_non_improving_epoch_continues_from_it(labelled_cohort: P
     assert [epoch for epoch, *_ in spy.seen] == [2]
     meta = json.loads((tmp_path / "r" / "meta.json").read_text())
     assert meta["global_step"] == 3 * 4 and meta["epochs"] == 3
+    monkeypatch.setattr(train, "build_trainer", BUILD_TRAINER)
+    train.pretrain(config, labelled_cohort, tmp_path / "whole")  # optimizer and LR schedule restored exactly
+    assert _max_difference(tmp_path / "whole", tmp_path / "r") < 1e-5
 
 
 @pytest.mark.parametrize("epoch, hint", [(0, "no epoch had finished.*--overwrite to start over"), (1, "--resume to continue from .*last.ckpt")])
