@@ -1,6 +1,7 @@
 """The ``marrowlens`` command line: parses arguments and calls one library function per command.
 
-Errors a user can fix (:class:`MarrowLensError`) print as one line and exit with status 2.
+Errors a user can fix (:class:`MarrowLensError`) print as one line and exit with status 2; Ctrl-C exits
+with status 130, saying what continues the interrupted work.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import List, Optional
 import typer
 from typer.exceptions import TyperException
 
-from marrowlens.errors import MarrowLensError
+from marrowlens.errors import Interrupted, MarrowLensError
 
 app = typer.Typer(
     help="MarrowLens: self-supervised representations, probes and retrieval for single-cell AML images.",
@@ -473,6 +474,9 @@ def main() -> None:
     """
     try:
         code = app(standalone_mode=False, prog_name="marrowlens")
+    except Interrupted as exc:  # Ctrl-C inside Lightning, which turns it into sys.exit(1)
+        typer.echo(str(exc), err=True)
+        sys.exit(130)
     except MarrowLensError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

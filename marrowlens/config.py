@@ -106,6 +106,21 @@ class TrainerConfig(_Strict):
     def _precision_as_text(cls, value: object) -> object:
         return str(value) if isinstance(value, int) else value  # `--precision 32` parses as a number
 
+    @field_validator("devices")
+    @classmethod
+    def _some_devices(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a number of devices >= 1 or 'auto'")
+        return value
+
+    @field_validator("limit_train_batches")
+    @classmethod
+    def _some_batches(cls, value: int | float | None) -> int | float | None:
+        """0 batches would end "successfully" with an untrained backbone; Lightning tracebacks on negatives."""
+        if isinstance(value, int) and value < 1 or isinstance(value, float) and not 0 < value <= 1:
+            raise ValueError("must be a number of batches >= 1 or a fraction of the epoch in (0, 1]")
+        return value
+
 
 class PretrainConfig(_Strict):
     model: ModelConfig = ModelConfig()

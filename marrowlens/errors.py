@@ -18,3 +18,19 @@ def listing(values: Iterable[object], limit: int = 5) -> str:
     shown = list(values)
     head = ", ".join(map(str, shown[:limit]))
     return f"{head} and {len(shown) - limit} more" if len(shown) > limit else head
+
+
+class Interrupted(MarrowLensError):
+    """Ctrl-C during a long step (pretraining, embedding); the message says how to continue."""
+
+
+def in_main_process(exc: MarrowLensError) -> MarrowLensError:
+    """The error a DataLoader worker raised, as one line again.
+
+    torch re-raises a worker's exception in the main process as the same type, but with the worker's
+    whole traceback as its message; the last line of that traceback is the original message.
+    """
+    text = str(exc)
+    if "\nOriginal Traceback" not in text:
+        return exc
+    return type(exc)(text.rstrip().splitlines()[-1].partition(": ")[2])

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from marrowlens.artifacts import write_json_atomic, write_meta, write_text_atomic
 from marrowlens.cohort.manifest import load_cohort
 from marrowlens.config import PretrainConfig, RunConfig, load_config, read_yaml, validate_config
-from marrowlens.errors import MarrowLensError
+from marrowlens.errors import Interrupted, MarrowLensError
 
 STAGES_FILE = "stages.json"
 REPORT_FILE = "report.md"
@@ -87,7 +87,10 @@ def run_study(cohort_dir: Path, config: RunConfig, out: Path, say: Callable[[str
     finished = (run_dir / INFO_FILE).is_file()
     if not study.done("pretrain", key, finished):
         resume = study.begin("pretrain", key) and (run_dir / LAST_CKPT).is_file()
-        result = pretrain(pretrain_config, cohort_dir, run_dir, resume=resume, overwrite=not resume)
+        try:
+            result = pretrain(pretrain_config, cohort_dir, run_dir, resume=resume, overwrite=not resume)
+        except Interrupted as exc:
+            raise Interrupted(f"pretraining interrupted; {_how_to_continue(run_dir / LAST_CKPT)}") from exc
         if result is None:
             return None  # a secondary DDP process: the main one carries on alone
         study.record("pretrain", key)
@@ -111,6 +114,13 @@ def run_study(cohort_dir: Path, config: RunConfig, out: Path, say: Callable[[str
     if config.index.enabled:
         _index_stage(config, store.fingerprint, emb_dir, out / "idx", study)
     return _write_report(out, cohort_dir, cohort.meta, study)
+
+
+def _how_to_continue(last: Path) -> str:
+    """Re-running ``marrowlens run`` resumes pretraining from ``last`` if an epoch finished, else restarts it."""
+    if last.is_file():
+        return f"run the same `marrowlens run` command again to continue from {last}"
+    return "no epoch had finished: run the same `marrowlens run` command again to start pretraining over"
 
 
 def _probe_stages(config: RunConfig, emb_fingerprint: str, emb_dir: Path, out: Path, study: Study) -> None:

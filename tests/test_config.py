@@ -53,3 +53,19 @@ class TestLoadConfig:
         shipped = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny_cpu.yaml"
         with pytest.raises(MarrowLensError, match=r"^config override 'views.min_scale=0.1'"):
             load_config(PretrainConfig, shipped, ["views.min_scale=0.1"])
+
+
+@pytest.mark.parametrize(
+    "override", ["trainer.devices=0", "trainer.devices=-1", "trainer.limit_train_batches=0", "trainer.limit_train_batches=-3",
+                 "trainer.limit_train_batches=0.0", "trainer.limit_train_batches=1.5"],
+)
+def test_trainer_settings_that_train_nothing_are_refused(override: str) -> None:
+    with pytest.raises(MarrowLensError, match=override.split("=")[0]):
+        load_config(PretrainConfig, None, [override])
+
+
+@pytest.mark.parametrize("override, value", [("trainer.devices=auto", "auto"), ("trainer.devices=1", 1), ("trainer.limit_train_batches=3", 3),
+                                             ("trainer.limit_train_batches=0.25", 0.25), ("trainer.limit_train_batches=1.0", 1.0)])
+def test_trainer_settings_that_train_something_are_kept(override: str, value: object) -> None:
+    key = override.split("=")[0].split(".")[1]
+    assert getattr(load_config(PretrainConfig, None, [override]).trainer, key) == value

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import pytorch_lightning as pl
 import yaml
 
 from marrowlens.cohort.manifest import IndexOptions, index_cohort
 from marrowlens.cohort.synthetic import make_synthetic_cohort
+from marrowlens.config import IndexStageConfig, PretrainStageConfig, RunConfig
+from marrowlens.errors import Interrupted
 from marrowlens.pipeline import load_run_config, run_study
 from tests.conftest import REPO_ROOT
 
@@ -131,3 +134,34 @@ def test_hehr_layout_with_blast_labels_from_a_second_source(tmp_path: Path) -> N
     mutation = json.loads((tmp_path / "results" / "probes" / "mutation" / "report.json").read_text())
     assert set(mutation["classes"]) == {"PML_RARA", "NPM1", "CBFB_MYH11", "RUNX1_RUNX1T1", "control"}
     assert "probe `mutation`" in report.read_text()
+
+
+class _InterruptAtEpoch(pl.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt  # what Ctrl-C does inside Lightning
+
+
+@pytest.mark.parametrize("epoch, hint", [(0, "no epoch had finished.*again to start pretraining over"), (1, "again to continue from .*last.ckpt")])
+def test_an_interrupted_study_says_that_the_same_command_continues_it(deepapl_like: Path, tmp_path: Path, monkeypatch, epoch: int, hint: str) -> None:
+    from marrowlens.ssl import train
+
+    config = RunConfig(pretrain=PretrainStageConfig(set=[*TINY_PRETRAIN, "trainer.max_epochs=2", "data.val_cells=0"]),
+                       index=IndexStageConfig(enabled=False))
+    build = train.build_trainer
+
+    def interrupted(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.callbacks.insert(0, _InterruptAtEpoch(epoch))
+        return trainer
+
+    monkeypatch.setattr(train, "build_trainer", interrupted)
+    with pytest.raises(Interrupted, match=hint) as caught:
+        run_study(deepapl_like, config, tmp_path / "results", say=lambda _: None)
+    assert "--resume" not in str(caught.value)
+    monkeypatch.setattr(train, "build_trainer", build)
+    run_study(deepapl_like, config, tmp_path / "results", say=lambda _: None)
+    assert json.loads((tmp_path / "results" / "run" / "meta.json").read_text())["epochs"] == 2

@@ -60,24 +60,30 @@ def create_backbone(name: str, image_size: int, weights: Path | None = None) -> 
         weights = Path(weights)
         if not weights.is_file():
             raise MarrowLensError(f"weights file {weights} does not exist")
+        names = _tensor_names(weights)
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(weights)})
     try:
         model = timm.create_model(name, **kwargs)
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
         raise MarrowLensError(f"cannot build {name} from {weights or 'scratch'}: {exc}") from exc
     if weights is not None:
-        _require_weights_fit(model, name, weights)
+        _require_weights_fit(model, name, weights, names)
     return model
 
 
-def _require_weights_fit(model: nn.Module, name: str, weights: Path) -> None:
-    """timm only warns when a checkpoint does not fit; a silently random backbone is worse."""
+def _tensor_names(weights: Path) -> set[str]:
+    """Read the file before timm does: a corrupt one raises whatever its format's library raises."""
     try:
-        keys = set(timm.models.load_state_dict(str(weights)).keys())
-    except Exception as exc:  # torch/safetensors raise many types for unreadable files
-        raise MarrowLensError(f"cannot read weights {weights}: {exc}") from exc
+        return set(timm.models.load_state_dict(str(weights)).keys())
+    except Exception as exc:  # SafetensorError, UnpicklingError, RuntimeError, ...
+        reason = next(iter(str(exc).strip().splitlines()), "")
+        raise MarrowLensError(f"cannot read weights {weights}: {type(exc).__name__}: {reason}") from exc
+
+
+def _require_weights_fit(model: nn.Module, name: str, weights: Path, names: set[str]) -> None:
+    """timm only warns when a checkpoint does not fit; a silently random backbone is worse."""
     expected = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
-    missing = [k for k in expected if k not in keys]
+    missing = [k for k in expected if k not in names]
     if len(missing) > 0.1 * len(expected):
         raise MarrowLensError(
             f"weights {weights} do not fit {name}: {len(missing)} of {len(expected)} tensors are missing (e.g. {missing[0]})"

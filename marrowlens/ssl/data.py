@@ -19,10 +19,9 @@ import torch
 from sklearn.model_selection import GroupShuffleSplit
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from marrowlens.cohort.images import ImageDecodeError, load_rgb
 from marrowlens.cohort.manifest import Cohort, patient_groups
 from marrowlens.config import PretrainConfig
-from marrowlens.errors import MarrowLensError
+from marrowlens.ssl.embed import load_cell
 
 
 class EpochSampler(DistributedSampler):
@@ -49,13 +48,6 @@ def _seed_everything_for(seed: int, epoch: int, index: int) -> None:
     random.seed(int(state[0]))
 
 
-def _load(cohort: Cohort, relative: str):
-    try:
-        return load_rgb(cohort.image_path(relative))
-    except ImageDecodeError as exc:
-        raise MarrowLensError(f"cell {relative} no longer decodes ({exc}); run `marrowlens cohort check --fix`") from exc
-
-
 class PretrainImages(Dataset):
     """All cells of a cohort; labels are never read (self-supervision)."""
 
@@ -69,7 +61,7 @@ class PretrainImages(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
         index, epoch = key
         _seed_everything_for(self.seed, epoch, index)
-        return self.views(_load(self.cohort, self.paths[index])), index
+        return self.views(load_cell(self.cohort, self.paths[index])), index
 
 
 @dataclass
@@ -121,7 +113,7 @@ class CheckImages(Dataset):
         return len(self.subset.rows)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
-        image = _load(self.cohort, self.paths[self.subset.rows[i]])
+        image = load_cell(self.cohort, self.paths[self.subset.rows[i]])
         return self.transform(image), int(self.subset.labels[i]), bool(self.subset.is_query[i])
 
 

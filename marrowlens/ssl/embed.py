@@ -27,7 +27,7 @@ from marrowlens.cohort.manifest import Cohort, load_cohort
 from marrowlens.cohort.stain import METHODS as STAIN_METHODS
 from marrowlens.cohort.stain import ReinhardNormalize, ReinhardTarget, fit_reinhard
 from marrowlens.embeddings import EmbeddingWriter, Embeddings
-from marrowlens.errors import MarrowLensError
+from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
 from marrowlens.ssl.backbones import BackboneInfo, load_backbone
 
 
@@ -53,14 +53,26 @@ def _fit_stain_target(cohort: Cohort, size: int, sample: int = 256, seed: int = 
     rows = rng.choice(len(cohort.cells), size=min(sample, len(cohort.cells)), replace=False)
     resize = T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True)
     paths = cohort.cells["path"].to_numpy()
-    return fit_reinhard(resize(pad_to_square(load_rgb(cohort.image_path(paths[r])))) for r in sorted(rows))
+    return fit_reinhard(resize(pad_to_square(load_cell(cohort, paths[r]))) for r in sorted(rows))
+
+
+def load_cell(cohort: Cohort, relative: str) -> Image.Image:
+    """A cell the cohort lists; one that is gone or no longer decodes stops the run, named, with the fix."""
+    path = cohort.image_path(relative)
+    try:
+        return load_rgb(path)
+    except ImageDecodeError as exc:
+        raise MarrowLensError(
+            f"cell {path} is in the cohort but cannot be loaded ({exc}); "
+            f"run `marrowlens cohort check {cohort.folder} --fix` to quarantine it, then run again"
+        ) from exc
 
 
 class CohortImages(Dataset):
-    """Cells of a cohort by row index; a file that no longer decodes stops the run with its name."""
+    """Cells of a cohort by row index."""
 
     def __init__(self, cohort: Cohort, rows: np.ndarray, transform: T.Compose) -> None:
-        self.root, self.paths = cohort.root, cohort.cells["path"].to_numpy()
+        self.cohort, self.paths = cohort, cohort.cells["path"].to_numpy()
         self.rows, self.transform = rows, transform
 
     def __len__(self) -> int:
@@ -68,13 +80,7 @@ class CohortImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         row = int(self.rows[index])
-        try:
-            image = load_rgb(self.root / self.paths[row])
-        except ImageDecodeError as exc:
-            raise MarrowLensError(
-                f"cell {self.paths[row]} no longer decodes ({exc}); run `marrowlens cohort check --fix` and embed again"
-            ) from exc
-        return self.transform(image), row
+        return self.transform(load_cell(self.cohort, self.paths[row])), row
 
 
 class _Embedder(pl.LightningModule):
@@ -196,6 +202,8 @@ def _predict(model, info, stain, cohort, pending, out, key, batch_size, devices,
     try:
         trainer.predict(_Embedder(model), dataloaders=loader, return_predictions=False)
     except SystemExit as exc:  # Lightning's graceful Ctrl-C ends in sys.exit(1)
-        raise MarrowLensError(f"embedding interrupted; run the same command again to resume ({out})") from exc
+        raise Interrupted(f"embedding interrupted; run the same command again to resume ({out})") from exc
+    except MarrowLensError as exc:  # a missing cell, maybe seen by a loader worker
+        raise in_main_process(exc) from exc.__cause__
 
 

@@ -9,20 +9,24 @@ rate with the global batch, and exports the trained backbone at the end.
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from marrowlens.artifacts import read_meta, write_meta
+from marrowlens.artifacts import read_meta, require_same_fingerprint, write_json_atomic, write_meta
 from marrowlens.cohort.manifest import load_cohort
 from marrowlens.config import PretrainConfig, dump_config, load_config
-from marrowlens.errors import MarrowLensError
+from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
 from marrowlens.ssl.backbones import BackboneInfo, create_backbone, default_norm, export_backbone
 from marrowlens.ssl.base import SSLModule, scaled_lr
 from marrowlens.ssl.data import PretrainData, check_subset
@@ -32,24 +36,46 @@ from marrowlens.ssl.simclr import SimCLR
 from marrowlens.ssl.views import build_views
 
 CONFIG_FILE = "config.yaml"
+COHORT_FILE = "cohort.json"
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
 # Settings a resumed run may change; anything else would make it a different run.
 RESUMABLE = {("trainer", "max_epochs"), ("data", "num_workers")}
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files appear whole or not at all: a kill mid-save keeps the previous one."""
 
-class AtomicCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose files appear whole or not at all (a kill mid-save keeps the old one)."""
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        partial = f"{path}.partial"
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        os.replace(partial, path)
 
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        partial = f"{filepath}.partial"
-        trainer.save_checkpoint(partial, self.save_weights_only)  # collective; rank 0 writes
-        if trainer.is_global_zero:
-            os.replace(partial, filepath)
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(self)
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
+
+def checkpoint_callbacks(folder: Path, monitor: str | None) -> list[ModelCheckpoint]:
+    """``best-{epoch}.ckpt`` by the monitored metric, and ``last.ckpt`` after every finished epoch.
+
+    Lightning's ``save_last`` writes ``last.ckpt`` only in epochs that improved the monitored metric,
+    so ``last`` is its own unmonitored checkpoint, overwritten in place (no version suffix). Both save
+    in ``on_train_epoch_end``, after the epoch's online k-NN check has run; ``best`` comes first so
+    that ``last.ckpt`` holds its updated state.
+    """
+    best = ModelCheckpoint(
+        dirpath=str(folder),
+        filename="best-{epoch}",
+        monitor=monitor or "train_loss_epoch",
+        mode="max" if monitor else "min",
+        save_top_k=1,
+        save_on_train_epoch_end=True,
+    )
+    last = ModelCheckpoint(
+        dirpath=str(folder),
+        filename=LAST_CKPT.stem,
+        monitor=None,
+        save_top_k=1,
+        enable_version_counter=False,
+        save_on_train_epoch_end=True,
+    )
+    return [best, last]
 
 
 @dataclass
@@ -86,6 +112,17 @@ def resolve_config(config: PretrainConfig, out: Path, resume: bool) -> PretrainC
     return config
 
 
+def check_cohort(out: Path, cohort_dir: Path, fingerprint: str, resume: bool, launching: bool) -> None:
+    """The cohort is part of a run: note it at the start, and refuse to resume on another one."""
+    path = out / COHORT_FILE
+    if resume and path.is_file():
+        started = json.loads(path.read_text())
+        require_same_fingerprint("cohort", started["fingerprint"], f"{out} (started on {started['folder']})",
+                                 fingerprint, f"--cohort {cohort_dir}")
+    elif launching:  # a new run, or one started before runs noted their cohort
+        write_json_atomic(path, {"folder": str(Path(cohort_dir).resolve()), "fingerprint": fingerprint})
+
+
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise MarrowLensError("--resume and --overwrite contradict each other")
@@ -107,14 +144,6 @@ def build_trainer(config: PretrainConfig, out: Path, monitor: str | None, has_ba
     loggers = [CSVLogger(save_dir=str(out), name="logs")]
     if importlib.util.find_spec("tensorboard") is not None:
         loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard"))
-    checkpoint = AtomicCheckpoint(
-        dirpath=str(out / "checkpoints"),
-        filename="best-{epoch}",
-        monitor=monitor or "train_loss_epoch",
-        mode="max" if monitor else "min",
-        save_top_k=1,
-        save_last=True,
-    )
     devices = trainer_cfg.devices
     on_gpu = trainer_cfg.accelerator in ("gpu", "cuda") or (trainer_cfg.accelerator == "auto" and torch.cuda.is_available())
     several = trainer_cfg.nodes > 1 or devices == "auto" or (isinstance(devices, int) and devices > 1)
@@ -131,13 +160,38 @@ def build_trainer(config: PretrainConfig, out: Path, monitor: str | None, has_ba
         log_every_n_steps=trainer_cfg.log_every_n_steps,
         use_distributed_sampler=False,
         # tqdm, not rich: its lines survive in non-terminal logs (SLURM, nohup)
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), TQDMProgressBar()],
+        callbacks=[*checkpoint_callbacks(out / LAST_CKPT.parent, monitor), LearningRateMonitor(logging_interval="step"), TQDMProgressBar()],
+        plugins=[AtomicCheckpointIO()],
         enable_model_summary=False,
         logger=loggers,
         default_root_dir=str(out),
         num_sanity_val_steps=0,
         deterministic=False,
     )
+
+
+def require_steps(cells: int, world: int, batch: int, config: PretrainConfig) -> None:
+    """Refuse a run whose epochs take no optimizer step: it would "finish" with an untrained backbone.
+
+    Counted as Lightning runs them: full batches only (the sampler and the loader drop the rest), cut
+    by ``limit_train_batches`` (a fraction rounds down), one step per ``accumulate_grad_batches``
+    batches and one for a remainder at the end of the epoch.
+    """
+    full = cells // world // batch
+    limit = config.trainer.limit_train_batches
+    batches = full if limit is None else min(full, limit) if isinstance(limit, int) else int(full * limit)
+    if math.ceil(batches / config.trainer.accumulate_grad_batches) < 1:
+        kept = "" if limit is None else f", of which trainer.limit_train_batches={limit} keeps {batches}"
+        raise MarrowLensError(
+            f"this run trains 0 steps: {cells} cells on {world} device(s) give {full} full batches of {batch} per epoch{kept}"
+        )
+
+
+def how_to_continue(out: Path) -> str:
+    """What continues an interrupted ``marrowlens pretrain``: --resume needs a finished epoch."""
+    if (out / LAST_CKPT).is_file():
+        return f"run the same command with --resume to continue from {out / LAST_CKPT}"
+    return f"no epoch had finished ({out / LAST_CKPT} does not exist): run the same command with --overwrite to start over"
 
 
 def _has_batchnorm(module: torch.nn.Module) -> bool:
@@ -152,6 +206,7 @@ def pretrain(config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool =
         prepare_run_dir(out, resume, overwrite)
     config = resolve_config(config, out, resume)
     cohort = load_cohort(cohort_dir)
+    check_cohort(out, cohort_dir, cohort.meta["fingerprint"], resume, launching)
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
     backbone = create_backbone(config.model.backbone, config.model.image_size, config.model.weights)
     mean, std = default_norm(config.model.backbone)
@@ -163,6 +218,7 @@ def pretrain(config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool =
     batch = min(config.data.batch_size, len(cohort.cells) // world)
     if batch < 2:
         raise MarrowLensError(f"{len(cohort.cells)} cells cannot fill a batch of 2 per device on {world} device(s)")
+    require_steps(len(cohort.cells), world, batch, config)
     data = PretrainData(cohort, config, views, check_transform, batch)
     global_batch = batch * world * config.trainer.accumulate_grad_batches
     lr = scaled_lr(config, global_batch)
@@ -180,7 +236,9 @@ def pretrain(config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool =
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(out / LAST_CKPT) if resume else None)
     except SystemExit as exc:  # Lightning's graceful Ctrl-C ends in sys.exit(1)
-        raise MarrowLensError(f"training interrupted; continue it with the same command and --resume ({out / LAST_CKPT})") from exc
+        raise Interrupted(f"training interrupted; {how_to_continue(out)}") from exc
+    except MarrowLensError as exc:  # a missing cell, maybe seen by a loader worker
+        raise in_main_process(exc) from exc.__cause__
     if not trainer.is_global_zero:
         return None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

@@ -40,3 +40,14 @@ def labelled_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
     index_cohort([root / "labels.csv"], root / "cohort")
     return root / "cohort"
+
+
+@pytest.fixture
+def cohort_missing_a_cell(tmp_path: Path) -> tuple[Path, Path]:
+    """A small cohort, and one of its listed images deleted after indexing."""
+    from marrowlens.cohort.synthetic import make_synthetic_cohort
+
+    cohort = make_synthetic_cohort(tmp_path / "synthetic", patients=4, cells_per_patient=8, image_size=32, seed=2)
+    gone = cohort.image_path(cohort.cells["path"].iloc[5])
+    gone.unlink()
+    return cohort.folder, gone

@@ -117,3 +117,12 @@ def test_stain_normalised_store_records_its_target(cli, labelled_cohort: Path, t
     assert not np.allclose(np.asarray(plain.vectors), np.asarray(store.vectors))
     code, output = cli("embed", "--model", "test_resnet", "--cohort", labelled_cohort, "--out", tmp_path / "x", "--stain-normalize", "macenko")
     assert code == 2 and "unknown stain normalisation" in output
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_deleted_image_is_named_in_one_line(cli, cohort_missing_a_cell: tuple[Path, Path], tmp_path: Path, workers: int) -> None:
+    folder, gone = cohort_missing_a_cell
+    code, output = cli("embed", "--model", "test_resnet", "--image-size", "32", "--cohort", folder, "--out", tmp_path / "emb",
+                       "--batch-size", "4", "--num-workers", str(workers))
+    assert code == 2 and "\n" not in output.strip(), output
+    assert str(gone) in output and f"marrowlens cohort check {folder} --fix" in output

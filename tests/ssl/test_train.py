@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -15,14 +16,17 @@ import pytorch_lightning as pl
 import torch
 from safetensors.torch import load_file
 
-from marrowlens.artifacts import sha256_file
+from marrowlens.artifacts import sha256_file, short
+from marrowlens.cohort.synthetic import make_synthetic_cohort
 from marrowlens.config import PretrainConfig, dump_config, load_config
-from marrowlens.errors import MarrowLensError
+from marrowlens.errors import Interrupted, MarrowLensError
 from marrowlens.ssl import train
+from marrowlens.ssl.base import SSLModule
 from tests.conftest import REPO_ROOT, run_cli_subprocess
 from tests.ssl.conftest import TINY
 
 CONFIG = REPO_ROOT / "configs" / "pretrain" / "tiny_cpu.yaml"
+BUILD_TRAINER = train.build_trainer
 
 
 def _sets(*extra: str) -> list[str]:
@@ -179,3 +183,152 @@ def test_resume_may_change_only_resumable_settings_and_says_what_a_new_max_epoch
     shorter = train.resolve_config(load_config(PretrainConfig, CONFIG, ["trainer.max_epochs=16"]), tmp_path, resume=True)
     assert shorter.trainer.max_epochs == 16
     assert "planned for 40 epochs" in capsys.readouterr().out
+
+
+def _worsening_knn(self: SSLModule) -> None:
+    """The online k-NN check, replaced by a score that only gets worse: epoch 0 stays the best."""
+    self._check_features, self._check_labels, self._check_query = [], [], []
+    self.log("val_knn_acc", 0.9 - 0.1 * self.current_epoch)
+
+
+class _CheckpointSpy(pl.Callback):
+    """Notes, when each epoch starts, which epochs ``last.ckpt`` and ``best-*.ckpt`` hold."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.seen = folder, []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.seen.append((trainer.current_epoch, *_checkpoint_epochs(self.folder)))
+
+
+def _checkpoint_epochs(folder: Path) -> tuple[int | None, list[str]]:
+    last = folder / "last.ckpt"
+    epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"] if last.is_file() else None
+    return epoch, sorted(p.name for p in folder.glob("best-*.ckpt"))
+
+
+def _with_callbacks(monkeypatch, *callbacks: pl.Callback) -> None:
+    def patched(*args, **kwargs):
+        trainer = BUILD_TRAINER(*args, **kwargs)
+        trainer.callbacks[:0] = callbacks  # before the checkpoint callbacks, as Lightning orders them anyway
+        return trainer
+
+    monkeypatch.setattr(train, "build_trainer", patched)
+
+
+def test_last_checkpoint_is_the_latest_epoch_even_when_the_metric_gets_worse(labelled_cohort: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(SSLModule, "on_validation_epoch_end", _worsening_knn)
+    config = load_config(PretrainConfig, CONFIG, [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=3"])
+    spy = _CheckpointSpy(tmp_path / "r" / "checkpoints")
+    _with_callbacks(monkeypatch, spy)
+    train.pretrain(config, labelled_cohort, tmp_path / "r")
+    assert spy.seen == [(0, None, []), (1, 0, ["best-epoch=0.ckpt"]), (2, 1, ["best-epoch=0.ckpt"])]
+    assert _checkpoint_epochs(tmp_path / "r" / "checkpoints") == (2, ["best-epoch=0.ckpt"])
+    assert not list((tmp_path / "r" / "checkpoints").glob("*.partial"))
+
+
+def test_resume_after_a_non_improving_epoch_continues_from_it(labelled_cohort: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(SSLModule, "on_validation_epoch_end", _worsening_knn)
+    config = load_config(PretrainConfig, CONFIG, [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=3"])
+    _with_callbacks(monkeypatch, _InterruptAtEpoch(2))  # epoch 1 finished without improving
+    with pytest.raises(MarrowLensError, match="interrupted"):
+        train.pretrain(config, labelled_cohort, tmp_path / "r")
+    assert _checkpoint_epochs(tmp_path / "r" / "checkpoints") == (1, ["best-epoch=0.ckpt"])
+    spy = _CheckpointSpy(tmp_path / "r" / "checkpoints")
+    _with_callbacks(monkeypatch, spy)
+    train.pretrain(config, labelled_cohort, tmp_path / "r", resume=True)
+    assert [epoch for epoch, *_ in spy.seen] == [2]
+    meta = json.loads((tmp_path / "r" / "meta.json").read_text())
+    assert meta["global_step"] == 3 * 4 and meta["epochs"] == 3
+    monkeypatch.setattr(train, "build_trainer", BUILD_TRAINER)
+    train.pretrain(config, labelled_cohort, tmp_path / "whole")  # optimizer and LR schedule restored exactly
+    assert _max_difference(tmp_path / "whole", tmp_path / "r") < 1e-5
+
+
+@pytest.mark.parametrize("epoch, hint", [(0, "no epoch had finished.*--overwrite to start over"), (1, "--resume to continue from .*last.ckpt")])
+def test_an_interrupted_pretraining_says_what_continues_it(labelled_cohort: Path, tmp_path: Path, monkeypatch, epoch: int, hint: str) -> None:
+    config = load_config(PretrainConfig, CONFIG, [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=2", "data.val_cells=0"])
+    _with_callbacks(monkeypatch, _InterruptAtEpoch(epoch))
+    with pytest.raises(Interrupted, match=hint):
+        train.pretrain(config, labelled_cohort, tmp_path / "r")
+    monkeypatch.setattr(train, "build_trainer", BUILD_TRAINER)
+    resume = "--resume" in hint  # doing what the message says works
+    assert train.pretrain(config, labelled_cohort, tmp_path / "r", resume=resume, overwrite=not resume) is not None
+
+
+def test_resume_on_another_cohort_is_refused(cli, labelled_cohort: Path, tmp_path: Path) -> None:
+    other = make_synthetic_cohort(tmp_path / "other", patients=4, cells_per_patient=8, image_size=32, seed=1)
+    base = ("pretrain", "--config", CONFIG, "--backbone", "test_resnet", "--out", tmp_path / "r", *_sets("data.val_cells=0"))
+    code, output = cli(*base, "--cohort", labelled_cohort, "--max-epochs", "1")
+    assert code == 0, output
+    started = json.loads((tmp_path / "r" / train.COHORT_FILE).read_text())
+    meta_before = (tmp_path / "r" / "meta.json").read_text()
+    code, output = cli(*base, "--cohort", other.folder, "--max-epochs", "2", "--resume")
+    assert code == 2 and "cohort mismatch" in output and "\n" not in output.strip()
+    assert short(started["fingerprint"]) in output and short(other.meta["fingerprint"]) in output
+    assert (tmp_path / "r" / "meta.json").read_text() == meta_before
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("trainer.limit_train_batches=0", "trainer.limit_train_batches"),
+    ("trainer.limit_train_batches=-3", "trainer.limit_train_batches"),
+    ("trainer.devices=0", "trainer.devices"),
+    ("trainer.limit_train_batches=0.1", "trains 0 steps: 32 cells on 1 device.* 4 full batches of 8 .*keeps 0"),
+])
+def test_settings_that_train_no_step_are_one_line_errors(cli, labelled_cohort: Path, tmp_path: Path, setting: str, message: str) -> None:
+    code, output = cli("pretrain", "--config", CONFIG, "--cohort", labelled_cohort, "--out", tmp_path / "r", "--backbone", "test_resnet",
+                       "--max-epochs", "1", *_sets(setting))
+    assert code == 2 and re.search(message, output) and "\n" not in output.strip(), output
+    assert not (tmp_path / "r" / "backbone.safetensors").exists()
+
+
+def test_planned_steps_count_full_batches_after_the_limit_and_accumulation() -> None:
+    config = load_config(PretrainConfig, CONFIG, ["trainer.accumulate_grad_batches=4"])
+    train.require_steps(9, 1, 8, config)  # one full batch, one (partial-accumulation) step
+    with pytest.raises(MarrowLensError, match="0 full batches of 8"):
+        train.require_steps(15, 2, 8, config)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_deleted_image_is_named_in_one_line(cli, cohort_missing_a_cell: tuple[Path, Path], tmp_path: Path, workers: int) -> None:
+    folder, gone = cohort_missing_a_cell
+    code, output = cli("pretrain", "--config", CONFIG, "--cohort", folder, "--out", tmp_path / "r", "--backbone", "test_resnet",
+                       "--max-epochs", "1", *_sets(f"data.num_workers={workers}"))
+    assert code == 2 and "\n" not in output.strip(), output
+    assert str(gone) in output and f"marrowlens cohort check {folder} --fix" in output
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+@pytest.mark.parametrize("command", ["pretrain", "embed"])
+def test_a_corrupt_weights_file_is_named_in_one_line(cli, labelled_cohort: Path, tmp_path: Path, command: str, suffix: str) -> None:
+    weights = tmp_path / f"garbage{suffix}"
+    weights.write_bytes(bytes(range(256)) * 4)
+    if command == "pretrain":
+        args = ("pretrain", "--config", CONFIG, "--backbone", "test_resnet", "--max-epochs", "1", *_sets())
+    else:
+        args = ("embed", "--model", "test_resnet", "--image-size", "32", "--num-workers", "0")
+    code, output = cli(*args, "--cohort", labelled_cohort, "--out", tmp_path / "out", "--weights", weights)
+    assert code == 2 and f"cannot read weights {weights}" in output and "\n" not in output.strip(), output
+
+
+def _ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("command", ["pretrain", "embed"])
+def test_ctrl_c_exits_130_through_main(labelled_cohort: Path, tmp_path: Path, monkeypatch, capsys, command: str) -> None:
+    from marrowlens import cli
+    from marrowlens.ssl import embed
+    from marrowlens.ssl.simclr import SimCLR
+
+    if command == "pretrain":
+        monkeypatch.setattr(SimCLR, "training_step", _ctrl_c)
+        args = ["pretrain", "--config", CONFIG, "--backbone", "test_resnet", "--max-epochs", "1", *_sets()]
+    else:
+        monkeypatch.setattr(embed._Embedder, "predict_step", _ctrl_c)
+        args = ["embed", "--model", "test_resnet", "--image-size", "32", "--num-workers", "0"]
+    monkeypatch.setattr(sys, "argv", ["marrowlens", *map(str, args), "--cohort", str(labelled_cohort), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 130
+    assert re.match(r"(training|embedding) interrupted; .*run the same command", capsys.readouterr().err)
