@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from marrowlens.embeddings import write_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.retrieval import index as index_module
 from marrowlens.retrieval.index import (
@@ -21,7 +22,7 @@ from marrowlens.retrieval.index import (
     load_index,
     resolve_params,
 )
-from tests.retrieval.conftest import make_store, random_vectors
+from tests.retrieval.conftest import make_store, model_meta, random_cells, random_vectors
 
 # recall@10 against exact search, 2000 isotropic Gaussian vectors in 32-d (the hardest case for
 # approximate search: no cluster structure) with 100 unseen queries, default parameters except
@@ -199,10 +200,9 @@ class TestRefusals:
         assert load_index(tmp_path / "idx").kind == "hnsw"
 
     def test_duplicate_cell_ids_in_a_store(self, tmp_path: Path) -> None:
-        store = make_store(tmp_path / "emb", n=10)
-        cells = store.cells.copy()
+        cells = random_cells(10)
         cells.loc[3, "cell_id"] = cells.loc[4, "cell_id"]
-        cells.to_parquet(tmp_path / "emb" / "cells.parquet", index=False)
+        write_embeddings(tmp_path / "emb", random_vectors(10, 16), cells, {"model": model_meta()})
         with pytest.raises(MarrowLensError, match="1 duplicate cell id"):
             build_index(tmp_path / "emb", tmp_path / "idx")
 
