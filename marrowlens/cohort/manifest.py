@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from marrowlens.artifacts import read_meta, write_meta, write_parquet_atomic, write_text_atomic
+from marrowlens.artifacts import META_FILE, commit_files, json_text, meta_record, read_meta, read_parquet
 from marrowlens.cohort.images import IMAGE_SUFFIXES, ImageDecodeError, inspect_image
 from marrowlens.cohort.labels import MutationVocabulary, cell_type_name, is_blast_type, parse_bool
 from marrowlens.errors import MarrowLensError
@@ -281,16 +281,15 @@ def index_cohort(sources: list[Path], out: Path, options: IndexOptions | None = 
             quarantine.append((candidate.path, result))
         else:
             good.append((candidate, result))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_quarantine(out, root, quarantine)
     if not good:
-        raise MarrowLensError(f"no readable images in {', '.join(map(str, sources))} ({len(quarantine)} quarantined, see {out / QUARANTINE_FILE})")
+        example = f", e.g. {quarantine[0][0]}: {quarantine[0][1]}" if quarantine else ""
+        raise MarrowLensError(f"no readable images in {', '.join(map(str, sources))} ({len(quarantine)} unreadable{example})")
     cells = _cells_frame(good, root)
     _refuse_empty_classes(cells, class_folders)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     layouts = [layout for layout, *_ in read]
-    meta = write_meta(
-        out,
+    meta = meta_record(
         "cohort",
         root=str(root),
         root_relative=os.path.relpath(root, out.resolve()),
@@ -303,8 +302,16 @@ def index_cohort(sources: list[Path], out: Path, options: IndexOptions | None = 
         fingerprint=cohort_fingerprint(cells),
         **(extra_meta or {}),
     )
-    write_parquet_atomic(out / CELLS_FILE, cells)
+    _commit(out, cells, _quarantine_frame(root, quarantine), meta)
     return Cohort(folder=out, root=root, cells=cells, meta=meta)
+
+
+def _commit(out: Path, cells: pd.DataFrame, quarantine: pd.DataFrame, meta: dict[str, Any]) -> None:
+    """Replace the cohort's three files together: a reader sees the old cohort or the new one, never a mix."""
+    with commit_files(out, [CELLS_FILE, QUARANTINE_FILE, META_FILE]) as paths:
+        cells.to_parquet(paths[CELLS_FILE], index=False)
+        quarantine.to_csv(paths[QUARANTINE_FILE], index=False)
+        paths[META_FILE].write_text(json_text(meta))
 
 
 def _is_within(path: Path, root: Path) -> bool:
@@ -338,13 +345,20 @@ def _refuse_empty_classes(cells: pd.DataFrame, class_folders: dict[str, str]) ->
             raise MarrowLensError(f"class {label!r} has no readable cells (folder {folder})")
 
 
-def _write_quarantine(out: Path, root: Path, quarantine: list[tuple[Path, str]]) -> None:
+def _quarantine_frame(root: Path, quarantine: list[tuple[Path, str]]) -> pd.DataFrame:
     rows = [
         {"path": p.resolve().relative_to(root).as_posix() if _is_within(p, root) else str(p), "reason": reason}
         for p, reason in quarantine
     ]
-    frame = pd.DataFrame(rows, columns=["path", "reason"])
-    write_text_atomic(out / QUARANTINE_FILE, frame.to_csv(index=False))
+    return pd.DataFrame(rows, columns=["path", "reason"])
+
+
+def _read_quarantine(folder: Path) -> pd.DataFrame:
+    """The cohort's quarantine list; a missing or empty file is an empty list (nothing was quarantined)."""
+    try:
+        return pd.read_csv(folder / QUARANTINE_FILE, dtype=str)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return pd.DataFrame(columns=["path", "reason"])
 
 
 def label_counts(cells: pd.DataFrame) -> dict[str, dict[str, int]]:
@@ -372,7 +386,7 @@ def load_cohort(folder: str | Path) -> Cohort:
     table = folder / CELLS_FILE
     if not table.is_file():
         raise MarrowLensError(f"{folder} has no {CELLS_FILE}")
-    cells = pd.read_parquet(table)
+    cells = read_parquet(table)
     missing = [c for c in COLUMNS if c not in cells.columns]
     if missing:
         raise MarrowLensError(f"{table} lacks column(s) {', '.join(missing)}")
@@ -397,13 +411,10 @@ def check_cohort(folder: str | Path, workers: int = 8, fix: bool = False) -> tup
     problems = [(path, r) for path, r in zip(cells["path"], results) if isinstance(r, str)]
     if fix and problems:
         broken = {p for p, _ in problems}
-        old = pd.read_csv(Path(folder) / QUARANTINE_FILE)
-        frame = pd.concat([old, pd.DataFrame(problems, columns=["path", "reason"])], ignore_index=True)
-        write_text_atomic(Path(folder) / QUARANTINE_FILE, frame.to_csv(index=False))
+        frame = pd.concat([_read_quarantine(Path(folder)), pd.DataFrame(problems, columns=["path", "reason"])], ignore_index=True)
         kept = cells[~cells["path"].isin(broken)].reset_index(drop=True)
-        meta = {k: v for k, v in cohort.meta.items() if k not in ("kind", "marrowlens_version", "created", "command")}
-        meta.update(n_cells=len(kept), n_quarantined=len(frame), counts=label_counts(kept), fingerprint=cohort_fingerprint(kept))
-        write_meta(folder, "cohort", **meta)
-        write_parquet_atomic(Path(folder) / CELLS_FILE, kept)
+        fields = {k: v for k, v in cohort.meta.items() if k not in ("kind", "marrowlens_version", "created", "command")}
+        fields.update(n_cells=len(kept), n_quarantined=len(frame), counts=label_counts(kept), fingerprint=cohort_fingerprint(kept))
+        _commit(Path(folder), kept, frame, meta_record("cohort", **fields))
         cohort = load_cohort(folder)
     return cohort, problems

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -156,3 +157,53 @@ def test_cohort_cli_round_trip(cli, mutation_tree: Path, tmp_path: Path) -> None
     assert cli("cohort", "check", tmp_path / "cohort")[0] == 0
     code, output = cli("cohort", "index", mutation_tree, "--out", tmp_path / "c2", "--layout", "nonsense")
     assert code == 2 and "unknown layout" in output
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+class TestReplacingACohort:
+    def test_failed_overwrite_leaves_the_old_cohort_untouched(self, cli, mutation_tree: Path, tmp_path: Path) -> None:
+        (mutation_tree / "NPM1" / "NPM1_p0" / "bad.png").write_bytes(b"")
+        assert cli("cohort", "index", mutation_tree, "--out", tmp_path / "cohort")[0] == 0
+        before = _files(tmp_path / "cohort")
+        for image in (mutation_tree / "control").rglob("*.png"):
+            image.write_bytes(b"broken")
+        code, output = cli("cohort", "index", mutation_tree, "--out", tmp_path / "cohort", "--overwrite")
+        assert code == 2 and "class 'control' has no readable cells" in output
+        assert _files(tmp_path / "cohort") == before
+
+    def test_no_readable_images_names_a_reason_and_writes_nothing(self, mutation_tree: Path, tmp_path: Path) -> None:
+        for image in mutation_tree.rglob("*.png"):
+            image.write_bytes(b"")
+        with pytest.raises(MarrowLensError, match=r"no readable images .*12 unreadable, e.g. .*: empty file"):
+            index_cohort([mutation_tree], tmp_path / "cohort")
+        assert not (tmp_path / "cohort" / "quarantine.csv").exists()
+
+    def test_interrupted_swap_never_shows_a_mixed_cohort(self, mutation_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        index_cohort([mutation_tree], tmp_path / "cohort")
+        write_cell(mutation_tree / "NPM1" / "NPM1_p0" / "new.png", seed=99)
+        real = os.replace
+
+        def killed_at_cells(src, dst):
+            if Path(dst).name == "cells.parquet":
+                raise OSError("killed")
+            real(src, dst)
+
+        monkeypatch.setattr(os, "replace", killed_at_cells)
+        with pytest.raises(OSError, match="killed"):
+            index_cohort([mutation_tree], tmp_path / "cohort")
+        monkeypatch.setattr(os, "replace", real)
+        with pytest.raises(MarrowLensError, match="meta.json is missing"):  # unfinished, not old meta + new quarantine
+            load_cohort(tmp_path / "cohort")
+        assert len(index_cohort([mutation_tree], tmp_path / "cohort").cells) == 13
+        assert sorted(p.name for p in (tmp_path / "cohort").iterdir()) == ["cells.parquet", "meta.json", "quarantine.csv"]
+
+    def test_fix_writes_cells_quarantine_and_meta_together(self, mutation_tree: Path, tmp_path: Path) -> None:
+        index_cohort([mutation_tree], tmp_path / "cohort")
+        (tmp_path / "cohort" / "quarantine.csv").unlink()
+        (mutation_tree / "control" / "control_p1" / "cell2.png").write_bytes(b"")
+        cohort, _ = check_cohort(tmp_path / "cohort", fix=True)
+        assert len(cohort.cells) == 11 and cohort.meta["n_quarantined"] == 1
+        assert _quarantine(tmp_path / "cohort")["path"].tolist() == ["control/control_p1/cell2.png"]
