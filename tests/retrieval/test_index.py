@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +269,51 @@ class TestAdd:
         assert index.kind == "flat"
         assert kind_advice(index) == "note: at 60 cells `auto` would now build ivf; rebuild to switch"
         assert kind_advice(index) in describe(index)[-1]
+
+
+class TestAddIsOldOrNew:
+    @pytest.fixture
+    def small(self, tmp_path: Path) -> Path:
+        make_store(tmp_path / "emb", n=40, dim=8)
+        make_store(tmp_path / "emb2", n=10, dim=8, prefix="x", seed=1)
+        make_store(tmp_path / "emb3", n=5, dim=8, prefix="y", seed=2)
+        build_index(tmp_path / "emb", tmp_path / "idx")
+        return tmp_path
+
+    @pytest.mark.parametrize("step", ["meta.json", "index.1.faiss"])
+    def test_a_killed_add_leaves_the_old_index_searchable(self, small: Path, monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+        real = os.replace
+
+        def killed(src, dst):
+            if Path(dst).name == step:
+                raise KeyboardInterrupt  # kill -9 between the steps of add
+            real(src, dst)
+
+        monkeypatch.setattr(os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            add_to_index(small / "idx", small / "emb2")
+        monkeypatch.setattr(os, "replace", real)
+        old = load_index(small / "idx")
+        assert len(old) == 40 and len(old.cells) == 40
+        _, found = old.search(random_vectors(40, 8)[:3], 1)
+        assert found[:, 0].tolist() == [0, 1, 2]
+        assert len(add_to_index(small / "idx", small / "emb2")[0]) == 50  # and the next add works
+
+    def test_each_add_is_a_new_version_and_the_old_one_goes(self, small: Path) -> None:
+        add_to_index(small / "idx", small / "emb2")
+        add_to_index(small / "idx", small / "emb3")
+        loaded = load_index(small / "idx")
+        assert len(loaded) == 55 and loaded.meta["version"] == 2
+        assert sorted(p.name for p in (small / "idx").iterdir()) == ["cells.2.parquet", "index.2.faiss", "meta.json"]
+        assert "0.0 MiB on disk" in describe(loaded)[1]
+        build_index(small / "emb", small / "idx", overwrite=True)  # a rebuild goes back to the plain names
+        assert sorted(p.name for p in (small / "idx").iterdir()) == ["cells.parquet", "index.faiss", "meta.json"]
+
+    def test_index_from_before_versions_still_loads_and_grows(self, small: Path) -> None:
+        meta_path = small / "idx" / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        del meta["version"], meta["files"]
+        meta_path.write_text(json.dumps(meta))
+        assert len(load_index(small / "idx")) == 40
+        assert len(add_to_index(small / "idx", small / "emb2")[0]) == 50
+        assert load_index(small / "idx").meta["files"] == {"index": "index.1.faiss", "cells": "cells.1.parquet"}
