@@ -139,3 +139,11 @@ class TestFingerprint:
         cells.write_bytes(cells.read_bytes()[:40])
         with pytest.raises(MarrowLensError, match="cells.parquet is not a readable parquet table"):
             load_embeddings(tmp_path)
+
+
+def test_writer_cleans_what_a_killed_run_left(tmp_path: Path) -> None:
+    stale = tmp_path / ".cells.parquet.k2j_x9ab.tmp"
+    stale.write_bytes(b"half a table")
+    os.utime(stale, (0, 0))
+    EmbeddingWriter(tmp_path, 2, 2, key={}).close()
+    assert not stale.exists() and (tmp_path / "vectors.partial.npy").exists()
