@@ -292,7 +292,8 @@ def index_cohort(sources: list[Path], out: Path, options: IndexOptions | None = 
     if not sources:
         raise MarrowLensError("give at least one image folder or CSV")
     out = Path(out)
-    options = replace(options or IndexOptions(), skip=(*(options.skip if options else ()), _resolve(out)))
+    options = options or IndexOptions()
+    options = replace(options, skip=(*options.skip, _resolve(out)))  # --out may lie inside a source
     sources = [_resolve(Path(s)) for s in sources]
     read = [read_source(s, options) for s in sources]
     root = _common_root(sources)
@@ -353,12 +354,10 @@ def _refuse_duplicates(rows: list[_Candidate]) -> None:
     """One image is one cell: refuse two rows that name the same file (a symlink, ``./`` or ``..`` spellings)."""
     seen: dict[Path, _Candidate] = {}
     for candidate in rows:
-        first = seen.setdefault(_resolve(candidate.path), candidate)
+        resolved = _resolve(candidate.path)
+        first = seen.setdefault(resolved, candidate)
         if first is not candidate:
-            raise MarrowLensError(
-                f"{first.where} and {candidate.where} are the same image file ({_resolve(candidate.path)}); "
-                "list each cell once"
-            )
+            raise MarrowLensError(f"{first.where} and {candidate.where} are the same image file ({resolved}); list each cell once")
 
 
 def _is_within(path: Path, root: Path) -> bool:
