@@ -1,7 +1,8 @@
 """Atomic writes, ``meta.json`` and fingerprints: what makes every output folder trustworthy.
 
 Every artifact is written to a temporary file beside its destination and renamed into place, so an
-interrupted run leaves either the old file or the new one, never half of one. Every output folder
+interrupted run leaves either the old file or the new one, never half of one; the temporary a killed
+run leaves behind is removed by the next command that writes into that folder. Every output folder
 carries a ``meta.json`` saying what made it and from which inputs (by fingerprint), so later steps
 can refuse inputs that do not belong together.
 """
@@ -29,7 +30,7 @@ META_FILE = "meta.json"
 _CHUNK = 1 << 22
 # ``.NAME.XXXXXXXX.tmp``: what ``atomic_path`` (``mkstemp``: 8 random characters) leaves behind when killed.
 _TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
-_STARTED = time.time()
+_STARTED = time.time()  # imported as a command starts: earlier temporaries are a previous run's
 _OPEN_TEMPORARIES: set[Path] = set()
 
 
