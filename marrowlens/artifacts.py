@@ -1,7 +1,8 @@
 """Atomic writes, ``meta.json`` and fingerprints: what makes every output folder trustworthy.
 
 Every artifact is written to a temporary file beside its destination and renamed into place, so an
-interrupted run leaves either the old file or the new one, never half of one. Every output folder
+interrupted run leaves either the old file or the new one, never half of one; the temporary a killed
+run leaves behind is removed by the next command that writes into that folder. Every output folder
 carries a ``meta.json`` saying what made it and from which inputs (by fingerprint), so later steps
 can refuse inputs that do not belong together.
 """
@@ -13,8 +14,10 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,21 +28,63 @@ from marrowlens.errors import MarrowLensError
 
 META_FILE = "meta.json"
 _CHUNK = 1 << 22
+# ``.NAME.XXXXXXXX.tmp``: what ``atomic_path`` (``mkstemp``: 8 random characters) leaves behind when killed.
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+_STARTED = time.time()  # imported as a command starts: earlier temporaries are a previous run's
+_OPEN_TEMPORARIES: set[Path] = set()
+
+
+def _read_umask() -> int:
+    """The process umask; reading it means setting it, so do it once, at import, before any thread writes."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    ``mkstemp`` creates the file 0600; it gets the mode any other new file would (0666 less the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     tmp_path = Path(tmp)
+    _OPEN_TEMPORARIES.add(tmp_path)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
     finally:
+        _OPEN_TEMPORARIES.discard(tmp_path)
         tmp_path.unlink(missing_ok=True)
+
+
+def clean_stale_temporaries(folder: str | Path, patterns: tuple[str, ...] = ()) -> list[Path]:
+    """Delete the temporaries a killed run left in ``folder``; returns what was deleted.
+
+    Only our own naming is touched: ``.NAME.XXXXXXXX.tmp`` from :func:`atomic_path`, plus any glob
+    ``patterns`` the caller owns (e.g. ``*.ckpt.partial``). A file still open in this process, or
+    modified since it started, may belong to a live writer (another rank, a concurrent command) and
+    is kept: a killed run's files are older than the run that cleans up after it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    ours = {p for p in folder.iterdir() if _TEMPORARY.fullmatch(p.name)}
+    ours.update(p for pattern in patterns for p in folder.glob(pattern))
+    removed = []
+    for path in sorted(ours - _OPEN_TEMPORARIES):
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_file() and not path.is_symlink() and path.stat().st_mtime < _STARTED:
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -51,8 +96,13 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def json_text(obj: Any) -> str:
+    """``obj`` as the indented JSON every artifact uses (paths and numpy scalars allowed)."""
+    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    write_text_atomic(path, json_text(obj))
 
 
 def write_parquet_atomic(path: str | Path, frame: Any) -> None:
@@ -92,17 +142,38 @@ def short(fingerprint: str) -> str:
     return fingerprint.split(":")[-1][:12]
 
 
-def write_meta(folder: str | Path, kind: str, **fields: Any) -> dict[str, Any]:
-    """Write ``folder/meta.json`` recording what made the folder, and return it."""
-    meta = {
+def meta_record(kind: str, **fields: Any) -> dict[str, Any]:
+    """The contents of a ``meta.json``: what made the folder, and ``fields``."""
+    return {
         "kind": kind,
         "marrowlens_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         **fields,
     }
+
+
+def write_meta(folder: str | Path, kind: str, **fields: Any) -> dict[str, Any]:
+    """Write ``folder/meta.json`` recording what made the folder, and return it."""
+    meta = meta_record(kind, **fields)
     write_json_atomic(Path(folder) / META_FILE, meta)
     return meta
+
+
+@contextlib.contextmanager
+def commit_files(folder: str | Path, names: list[str]) -> Iterator[dict[str, Path]]:
+    """Yield temporary paths for ``names`` of ``folder``; on success swap them all in, ``meta.json`` last.
+
+    The old ``meta.json`` (the "finished" marker) is removed before anything is replaced and the new
+    one renamed in after everything else, so a reader sees the complete old set, the complete new
+    set, or an unfinished folder it refuses, never a mix. If the block fails nothing is touched.
+    """
+    folder = Path(folder)
+    ordered = sorted(names, key=lambda name: name != META_FILE)  # entered first = renamed last
+    with contextlib.ExitStack() as stack:
+        paths = {name: stack.enter_context(atomic_path(folder / name)) for name in ordered}
+        yield paths
+        (folder / META_FILE).unlink(missing_ok=True)
 
 
 def read_meta(folder: str | Path, kind: str | None = None) -> dict[str, Any]:
@@ -115,6 +186,8 @@ def read_meta(folder: str | Path, kind: str | None = None) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise MarrowLensError(f"{path} is unreadable: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise MarrowLensError(f"{path} is not a MarrowLens {META_FILE}: it holds a JSON {type(meta).__name__}, not an object")
     if kind is not None and meta.get("kind") != kind:
         raise MarrowLensError(f"{folder} holds a {meta.get('kind')!r} artifact, expected {kind!r}")
     return meta
@@ -136,4 +209,16 @@ def prepare_out_dir(out: str | Path, overwrite: bool, marker: str = META_FILE) -
     if (out / marker).exists() and not overwrite:
         raise MarrowLensError(f"{out} already holds a result ({marker}); pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out)
     return out
+
+
+def read_parquet(path: str | Path) -> Any:
+    """Read a parquet table; a truncated or foreign file is a one-line error naming it."""
+    import pandas as pd
+    import pyarrow
+
+    try:
+        return pd.read_parquet(path)
+    except (OSError, pyarrow.ArrowException) as exc:
+        raise MarrowLensError(f"{path} is not a readable parquet table (truncated or damaged?): {exc}") from exc

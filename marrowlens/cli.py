@@ -228,11 +228,12 @@ def index_build(
 
     Example: marrowlens index build --embeddings emb/ --out idx/ --kind auto
     """
-    from marrowlens.retrieval.index import build_index
+    from marrowlens.retrieval.index import build_index, current_files
 
     index = build_index(embeddings, out, kind=kind, metric=metric, overrides=set_, overwrite=overwrite)
-    say(f"wrote {index.folder / 'index.faiss'}: {len(index)} cells, {index.kind} index ({index.meta['factory']}, {index.metric})")
-    say(f"wrote {index.folder / 'cells.parquet'} and {index.folder / 'meta.json'}")
+    files = current_files(index.meta)
+    say(f"wrote {index.folder / files['index']}: {len(index)} cells, {index.kind} index ({index.meta['factory']}, {index.metric})")
+    say(f"wrote {index.folder / files['cells']} and {index.folder / 'meta.json'}")
 
 
 @index_app.command("add")
@@ -244,11 +245,12 @@ def index_add(
 
     Example: marrowlens index add idx/ --embeddings emb2/
     """
-    from marrowlens.retrieval.index import add_to_index, kind_advice
+    from marrowlens.retrieval.index import add_to_index, current_files, kind_advice
 
     index, added = add_to_index(folder, embeddings)
-    say(f"wrote {index.folder / 'index.faiss'}: added {added} cells, {len(index)} in all")
-    say(f"wrote {index.folder / 'cells.parquet'} and {index.folder / 'meta.json'}")
+    files = current_files(index.meta)
+    say(f"wrote {index.folder / files['index']}: added {added} cells, {len(index)} in all")
+    say(f"wrote {index.folder / files['cells']} and {index.folder / 'meta.json'}")
     if kind_advice(index):
         say(kind_advice(index))
 

@@ -3,12 +3,19 @@
 Rows of ``vectors.npy`` and ``cells.parquet`` are aligned one to one. The writer fills a partial
 file in place with ``os.pwrite`` (not a memory map, so the writer's resident memory does not grow
 with the cohort) and keeps a one-byte-per-row "done" mask, so an interrupted embedding resumes
-where it stopped. The finished file is renamed into place and fingerprinted (sha256), and every
-later step names its embeddings by that fingerprint.
+where it stopped. The finished file is renamed into place and fingerprinted, and every later step
+names its embeddings by that fingerprint.
+
+The fingerprint covers both files (sha256 of ``vectors.npy`` and of ``cells.parquet``): a store whose
+rows were reordered or whose vectors were swapped would silently put every prediction and search
+hit on another cell. Loading re-checks both digests; ``.verified.json`` remembers the (size, mtime,
+ctime, inode) they were last verified at, so an unchanged store is not re-hashed on every load.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -18,7 +25,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from marrowlens.artifacts import read_meta, sha256_file, write_json_atomic, write_meta, write_parquet_atomic
+from marrowlens.artifacts import (
+    clean_stale_temporaries,
+    read_meta,
+    read_parquet,
+    sha256_file,
+    write_json_atomic,
+    write_meta,
+    write_parquet_atomic,
+)
 from marrowlens.errors import MarrowLensError
 
 VECTORS_FILE = "vectors.npy"
@@ -26,6 +41,7 @@ CELLS_FILE = "cells.parquet"
 _PARTIAL = "vectors.partial.npy"
 _DONE = "done.partial.npy"
 _PROGRESS = "progress.json"
+_VERIFIED = ".verified.json"
 
 
 @dataclass
@@ -62,7 +78,7 @@ def load_embeddings(folder: str | Path, mmap: bool = True, check_finite: bool = 
         vectors = np.load(vectors_path, mmap_mode="r" if mmap else None)
     except (ValueError, OSError) as exc:
         raise MarrowLensError(f"{vectors_path} is not a readable .npy array: {exc}") from exc
-    cells = pd.read_parquet(cells_path)
+    cells = read_parquet(cells_path)
     if vectors.ndim != 2 or vectors.dtype != np.float32:
         raise MarrowLensError(f"{vectors_path} must be a float32 N x D array, found {vectors.dtype} {vectors.shape}")
     if len(vectors) != len(cells):
@@ -71,7 +87,52 @@ def load_embeddings(folder: str | Path, mmap: bool = True, check_finite: bool = 
         bad = first_non_finite_row(vectors)
         if bad is not None:
             raise MarrowLensError(f"{vectors_path}: row {bad} (cell {cells['cell_id'].iloc[bad]}) holds NaN or inf")
+    verify_store(folder, meta)
     return Embeddings(folder=folder, vectors=vectors, cells=cells, meta=meta)
+
+
+def store_fingerprint(digests: dict[str, str]) -> str:
+    """The store's name in later steps: one digest over the digests of its two files."""
+    joined = "".join(f"{name}={digests[name]}\n" for name in (VECTORS_FILE, CELLS_FILE))
+    return "sha256:" + hashlib.sha256(joined.encode("ascii")).hexdigest()
+
+
+def _stats(folder: Path) -> dict[str, list[int]]:
+    """What changes when a file is rewritten, replaced or touched: ctime and inode cannot be set back."""
+    stats = {}
+    for name in (VECTORS_FILE, CELLS_FILE):
+        st = (folder / name).stat()
+        stats[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return stats
+
+
+def verify_store(folder: Path, meta: dict[str, Any]) -> None:
+    """Refuse a store whose files are not the ones fingerprinted in its meta.json, naming the file.
+
+    Hashing is skipped when ``.verified.json`` says this very fingerprint was checked against files
+    with the same stats as now; a stale or missing record means hashing again.
+    """
+    digests = meta.get("digests")
+    if not isinstance(digests, dict) or store_fingerprint(digests) != meta.get("fingerprint"):
+        raise MarrowLensError(
+            f"{folder} was embedded before MarrowLens fingerprinted the cell table (or its meta.json was edited); "
+            "embed it again with --overwrite"
+        )
+    stats = _stats(folder)
+    record = folder / _VERIFIED
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(record.read_text()) == {"fingerprint": meta["fingerprint"], "stats": stats}:
+            return
+    for name in (VECTORS_FILE, CELLS_FILE):
+        if "sha256:" + sha256_file(folder / name) != digests[name]:
+            raise MarrowLensError(f"{folder / name} does not match the fingerprint in {folder / 'meta.json'}: it was changed or replaced")
+    _remember_verified(folder, meta["fingerprint"], stats)
+
+
+def _remember_verified(folder: Path, fingerprint: str, stats: dict[str, list[int]]) -> None:
+    """Record the stats the digests were checked at (taken before hashing); a read-only store just re-hashes."""
+    with contextlib.suppress(OSError):
+        write_json_atomic(folder / _VERIFIED, {"fingerprint": fingerprint, "stats": stats})
 
 
 def first_non_finite_row(vectors: np.ndarray, block: int = 65536) -> int | None:
@@ -99,6 +160,7 @@ class EmbeddingWriter:
         progress = self.folder / _PROGRESS
         if create:
             self.folder.mkdir(parents=True, exist_ok=True)
+            clean_stale_temporaries(self.folder)
             if progress.is_file():
                 old = json.loads(progress.read_text())
                 if old != self._progress():
@@ -171,10 +233,14 @@ class EmbeddingWriter:
         fd = os.open(self.partial, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
-        fingerprint = "sha256:" + sha256_file(self.partial)
+        (self.folder / _VERIFIED).unlink(missing_ok=True)
+        digests = {VECTORS_FILE: "sha256:" + sha256_file(self.partial)}
         write_parquet_atomic(self.folder / CELLS_FILE, cells.reset_index(drop=True))
+        digests[CELLS_FILE] = "sha256:" + sha256_file(self.folder / CELLS_FILE)
         os.replace(self.partial, self.folder / VECTORS_FILE)
-        write_meta(self.folder, "embeddings", n=self.n_rows, dim=self.dim, fingerprint=fingerprint, **meta)
+        fingerprint = store_fingerprint(digests)
+        write_meta(self.folder, "embeddings", n=self.n_rows, dim=self.dim, fingerprint=fingerprint, digests=digests, **meta)
+        _remember_verified(self.folder, fingerprint, _stats(self.folder))
         del self._done
         self.done_path.unlink(missing_ok=True)
         (self.folder / _PROGRESS).unlink(missing_ok=True)

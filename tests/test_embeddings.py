@@ -1,9 +1,12 @@
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from marrowlens.artifacts import sha256_file
 from marrowlens.embeddings import EmbeddingWriter, load_embeddings, write_embeddings
 from marrowlens.errors import MarrowLensError
 
@@ -65,7 +68,8 @@ class TestLoad:
         del on_disk
         with pytest.raises(MarrowLensError, match="row 3 .*c3.* NaN or inf"):
             load_embeddings(tmp_path)
-        assert load_embeddings(tmp_path, check_finite=False).vectors.shape == (5, 3)
+        with pytest.raises(MarrowLensError, match="vectors.npy does not match the fingerprint"):
+            load_embeddings(tmp_path, check_finite=False)
 
     def test_misaligned_store_is_refused(self, tmp_path: Path) -> None:
         write_embeddings(tmp_path, np.zeros((4, 2), dtype=np.float32), _cells(4), META)
@@ -76,3 +80,70 @@ class TestLoad:
     def test_not_a_store(self, tmp_path: Path) -> None:
         with pytest.raises(MarrowLensError, match="meta.json is missing"):
             load_embeddings(tmp_path)
+
+
+class TestFingerprint:
+    def test_reordered_cell_table_is_refused_by_name(self, tmp_path: Path) -> None:
+        store = write_embeddings(tmp_path, np.eye(4, dtype=np.float32), _cells(4), META)
+        store.cells.iloc[::-1].to_parquet(tmp_path / "cells.parquet", index=False)
+        with pytest.raises(MarrowLensError, match="cells.parquet does not match the fingerprint"):
+            load_embeddings(tmp_path)
+
+    def test_replaced_vectors_of_the_same_shape_are_refused(self, tmp_path: Path) -> None:
+        write_embeddings(tmp_path, np.eye(4, dtype=np.float32), _cells(4), META)
+        np.save(tmp_path / "vectors.npy", np.eye(4, dtype=np.float32)[::-1])
+        with pytest.raises(MarrowLensError, match="vectors.npy does not match the fingerprint"):
+            load_embeddings(tmp_path)
+
+    def test_fingerprint_names_vectors_and_cells(self, tmp_path: Path) -> None:
+        vectors = np.eye(4, dtype=np.float32)
+        first = write_embeddings(tmp_path / "a", vectors, _cells(4), META)
+        relabelled = _cells(4).assign(patient_id=["q"] * 4)
+        assert write_embeddings(tmp_path / "b", vectors, relabelled, META).fingerprint != first.fingerprint
+        assert write_embeddings(tmp_path / "c", vectors, _cells(4), META).fingerprint == first.fingerprint
+
+    def test_unchanged_store_is_not_hashed_again(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        import marrowlens.embeddings as embeddings
+
+        write_embeddings(tmp_path, np.eye(4, dtype=np.float32), _cells(4), META)
+        hashed = []
+        monkeypatch.setattr(embeddings, "sha256_file", lambda path: hashed.append(path) or "sha256:x")
+        load_embeddings(tmp_path)
+        assert hashed == []
+        (tmp_path / "cells.parquet").touch()  # stats changed: the record is stale, hash again
+        with pytest.raises(MarrowLensError, match="does not match the fingerprint"):
+            load_embeddings(tmp_path)
+        assert hashed
+
+    def test_a_stale_record_does_not_vouch_for_a_replaced_file(self, tmp_path: Path) -> None:
+        write_embeddings(tmp_path, np.eye(4, dtype=np.float32), _cells(4), META)
+        cells = tmp_path / "cells.parquet"
+        before = cells.stat()
+        _cells(4).iloc[::-1].to_parquet(cells, index=False)
+        os.utime(cells, ns=(before.st_atime_ns, before.st_mtime_ns))  # same mtime; ctime cannot be set back
+        with pytest.raises(MarrowLensError, match="cells.parquet does not match"):
+            load_embeddings(tmp_path)
+
+    def test_store_from_before_cell_fingerprints_asks_to_re_embed(self, tmp_path: Path) -> None:
+        write_embeddings(tmp_path, np.eye(4, dtype=np.float32), _cells(4), META)
+        meta = json.loads((tmp_path / "meta.json").read_text())
+        del meta["digests"]
+        meta["fingerprint"] = "sha256:" + sha256_file(tmp_path / "vectors.npy")  # what older versions wrote
+        (tmp_path / "meta.json").write_text(json.dumps(meta))
+        with pytest.raises(MarrowLensError, match="embed it again with --overwrite"):
+            load_embeddings(tmp_path)
+
+    def test_truncated_cell_table(self, tmp_path: Path) -> None:
+        write_embeddings(tmp_path, np.eye(4, dtype=np.float32), _cells(4), META)
+        cells = tmp_path / "cells.parquet"
+        cells.write_bytes(cells.read_bytes()[:40])
+        with pytest.raises(MarrowLensError, match="cells.parquet is not a readable parquet table"):
+            load_embeddings(tmp_path)
+
+
+def test_writer_cleans_what_a_killed_run_left(tmp_path: Path) -> None:
+    stale = tmp_path / ".cells.parquet.k2j_x9ab.tmp"
+    stale.write_bytes(b"half a table")
+    os.utime(stale, (0, 0))
+    EmbeddingWriter(tmp_path, 2, 2, key={}).close()
+    assert not stale.exists() and (tmp_path / "vectors.partial.npy").exists()

@@ -10,17 +10,18 @@ left without cells, an empty folder) are one-line errors raised before anything 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from marrowlens.artifacts import read_meta, write_meta, write_parquet_atomic, write_text_atomic
+from marrowlens.artifacts import META_FILE, commit_files, json_text, meta_record, read_meta, read_parquet
 from marrowlens.cohort.images import IMAGE_SUFFIXES, ImageDecodeError, inspect_image
 from marrowlens.cohort.labels import MutationVocabulary, cell_type_name, is_blast_type, parse_bool
 from marrowlens.errors import MarrowLensError, listing
@@ -53,6 +54,7 @@ class IndexOptions:
     columns: dict[str, str] = field(default_factory=dict)
     domain: str | None = None
     workers: int = 8
+    skip: tuple[Path, ...] = ()  # resolved folders never read as images (the cohort's own --out)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Cohort:
 class _Candidate:
     path: Path
     labels: dict[str, Any]
+    where: str = ""  # how the source named it, for messages (a CSV row, a relative path)
 
 
 def cell_id_of(relative_path: str) -> str:
@@ -87,11 +90,33 @@ def patient_groups(cells: pd.DataFrame) -> pd.Series:
 # ---------------------------------------------------------------- layout readers
 
 
-def _image_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+def _resolve(path: Path) -> Path:
+    """``path`` with symlinks and ``.``/``..`` resolved: the one name of a file, however it was spelled."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise MarrowLensError(f"{path} cannot be resolved (a symlink loop?): {exc}") from exc
+
+
+def _is_artifact(folder: Path) -> bool:
+    """Whether ``folder`` holds a MarrowLens output (its meta.json names a version): not images to index."""
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "marrowlens_version" in meta
+
+
+def _readable_dir(folder: Path, skip: tuple[Path, ...]) -> bool:
+    """A folder to read images from: not hidden, not our own output."""
+    return not folder.name.startswith(".") and not _is_artifact(folder) and _resolve(folder) not in skip
+
+
+def _image_files(root: Path, skip: tuple[Path, ...] = ()) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Images below ``root`` and the non-image files found among them (for the quarantine)."""
     images, others = [], []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if _readable_dir(Path(dirpath) / d, skip))
         here = Path(dirpath)
         for name in sorted(filenames):
             if name.startswith("."):
@@ -104,7 +129,17 @@ def _image_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     return images, others
 
 
-def detect_layout(root: Path) -> str:
+def _read_csv(path: Path, **kwargs: Any) -> pd.DataFrame:
+    """``pd.read_csv`` with unreadable, empty or malformed files as one-line errors naming the file."""
+    try:
+        return pd.read_csv(path, **kwargs)
+    except pd.errors.EmptyDataError:
+        raise MarrowLensError(f"{path} is empty: expected a header line with a 'path' column") from None
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise MarrowLensError(f"cannot read {path}: {exc}") from exc
+
+
+def detect_layout(root: Path, skip: tuple[Path, ...] = ()) -> str:
     """Tell the layout of ``root`` from its files; ask for ``--layout`` when it is ambiguous."""
     if root.is_file():
         if root.suffix.lower() == ".csv":
@@ -112,9 +147,9 @@ def detect_layout(root: Path) -> str:
         raise MarrowLensError(f"{root} is a file but not a CSV")
     labels = root / "labels.csv"
     if labels.is_file():
-        header = set(pd.read_csv(labels, nrows=0).columns)
+        header = set(_read_csv(labels, nrows=0).columns)
         return "deepapl" if {"path", "label", "patient", "diagnosis"} <= header else "csv"
-    images, _ = _image_files(root)
+    images, _ = _image_files(root, skip)
     if not images:
         raise MarrowLensError(f"no images found under {root}")
     depths = Counter(len(p.relative_to(root).parts) for p in images)
@@ -128,14 +163,14 @@ def detect_layout(root: Path) -> str:
 
 
 def _read_folder_layout(root: Path, layout: str, options: IndexOptions) -> tuple[list[_Candidate], list[tuple[Path, str]], dict[str, str]]:
-    images, others = _image_files(root)
+    images, others = _image_files(root, options.skip)
     if not images:
         raise MarrowLensError(f"no images found under {root}")
     depth = 3 if layout == "mutation_patient" else 2
     shape = "ROOT/<mutation>/<patient>/<image>" if depth == 3 else "ROOT/<cell_type>/<image>"
     others += [(p, f"outside the {shape} layout") for p in images if len(p.relative_to(root).parts) != depth]
     images = [p for p in images if len(p.relative_to(root).parts) == depth]
-    classes = {p.name: "" for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    classes = {p.name: "" for p in sorted(root.iterdir()) if p.is_dir() and _readable_dir(p, options.skip)}
     candidates = []
     if layout == "mutation_patient":
         vocab = MutationVocabulary(options.map_mutation)
@@ -145,12 +180,13 @@ def _read_folder_layout(root: Path, layout: str, options: IndexOptions) -> tuple
             mutation_dir, patient, _ = path.relative_to(root).parts
             if owner.setdefault(patient, mutation_dir) != mutation_dir:
                 raise MarrowLensError(f"patient {patient!r} appears under both {owner[patient]!r} and {mutation_dir!r}")
-            candidates.append(_Candidate(path, {"patient_id": patient, "mutation": names[mutation_dir]}))
+            candidates.append(_Candidate(path, {"patient_id": patient, "mutation": names[mutation_dir]}, str(path.relative_to(root))))
         return candidates, others, {k: names[k] for k in classes}
     for path in images:
         raw = path.relative_to(root).parts[0]
         cell_type = options.map_cell_type.get(raw, cell_type_name(raw))
-        candidates.append(_Candidate(path, {"cell_type": cell_type, "is_blast": is_blast_type(cell_type, options.blast_classes)}))
+        labels = {"cell_type": cell_type, "is_blast": is_blast_type(cell_type, options.blast_classes)}
+        candidates.append(_Candidate(path, labels, str(path.relative_to(root))))
     return candidates, others, {k: options.map_cell_type.get(k, cell_type_name(k)) for k in classes}
 
 
@@ -174,10 +210,7 @@ def _csv_columns(header: list[str], options: IndexOptions, defaults: dict[str, s
 def _read_csv_layout(source: Path, layout: str, options: IndexOptions) -> tuple[list[_Candidate], list[tuple[Path, str]], dict[str, str]]:
     csv_path = source / "labels.csv" if source.is_dir() else source
     base = csv_path.parent
-    try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_values=[""])
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise MarrowLensError(f"cannot read {csv_path}: {exc}") from exc
+    table = _read_csv(csv_path, dtype=str, keep_default_na=False, na_values=[""])
     if "path" not in table.columns:
         raise MarrowLensError(f"{csv_path} has no 'path' column")
     if table.empty:
@@ -194,7 +227,7 @@ def _read_csv_layout(source: Path, layout: str, options: IndexOptions) -> tuple[
         values = table[columns["mutation"]].dropna()
         mapped = MutationVocabulary(mutation_map).map_all(values, where=str(csv_path))
     candidates = []
-    for record in table.to_dict("records"):
+    for line, record in enumerate(table.to_dict("records"), start=2):
         labels: dict[str, Any] = {}
         for canonical, column in columns.items():
             value = record.get(column)
@@ -208,7 +241,8 @@ def _read_csv_layout(source: Path, layout: str, options: IndexOptions) -> tuple[
         elif labels.get("cell_type") is not None:
             labels["is_blast"] = is_blast_type(labels["cell_type"], options.blast_classes)
         path = Path(record["path"])
-        candidates.append(_Candidate(path if path.is_absolute() else base / path, labels))
+        where = f"{csv_path.name} line {line} ({record['path']})"
+        candidates.append(_Candidate(path if path.is_absolute() else base / path, labels, where))
     return candidates, [], {}
 
 
@@ -234,7 +268,7 @@ def read_source(source: Path, options: IndexOptions) -> tuple[str, list[_Candida
     if options.layout not in LAYOUTS:
         raise MarrowLensError(f"unknown layout {options.layout!r}; known: {', '.join(LAYOUTS)}")
     _refuse_images_folder_of_labelled_source(source)
-    layout = detect_layout(source) if options.layout == "auto" else options.layout
+    layout = detect_layout(source, options.skip) if options.layout == "auto" else options.layout
     reader = _read_csv_layout if layout in ("csv", "deepapl") else _read_folder_layout
     candidates, others, classes = reader(source, layout, options)
     domain = options.domain or (source.name if source.is_dir() else source.parent.name)
@@ -271,10 +305,12 @@ def index_cohort(sources: list[Path], out: Path, options: IndexOptions | None = 
 
     ``extra_meta`` adds fields to ``meta.json`` (e.g. the settings of the synthetic generator).
     """
-    options = options or IndexOptions()
     if not sources:
         raise MarrowLensError("give at least one image folder or CSV")
-    sources = [Path(s).resolve() for s in sources]
+    out = Path(out)
+    options = options or IndexOptions()
+    options = replace(options, skip=(*options.skip, _resolve(out)))  # --out may lie inside a source
+    sources = [_resolve(Path(s)) for s in sources]
     read = [read_source(s, options) for s in sources]
     root = _common_root(sources)
     rows, quarantine = [], []
@@ -290,6 +326,7 @@ def index_cohort(sources: list[Path], out: Path, options: IndexOptions | None = 
     outside = [c.path for c in rows if not _is_within(c.path, root)]
     if outside:
         raise MarrowLensError(f"{outside[0]} lies outside the cohort root {root}")
+    _refuse_duplicates(rows)
     results = _decode_all([c.path for c in rows], options.workers, desc="checking images")
     good = []
     for candidate, result in zip(rows, results):
@@ -297,16 +334,14 @@ def index_cohort(sources: list[Path], out: Path, options: IndexOptions | None = 
             quarantine.append((candidate.path, result))
         else:
             good.append((candidate, result))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_quarantine(out, root, quarantine)
     if not good:
-        raise MarrowLensError(f"no readable images in {', '.join(map(str, sources))} ({len(quarantine)} quarantined, see {out / QUARANTINE_FILE})")
+        example = f", e.g. {quarantine[0][0]}: {quarantine[0][1]}" if quarantine else ""
+        raise MarrowLensError(f"no readable images in {', '.join(map(str, sources))} ({len(quarantine)} unreadable{example})")
     cells = _cells_frame(good, root)
     _refuse_empty_classes(cells, class_folders)
+    out.mkdir(parents=True, exist_ok=True)
     layouts = [layout for layout, *_ in read]
-    meta = write_meta(
-        out,
+    meta = meta_record(
         "cohort",
         root=str(root),
         root_relative=os.path.relpath(root, out.resolve()),
@@ -319,13 +354,31 @@ def index_cohort(sources: list[Path], out: Path, options: IndexOptions | None = 
         fingerprint=cohort_fingerprint(cells),
         **(extra_meta or {}),
     )
-    write_parquet_atomic(out / CELLS_FILE, cells)
+    _commit(out, cells, _quarantine_frame(root, quarantine), meta)
     return Cohort(folder=out, root=root, cells=cells, meta=meta)
+
+
+def _commit(out: Path, cells: pd.DataFrame, quarantine: pd.DataFrame, meta: dict[str, Any]) -> None:
+    """Replace the cohort's three files together: a reader sees the old cohort or the new one, never a mix."""
+    with commit_files(out, [CELLS_FILE, QUARANTINE_FILE, META_FILE]) as paths:
+        cells.to_parquet(paths[CELLS_FILE], index=False)
+        quarantine.to_csv(paths[QUARANTINE_FILE], index=False)
+        paths[META_FILE].write_text(json_text(meta))
+
+
+def _refuse_duplicates(rows: list[_Candidate]) -> None:
+    """One image is one cell: refuse two rows that name the same file (a symlink, ``./`` or ``..`` spellings)."""
+    seen: dict[Path, _Candidate] = {}
+    for candidate in rows:
+        resolved = _resolve(candidate.path)
+        first = seen.setdefault(resolved, candidate)
+        if first is not candidate:
+            raise MarrowLensError(f"{first.where} and {candidate.where} are the same image file ({resolved}); list each cell once")
 
 
 def _is_within(path: Path, root: Path) -> bool:
     try:
-        path.resolve().relative_to(root)
+        _resolve(path).relative_to(root)
     except ValueError:
         return False
     return True
@@ -334,7 +387,7 @@ def _is_within(path: Path, root: Path) -> bool:
 def _cells_frame(good: list[tuple[_Candidate, tuple[int, int]]], root: Path) -> pd.DataFrame:
     records = []
     for candidate, (width, height) in good:
-        relative = candidate.path.resolve().relative_to(root).as_posix()
+        relative = _resolve(candidate.path).relative_to(root).as_posix()
         record = {name: candidate.labels.get(name) for name in LABEL_COLUMNS}
         record.update(cell_id=cell_id_of(relative), path=relative, width=width, height=height)
         records.append(record)
@@ -354,13 +407,20 @@ def _refuse_empty_classes(cells: pd.DataFrame, class_folders: dict[str, str]) ->
             raise MarrowLensError(f"class {label!r} has no readable cells (folder {folder})")
 
 
-def _write_quarantine(out: Path, root: Path, quarantine: list[tuple[Path, str]]) -> None:
+def _quarantine_frame(root: Path, quarantine: list[tuple[Path, str]]) -> pd.DataFrame:
     rows = [
-        {"path": p.resolve().relative_to(root).as_posix() if _is_within(p, root) else str(p), "reason": reason}
+        {"path": _resolve(p).relative_to(root).as_posix() if _is_within(p, root) else str(p), "reason": reason}
         for p, reason in quarantine
     ]
-    frame = pd.DataFrame(rows, columns=["path", "reason"])
-    write_text_atomic(out / QUARANTINE_FILE, frame.to_csv(index=False))
+    return pd.DataFrame(rows, columns=["path", "reason"])
+
+
+def _read_quarantine(folder: Path) -> pd.DataFrame:
+    """The cohort's quarantine list; a missing or empty file is an empty list (nothing was quarantined)."""
+    try:
+        return pd.read_csv(folder / QUARANTINE_FILE, dtype=str)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return pd.DataFrame(columns=["path", "reason"])
 
 
 def label_counts(cells: pd.DataFrame) -> dict[str, dict[str, int]]:
@@ -388,7 +448,7 @@ def load_cohort(folder: str | Path) -> Cohort:
     table = folder / CELLS_FILE
     if not table.is_file():
         raise MarrowLensError(f"{folder} has no {CELLS_FILE}")
-    cells = pd.read_parquet(table)
+    cells = read_parquet(table)
     missing = [c for c in COLUMNS if c not in cells.columns]
     if missing:
         raise MarrowLensError(f"{table} lacks column(s) {', '.join(missing)}")
@@ -413,13 +473,10 @@ def check_cohort(folder: str | Path, workers: int = 8, fix: bool = False) -> tup
     problems = [(path, r) for path, r in zip(cells["path"], results) if isinstance(r, str)]
     if fix and problems:
         broken = {p for p, _ in problems}
-        old = pd.read_csv(Path(folder) / QUARANTINE_FILE)
-        frame = pd.concat([old, pd.DataFrame(problems, columns=["path", "reason"])], ignore_index=True)
-        write_text_atomic(Path(folder) / QUARANTINE_FILE, frame.to_csv(index=False))
+        frame = pd.concat([_read_quarantine(Path(folder)), pd.DataFrame(problems, columns=["path", "reason"])], ignore_index=True)
         kept = cells[~cells["path"].isin(broken)].reset_index(drop=True)
-        meta = {k: v for k, v in cohort.meta.items() if k not in ("kind", "marrowlens_version", "created", "command")}
-        meta.update(n_cells=len(kept), n_quarantined=len(frame), counts=label_counts(kept), fingerprint=cohort_fingerprint(kept))
-        write_meta(folder, "cohort", **meta)
-        write_parquet_atomic(Path(folder) / CELLS_FILE, kept)
+        fields = {k: v for k, v in cohort.meta.items() if k not in ("kind", "marrowlens_version", "created", "command")}
+        fields.update(n_cells=len(kept), n_quarantined=len(frame), counts=label_counts(kept), fingerprint=cohort_fingerprint(kept))
+        _commit(Path(folder), kept, frame, meta_record("cohort", **fields))
         cohort = load_cohort(folder)
     return cohort, problems

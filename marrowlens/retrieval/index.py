@@ -7,6 +7,11 @@ is FAISS id ``i``) + ``meta.json`` (kind, metric, parameters, count, the backbon
 vectors, and the stores and cohorts they came from, so queries are embedded the same way and
 thumbnails can be found).
 
+``index add`` writes the grown index and table as a new version (``index.N.faiss``,
+``cells.N.parquet``) beside the old one and then rewrites ``meta.json``, which names the files of
+the current version: that one atomic rename is the switch, so a killed ``add`` leaves the old
+index intact. Folders written before versions existed (no ``files`` in meta.json) load as they are.
+
 Every index is an ``IndexIDMap2``: ids are the rows of ``cells.parquet`` whatever the inner
 index, id selectors (filters) work on those rows, and ``reconstruct(row)`` returns a cell's
 vector for query-by-cell.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +32,24 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from marrowlens.artifacts import META_FILE, atomic_path, prepare_out_dir, read_meta, require_same_fingerprint, short, write_meta
+from marrowlens.artifacts import (
+    META_FILE,
+    atomic_path,
+    prepare_out_dir,
+    read_meta,
+    read_parquet,
+    require_same_fingerprint,
+    short,
+    write_meta,
+)
 from marrowlens.config import load_config
 from marrowlens.embeddings import Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
 
 INDEX_FILE = "index.faiss"
 CELLS_FILE = "cells.parquet"
+# Every version's files: the unversioned names (a build) and those of ``add`` (``index.3.faiss``).
+_VERSION_FILE = re.compile(r"(index(\.\d+)?\.faiss|cells(\.\d+)?\.parquet)")
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
 METRICS = ("cosine", "l2")
 BLOCK_ROWS = 32_768
@@ -255,18 +272,36 @@ def _refuse_duplicate_ids(cells: pd.DataFrame, where: str) -> None:
         raise MarrowLensError(f"{where} holds {len(duplicated)} duplicate cell id(s), e.g. {duplicated.iloc[0]}")
 
 
-def _write(folder: Path, index: faiss.Index, cells: pd.DataFrame, meta_fields: dict[str, Any]) -> dict[str, Any]:
-    """Write index and cells (each atomic, renamed together once both are complete), then meta.json last.
+def _version_files(version: int) -> dict[str, str]:
+    """File names of a version: version 0 (a build) keeps the plain names older releases used."""
+    if version == 0:
+        return {"index": INDEX_FILE, "cells": CELLS_FILE}
+    return {"index": f"index.{version}.faiss", "cells": f"cells.{version}.parquet"}
 
-    meta.json is the commit record: a folder without it, or whose counts disagree with the files
-    (an interrupted write), is refused by :func:`load_index`.
+
+def current_files(meta: dict[str, Any]) -> dict[str, str]:
+    """The files meta.json points at (the plain names in folders from before versions)."""
+    return meta.get("files") or _version_files(0)
+
+
+def _write(folder: Path, index: faiss.Index, cells: pd.DataFrame, meta_fields: dict[str, Any], version: int) -> dict[str, Any]:
+    """Write ``version``'s index and cells (each atomic), then meta.json naming them, then drop other versions.
+
+    meta.json is the commit record and the pointer to the current files: until it is renamed into
+    place a reader sees the previous version whole. A folder without it, or whose counts disagree
+    with the files, is refused by :func:`load_index`.
     """
+    files = _version_files(version)
     with contextlib.ExitStack() as stack:
-        cells_tmp = stack.enter_context(atomic_path(folder / CELLS_FILE))
-        index_tmp = stack.enter_context(atomic_path(folder / INDEX_FILE))
+        cells_tmp = stack.enter_context(atomic_path(folder / files["cells"]))
+        index_tmp = stack.enter_context(atomic_path(folder / files["index"]))
         cells.reset_index(drop=True).to_parquet(cells_tmp, index=False)
         faiss.write_index(index, str(index_tmp))
-    return write_meta(folder, "index", **meta_fields)
+    meta = write_meta(folder, "index", **meta_fields, version=version, files=files)
+    for path in folder.iterdir():  # older versions, and any a killed ``add`` left unreferenced
+        if _VERSION_FILE.fullmatch(path.name) and path.name not in files.values():
+            path.unlink(missing_ok=True)
+    return meta
 
 
 def build_index(
@@ -323,6 +358,7 @@ def build_index(
             "preprocessing": store.meta.get("preprocessing") or {},
             "sources": [_source_record(store, 0)],
         },
+        version=0,
     )
     return CellIndex(folder=out, index=index, cells=cells, meta=meta)
 
@@ -355,9 +391,9 @@ def add_to_index(folder: str | Path, embeddings: str | Path) -> tuple[CellIndex,
     cells = store.cells.copy()
     cells["source"] = np.int32(len(current.meta["sources"]))
     merged = pd.concat([current.cells, cells], ignore_index=True)
-    fields = {k: v for k, v in current.meta.items() if k not in ("kind", "marrowlens_version", "created", "command")}
+    fields = {k: v for k, v in current.meta.items() if k not in ("kind", "marrowlens_version", "created", "command", "version", "files")}
     fields.update(count=len(merged), sources=[*current.meta["sources"], _source_record(store, first)])
-    meta = _write(current.folder, current.index, merged, fields)
+    meta = _write(current.folder, current.index, merged, fields, version=current.meta.get("version", 0) + 1)
     return CellIndex(folder=current.folder, index=current.index, cells=merged, meta=meta), len(store)
 
 
@@ -370,14 +406,15 @@ def load_index(folder: str | Path) -> CellIndex:
     """Load ``idx/``; refuse a folder that is not an index or whose files disagree with each other."""
     folder = Path(folder)
     meta = read_meta(folder, "index")
-    for name in (INDEX_FILE, CELLS_FILE):
+    files = current_files(meta)
+    for name in files.values():
         if not (folder / name).is_file():
             raise MarrowLensError(f"index {folder} is incomplete: {name} is missing")
     try:
-        index = faiss.read_index(str(folder / INDEX_FILE))
+        index = faiss.read_index(str(folder / files["index"]))
     except RuntimeError as exc:
-        raise MarrowLensError(f"{folder / INDEX_FILE} is not a readable FAISS index") from exc
-    cells = pd.read_parquet(folder / CELLS_FILE)
+        raise MarrowLensError(f"{folder / files['index']} is not a readable FAISS index") from exc
+    cells = read_parquet(folder / files["cells"])
     if not (index.ntotal == len(cells) == meta.get("count")) or index.d != meta.get("dim"):
         raise MarrowLensError(
             f"index {folder} is inconsistent ({index.ntotal} vectors, {len(cells)} cells, meta.json says "
@@ -389,7 +426,7 @@ def load_index(folder: str | Path) -> CellIndex:
 def describe(index: CellIndex) -> list[str]:
     """Lines for ``index info``: what the index holds and how it searches."""
     meta, model = index.meta, index.meta["model"]
-    size = (index.folder / INDEX_FILE).stat().st_size
+    size = (index.folder / current_files(meta)["index"]).stat().st_size
     params = ", ".join(f"{k}={v}" for k, v in meta["params"].items()) or "exact search"
     auto = " (auto)" if meta.get("requested_kind") == "auto" else ""
     lines = [

@@ -23,7 +23,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQ
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from marrowlens.artifacts import read_meta, require_same_fingerprint, write_json_atomic, write_meta
+from marrowlens.artifacts import clean_stale_temporaries, read_meta, require_same_fingerprint, write_json_atomic, write_meta
 from marrowlens.cohort.manifest import load_cohort
 from marrowlens.config import PretrainConfig, dump_config, load_config
 from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
@@ -38,6 +38,7 @@ from marrowlens.ssl.views import build_views
 CONFIG_FILE = "config.yaml"
 COHORT_FILE = "cohort.json"
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
+PARTIAL_SUFFIX = ".partial"  # a checkpoint being written; renamed onto its name when whole
 # Settings a resumed run may change; anything else would make it a different run.
 RESUMABLE = {("trainer", "max_epochs"), ("data", "num_workers")}
 
@@ -46,7 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoint files appear whole or not at all: a kill mid-save keeps the previous one."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        partial = f"{path}.partial"
+        partial = f"{path}{PARTIAL_SUFFIX}"
         super().save_checkpoint(checkpoint, partial, storage_options)
         os.replace(partial, path)
 
@@ -131,6 +132,8 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
             raise MarrowLensError(f"nothing to resume: {out / LAST_CKPT} does not exist")
         if not (out / CONFIG_FILE).is_file():
             raise MarrowLensError(f"cannot resume: {out / CONFIG_FILE} is missing")
+        clean_stale_temporaries(out)  # what a killed run left half-written (up to a checkpoint's size)
+        clean_stale_temporaries(out / LAST_CKPT.parent, (f"*{PARTIAL_SUFFIX}",))
         return
     if out.exists() and any(out.iterdir()):
         if not overwrite:

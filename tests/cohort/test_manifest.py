@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -174,3 +175,111 @@ def test_cohort_cli_round_trip(cli, mutation_tree: Path, tmp_path: Path) -> None
     assert cli("cohort", "check", tmp_path / "cohort")[0] == 0
     code, output = cli("cohort", "index", mutation_tree, "--out", tmp_path / "c2", "--layout", "nonsense")
     assert code == 2 and "unknown layout" in output
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+class TestReplacingACohort:
+    def test_failed_overwrite_leaves_the_old_cohort_untouched(self, cli, mutation_tree: Path, tmp_path: Path) -> None:
+        (mutation_tree / "NPM1" / "NPM1_p0" / "bad.png").write_bytes(b"")
+        assert cli("cohort", "index", mutation_tree, "--out", tmp_path / "cohort")[0] == 0
+        before = _files(tmp_path / "cohort")
+        for image in (mutation_tree / "control").rglob("*.png"):
+            image.write_bytes(b"broken")
+        code, output = cli("cohort", "index", mutation_tree, "--out", tmp_path / "cohort", "--overwrite")
+        assert code == 2 and "class 'control' has no readable cells" in output
+        assert _files(tmp_path / "cohort") == before
+
+    def test_no_readable_images_names_a_reason_and_writes_nothing(self, mutation_tree: Path, tmp_path: Path) -> None:
+        for image in mutation_tree.rglob("*.png"):
+            image.write_bytes(b"")
+        with pytest.raises(MarrowLensError, match=r"no readable images .*12 unreadable, e.g. .*: empty file"):
+            index_cohort([mutation_tree], tmp_path / "cohort")
+        assert not (tmp_path / "cohort" / "quarantine.csv").exists()
+
+    def test_interrupted_swap_never_shows_a_mixed_cohort(self, mutation_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        index_cohort([mutation_tree], tmp_path / "cohort")
+        write_cell(mutation_tree / "NPM1" / "NPM1_p0" / "new.png", seed=99)
+        real = os.replace
+
+        def killed_at_cells(src, dst):
+            if Path(dst).name == "cells.parquet":
+                raise OSError("killed")
+            real(src, dst)
+
+        monkeypatch.setattr(os, "replace", killed_at_cells)
+        with pytest.raises(OSError, match="killed"):
+            index_cohort([mutation_tree], tmp_path / "cohort")
+        monkeypatch.setattr(os, "replace", real)
+        with pytest.raises(MarrowLensError, match="meta.json is missing"):  # unfinished, not old meta + new quarantine
+            load_cohort(tmp_path / "cohort")
+        assert len(index_cohort([mutation_tree], tmp_path / "cohort").cells) == 13
+        assert sorted(p.name for p in (tmp_path / "cohort").iterdir()) == ["cells.parquet", "meta.json", "quarantine.csv"]
+
+    def test_fix_writes_cells_quarantine_and_meta_together(self, mutation_tree: Path, tmp_path: Path) -> None:
+        index_cohort([mutation_tree], tmp_path / "cohort")
+        (tmp_path / "cohort" / "quarantine.csv").unlink()
+        (mutation_tree / "control" / "control_p1" / "cell2.png").write_bytes(b"")
+        cohort, _ = check_cohort(tmp_path / "cohort", fix=True)
+        assert len(cohort.cells) == 11 and cohort.meta["n_quarantined"] == 1
+        assert _quarantine(tmp_path / "cohort")["path"].tolist() == ["control/control_p1/cell2.png"]
+
+
+class TestDuplicateCells:
+    def test_symlink_to_another_patients_cell(self, cli, mutation_tree: Path, tmp_path: Path) -> None:
+        (mutation_tree / "NPM1" / "NPM1_p0" / "link.png").symlink_to(mutation_tree / "control" / "control_p1" / "cell0.png")
+        code, output = cli("cohort", "index", mutation_tree, "--out", tmp_path / "cohort")
+        assert code == 2 and "NPM1/NPM1_p0/link.png and control/control_p1/cell0.png are the same image file" in output, output
+        assert not (tmp_path / "cohort" / "meta.json").exists()
+
+    def test_csv_listing_one_file_under_two_spellings(self, tmp_path: Path) -> None:
+        write_cell(tmp_path / "imgs" / "x.png", seed=1)
+        write_cell(tmp_path / "imgs" / "y.png", seed=2)
+        pd.DataFrame({"path": ["imgs/x.png", "imgs/y.png", "./imgs/x.png"], "patient_id": ["a", "a", "b"]}).to_csv(tmp_path / "c.csv", index=False)
+        with pytest.raises(MarrowLensError, match=r"c.csv line 2 \(imgs/x.png\) and c.csv line 4 \(./imgs/x.png\) are the same image"):
+            index_cohort([tmp_path / "c.csv"], tmp_path / "cohort")
+
+
+class TestOneLineErrors:
+    def test_symlink_loop_under_root(self, cli, mutation_tree: Path, tmp_path: Path) -> None:
+        loop = mutation_tree / "NPM1" / "NPM1_p0" / "loop.png"
+        loop.symlink_to(loop)
+        code, output = cli("cohort", "index", mutation_tree, "--out", tmp_path / "cohort")
+        assert code == 2 and "loop.png cannot be resolved (a symlink loop?)" in output, output
+
+    @pytest.mark.parametrize("name", ["cells.csv", "labels.csv"])
+    def test_empty_csv(self, cli, tmp_path: Path, name: str) -> None:
+        (tmp_path / "src").mkdir()
+        (tmp_path / "src" / name).write_text("")
+        source = tmp_path / "src" / name if name == "cells.csv" else tmp_path / "src"
+        code, output = cli("cohort", "index", source, "--out", tmp_path / "cohort")
+        assert code == 2 and f"{name} is empty" in output, output
+
+    @pytest.mark.parametrize("damage", ["truncated cells", "meta list"])
+    def test_check_of_a_damaged_cohort(self, cli, mutation_tree: Path, tmp_path: Path, damage: str) -> None:
+        index_cohort([mutation_tree], tmp_path / "cohort")
+        if damage == "truncated cells":
+            table = tmp_path / "cohort" / "cells.parquet"
+            table.write_bytes(table.read_bytes()[:100])
+            expected = "cells.parquet is not a readable parquet table"
+        else:
+            (tmp_path / "cohort" / "meta.json").write_text("[]")
+            expected = "meta.json is not a MarrowLens meta.json"
+        code, output = cli("cohort", "check", tmp_path / "cohort")
+        assert code == 2 and expected in output, output
+
+    def test_check_fix_without_quarantine_list(self, cli, mutation_tree: Path, tmp_path: Path) -> None:
+        index_cohort([mutation_tree], tmp_path / "cohort")
+        (tmp_path / "cohort" / "quarantine.csv").unlink()
+        (mutation_tree / "control" / "control_p1" / "cell2.png").write_bytes(b"")
+        code, output = cli("cohort", "check", tmp_path / "cohort", "--fix")
+        assert code == 0 and "quarantined 1 cell(s); 11 cells OK" in output, output
+
+    def test_output_folder_inside_root_is_not_read_as_a_class(self, cli, mutation_tree: Path, tmp_path: Path) -> None:
+        for out in (mutation_tree / "cohort", mutation_tree / "cohort", tmp_path / "elsewhere"):
+            # made by this run; the same again; another run's artifacts (a MarrowLens meta.json)
+            code, output = cli("cohort", "index", mutation_tree, "--out", out, "--overwrite")
+            assert code == 0 and "12 cells, 4 patients" in output, output
+        assert len(load_cohort(mutation_tree / "cohort").cells) == 12

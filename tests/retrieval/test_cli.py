@@ -6,9 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
+from marrowlens.retrieval.index import load_index
 from marrowlens.ssl.backbones import export_backbone, load_backbone
 from tests.conftest import run_cli_subprocess, write_cell
 from tests.retrieval.conftest import ImageIndex
@@ -16,7 +16,7 @@ from tests.retrieval.conftest import ImageIndex
 
 def cell_id_of_path(index: Path, path: str) -> str:
     """The id an index gives the cell at ``path`` (relative to its cohort root)."""
-    return pd.read_parquet(index / "cells.parquet").set_index("path").loc[path, "cell_id"]
+    return load_index(index).cells.set_index("path").loc[path, "cell_id"]
 
 
 class TestHelp:
@@ -79,9 +79,8 @@ class TestSearch:
         assert code == 0
         results = json.loads(output)
         assert [r["query"] for r in results] == [str(p) for p in images]
-        cells = pd.read_parquet(image_index.idx / "cells.parquet").set_index("path")["cell_id"]
         for result, itself in zip(results, ["control/control_p0/cell1.png", "NPM1/NPM1_p0/cell3.png"]):
-            assert result["query_cell"] == cells[itself]
+            assert result["query_cell"] == cell_id_of_path(image_index.idx, itself)
             assert len(result["neighbours"]) == 3 and itself not in {n["path"] for n in result["neighbours"]}
             assert [n["rank"] for n in result["neighbours"]] == [1, 2, 3]
             assert sum(count for _, count in result["vote"]["mutation"]) == 3
@@ -205,7 +204,7 @@ class TestAdd:
             assert code == 0, output
         code, output = cli("index", "add", tmp_path / "idx", "--embeddings", tmp_path / "emb2")
         assert code == 0, output
-        assert f"wrote {tmp_path / 'idx' / 'index.faiss'}: added 4 cells, 28 in all" in output
+        assert f"wrote {tmp_path / 'idx' / 'index.1.faiss'}: added 4 cells, 28 in all" in output
         code, output = cli("search", "--index", tmp_path / "idx", "--image", root / "NPM1" / "NPM1_p9" / "new2.png", "-k", "1", "--json")
         assert json.loads(output)[0]["query_cell"] == cell_id_of_path(tmp_path / "idx", "NPM1/NPM1_p9/new2.png")
         code, output = cli("index", "add", tmp_path / "idx", "--embeddings", tmp_path / "emb2")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from marrowlens.embeddings import write_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.retrieval import index as index_module
 from marrowlens.retrieval.index import (
@@ -21,7 +23,7 @@ from marrowlens.retrieval.index import (
     load_index,
     resolve_params,
 )
-from tests.retrieval.conftest import make_store, random_vectors
+from tests.retrieval.conftest import make_store, model_meta, random_cells, random_vectors
 
 # recall@10 against exact search, 2000 isotropic Gaussian vectors in 32-d (the hardest case for
 # approximate search: no cluster structure) with 100 unseen queries, default parameters except
@@ -199,10 +201,9 @@ class TestRefusals:
         assert load_index(tmp_path / "idx").kind == "hnsw"
 
     def test_duplicate_cell_ids_in_a_store(self, tmp_path: Path) -> None:
-        store = make_store(tmp_path / "emb", n=10)
-        cells = store.cells.copy()
+        cells = random_cells(10)
         cells.loc[3, "cell_id"] = cells.loc[4, "cell_id"]
-        cells.to_parquet(tmp_path / "emb" / "cells.parquet", index=False)
+        write_embeddings(tmp_path / "emb", random_vectors(10, 16), cells, {"model": model_meta()})
         with pytest.raises(MarrowLensError, match="1 duplicate cell id"):
             build_index(tmp_path / "emb", tmp_path / "idx")
 
@@ -268,3 +269,51 @@ class TestAdd:
         assert index.kind == "flat"
         assert kind_advice(index) == "note: at 60 cells `auto` would now build ivf; rebuild to switch"
         assert kind_advice(index) in describe(index)[-1]
+
+
+class TestAddIsOldOrNew:
+    @pytest.fixture
+    def small(self, tmp_path: Path) -> Path:
+        make_store(tmp_path / "emb", n=40, dim=8)
+        make_store(tmp_path / "emb2", n=10, dim=8, prefix="x", seed=1)
+        make_store(tmp_path / "emb3", n=5, dim=8, prefix="y", seed=2)
+        build_index(tmp_path / "emb", tmp_path / "idx")
+        return tmp_path
+
+    @pytest.mark.parametrize("step", ["meta.json", "index.1.faiss"])
+    def test_a_killed_add_leaves_the_old_index_searchable(self, small: Path, monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+        real = os.replace
+
+        def killed(src, dst):
+            if Path(dst).name == step:
+                raise KeyboardInterrupt  # kill -9 between the steps of add
+            real(src, dst)
+
+        monkeypatch.setattr(os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            add_to_index(small / "idx", small / "emb2")
+        monkeypatch.setattr(os, "replace", real)
+        old = load_index(small / "idx")
+        assert len(old) == 40 and len(old.cells) == 40
+        _, found = old.search(random_vectors(40, 8)[:3], 1)
+        assert found[:, 0].tolist() == [0, 1, 2]
+        assert len(add_to_index(small / "idx", small / "emb2")[0]) == 50  # and the next add works
+
+    def test_each_add_is_a_new_version_and_the_old_one_goes(self, small: Path) -> None:
+        add_to_index(small / "idx", small / "emb2")
+        add_to_index(small / "idx", small / "emb3")
+        loaded = load_index(small / "idx")
+        assert len(loaded) == 55 and loaded.meta["version"] == 2
+        assert sorted(p.name for p in (small / "idx").iterdir()) == ["cells.2.parquet", "index.2.faiss", "meta.json"]
+        assert "0.0 MiB on disk" in describe(loaded)[1]
+        build_index(small / "emb", small / "idx", overwrite=True)  # a rebuild goes back to the plain names
+        assert sorted(p.name for p in (small / "idx").iterdir()) == ["cells.parquet", "index.faiss", "meta.json"]
+
+    def test_index_from_before_versions_still_loads_and_grows(self, small: Path) -> None:
+        meta_path = small / "idx" / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        del meta["version"], meta["files"]
+        meta_path.write_text(json.dumps(meta))
+        assert len(load_index(small / "idx")) == 40
+        assert len(add_to_index(small / "idx", small / "emb2")[0]) == 50
+        assert load_index(small / "idx").meta["files"] == {"index": "index.1.faiss", "cells": "cells.1.parquet"}

@@ -332,3 +332,18 @@ def test_ctrl_c_exits_130_through_main(labelled_cohort: Path, tmp_path: Path, mo
         cli.main()
     assert exited.value.code == 130
     assert re.match(r"(training|embedding) interrupted; .*run the same command", capsys.readouterr().err)
+
+
+def test_resume_cleans_what_a_killed_run_left_half_written(tmp_path: Path) -> None:
+    """A kill mid-save left last.ckpt.partial and hidden .tmp files (up to a checkpoint's size) forever."""
+    import os
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    keep = [out / train.CONFIG_FILE, out / train.LAST_CKPT, out / "checkpoints" / "best-epoch=0.ckpt"]
+    stale = [out / "checkpoints" / "last.ckpt.partial", out / ".meta.json.k2j4h5g1.tmp", out / "checkpoints" / ".last.ckpt.abcd1234.tmp"]
+    for path in keep + stale:
+        path.write_bytes(b"x")
+        os.utime(path, (1_000_000_000, 1_000_000_000))  # written by a run long gone
+    train.prepare_run_dir(out, resume=True, overwrite=False)
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
