@@ -123,6 +123,19 @@ class TestBadUploads:
         response = upload(client, data=buffer.getvalue())
         assert response.status_code == 400 and "too small" in response.json()["detail"]
 
+    def test_decompression_bomb_is_refused_before_decoding(self, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A small zlib TIFF declaring far more float pixels than the limit: 400, never decoded."""
+        import numpy as np
+        import tifffile
+
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, np.zeros((600, 600, 3), np.float32), compression="zlib")
+        monkeypatch.setenv("MARROWLENS_MAX_PIXELS", "100000")
+        monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda *args, **kwargs: pytest.fail("the bomb was decoded"))
+        response = upload(client, data=buffer.getvalue(), name="bomb.tif")
+        assert response.status_code == 400
+        assert response.json()["detail"].startswith("the upload is not a usable image: too large (600x600 px, limit 100000 px")
+
     def test_oversized_upload_is_413(self, client: TestClient, tmp_path: Path) -> None:
         big = write_cell(tmp_path / "big.png", seed=3, size=64).read_bytes() + b"\x00" * 200_000  # cap is 0.05 MB
         response = upload(client, data=big)
