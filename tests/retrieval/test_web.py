@@ -16,9 +16,16 @@ from tests.conftest import write_cell
 from tests.retrieval.conftest import ImageIndex
 
 
+LOCAL = "http://127.0.0.1:8765"  # a real loopback Host header, as a browser on this machine sends
+
+
+def local_client(app) -> TestClient:
+    return TestClient(app, base_url=LOCAL)
+
+
 @pytest.fixture(scope="module")
 def client(image_index: ImageIndex):
-    with TestClient(create_app(image_index.idx, max_upload_mb=0.05, default_k=5)) as client:
+    with local_client(create_app(image_index.idx, max_upload_mb=0.05, default_k=5)) as client:
         yield client
 
 
@@ -35,7 +42,7 @@ class TestPage:
         for asset in ("style.css", "app.js"):
             assert f"/static/{asset}" in page.text
             assert client.get(f"/static/{asset}").status_code == 200
-        assert "http://" not in page.text.replace("http://testserver/", "") and "https://" not in page.text
+        assert "http://" not in page.text.replace(f"{LOCAL}/", "") and "https://" not in page.text
 
     def test_openapi_documents_the_api(self, client: TestClient) -> None:
         paths = client.get("/openapi.json").json()["paths"]
@@ -156,6 +163,54 @@ class TestBadUploads:
         assert upload(client, image_index.image()).status_code == 200
 
 
+class TestHosts:
+    """DNS rebinding: a page on attacker.example rebound to 127.0.0.1 sends its own name as Host."""
+
+    @pytest.mark.parametrize("host", ["attacker.example:8765", "attacker.example", "127.0.0.1.attacker.example", "localhost.attacker.example:8765", ""])
+    def test_foreign_host_gets_400_and_no_cell_data(self, client: TestClient, image_index: ImageIndex, host: str) -> None:
+        cell_id = upload(client, image_index.image()).json()["neighbours"][0]["cell_id"]
+        for response in (
+            client.get(f"/api/cells/{cell_id}", headers={"Host": host}),
+            client.post("/api/search", data={"cell_id": cell_id}, headers={"Host": host}),
+            client.get(f"/thumbs/{cell_id}", headers={"Host": host}),
+            client.get("/", headers={"Host": host}),
+        ):
+            assert response.status_code == 400 and response.text == "Invalid host header"
+            assert response.headers["x-content-type-options"] == "nosniff"
+
+    @pytest.mark.parametrize("host", ["127.0.0.1:8765", "localhost:8765", "LOCALHOST", "[::1]:8765", "127.0.0.1"])
+    def test_loopback_names_are_answered_with_nosniff(self, client: TestClient, image_index: ImageIndex, host: str) -> None:
+        cell_id = upload(client, image_index.image()).json()["neighbours"][0]["cell_id"]
+        response = client.get(f"/api/cells/{cell_id}", headers={"Host": host})
+        assert response.status_code == 200 and response.json()["patient_id"] == "NPM1_p0"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert "access-control-allow-origin" not in response.headers
+
+    @pytest.mark.parametrize("path", ["/", "/static/app.js", "/api/cells/ffffffffffff", "/thumbs/nothing", "/openapi.json"])
+    def test_every_response_says_nosniff(self, client: TestClient, path: str) -> None:
+        assert client.get(path).headers["x-content-type-options"] == "nosniff"
+
+    def test_cross_origin_requests_get_no_cors_headers(self, client: TestClient) -> None:
+        response = client.options("/api/search", headers={"Origin": "http://attacker.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in response.headers
+
+    def test_serve_trusts_its_host_and_allowed_names(self, image_index: ImageIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+        import uvicorn
+
+        from tests.conftest import Cli
+
+        served = {}
+        monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app, **kwargs))
+        code, output = Cli()("serve", "--index", image_index.idx, "--host", "10.1.2.3", "--allow-host", "cells.lab.example")
+        assert code == 0, output
+        assert served["host"] == "10.1.2.3"
+        with TestClient(served["app"], base_url="http://10.1.2.3:8000") as client:
+            assert client.get("/").status_code == 200
+            assert client.get("/", headers={"Host": "cells.lab.example:8000"}).status_code == 200
+            assert client.get("/", headers={"Host": "localhost:8000"}).status_code == 200
+            assert client.get("/", headers={"Host": "attacker.example:8000"}).status_code == 400
+
+
 class TestCellsAndThumbnails:
     def test_cell_record(self, client: TestClient, image_index: ImageIndex) -> None:
         neighbour = upload(client, image_index.image("NPM1", 1, 5)).json()["neighbours"][0]
@@ -217,7 +272,7 @@ def test_missing_images_give_404_thumbnails_but_search_works(image_index: ImageI
     meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
     meta["sources"][0]["cohort"] = {"folder": str(tmp_path / "gone"), "fingerprint": None, "root": str(tmp_path / "gone")}
     (tmp_path / "idx" / "meta.json").write_text(json.dumps(meta))
-    with TestClient(create_app(tmp_path / "idx")) as client:
+    with local_client(create_app(tmp_path / "idx")) as client:
         neighbour = upload(client, image_index.image(), k=1).json()["neighbours"][0]
         response = client.get(neighbour["thumbnail"])
         assert response.status_code == 404 and "not on this machine" in response.json()["detail"]
@@ -231,7 +286,7 @@ def test_model_is_loaded_once_at_start_up(image_index: ImageIndex, monkeypatch: 
     monkeypatch.setattr(Searcher, "open", classmethod(lambda cls, *args, **kwargs: calls.append(args) or original(*args, **kwargs)))
     app = create_app(image_index.idx)
     assert calls == []  # creating the app loads nothing; start-up does
-    with TestClient(app) as client:
+    with local_client(app) as client:
         assert len(calls) == 1
         for cell in range(3):
             assert upload(client, image_index.image(cell=cell), k=2).status_code == 200
@@ -247,7 +302,7 @@ def test_a_tampered_cells_table_cannot_reach_outside_the_cohort(image_index: Ima
     cells = pd.read_parquet(tmp_path / "idx" / "cells.parquet")
     cells.loc[0, "path"] = "../../../../../../etc/passwd"
     cells.to_parquet(tmp_path / "idx" / "cells.parquet", index=False)
-    with TestClient(create_app(tmp_path / "idx")) as client:
+    with local_client(create_app(tmp_path / "idx")) as client:
         response = client.get(f"/thumbs/{cells.loc[0, 'cell_id']}")
         assert response.status_code == 404 and "outside its cohort" in response.json()["detail"]
         assert client.get(f"/thumbs/{cells.loc[1, 'cell_id']}").status_code == 200

@@ -9,8 +9,12 @@ serves:
 - ``GET /thumbs/{cell_id}``: a small JPEG of an indexed cell.
 
 Safety: uploads are capped (FastAPI's per-route ``max_body_size`` answers 413 before the body is
-read) and must decode as an image (400 otherwise); thumbnails are looked up by indexed cell id
-only, so no request names a file path (404 for anything else). Endpoints are plain ``def``s, so
+read) and must decode as an image (400 otherwise; images declaring too many pixels are refused
+before decoding, see :mod:`marrowlens.cohort.images`); thumbnails are looked up by indexed cell id
+only, so no request names a file path (404 for anything else). Requests whose ``Host`` header is
+not a loopback name or one the server was told about get 400 (Starlette's ``TrustedHostMiddleware``),
+so a web page whose DNS name was rebound to 127.0.0.1 cannot read the cells; every response says
+``X-Content-Type-Options: nosniff``; no CORS headers are sent, so other origins cannot read answers. Endpoints are plain ``def``s, so
 FastAPI runs them in its threadpool and concurrent requests are served side by side: uploads
 are decoded and preprocessed in parallel, their forward passes are merged into shared batches
 (:mod:`marrowlens.retrieval.batching`), and FAISS searches run concurrently.
@@ -23,13 +27,16 @@ import io
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Literal, Sequence
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
+from starlette.datastructures import MutableHeaders
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from marrowlens import __version__
 from marrowlens.cohort.images import ImageDecodeError, decode_bytes, load_rgb
@@ -38,6 +45,7 @@ from marrowlens.retrieval.search import Searcher, UnknownCellError, cell_record,
 
 HERE = Path(__file__).parent
 THUMB_QUALITY = 88
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 class Cell(BaseModel):
@@ -129,6 +137,27 @@ def image_root(source: dict[str, Any]) -> Path | None:
     return None
 
 
+def trusted_hosts(hosts: Sequence[str] = ()) -> list[str]:
+    """Host header names to answer: loopback plus ``hosts``, IPv6 literals bracketed as in the header."""
+    names = dict.fromkeys(name.strip().lower() for name in (*LOOPBACK_HOSTS, *hosts) if name.strip())
+    return [f"[{name}]" if ":" in name and not name.startswith("[") else name for name in names]
+
+
+class NoSniff:
+    """ASGI middleware: ``X-Content-Type-Options: nosniff`` on every response, errors included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_nosniff(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Content-Type-Options"] = "nosniff"
+            await send(message)
+
+        await self.app(scope, receive, send_nosniff if scope["type"] == "http" else send)
+
+
 def create_app(
     index_dir: str | Path,
     model: str | Path | None = None,
@@ -136,8 +165,12 @@ def create_app(
     max_upload_mb: float = 10.0,
     default_k: int = 10,
     thumb_px: int = 160,
+    hosts: Sequence[str] = (),
 ) -> FastAPI:
-    """The app for one index; pass ``searcher`` to reuse one already loaded (the CLI checks it before serving)."""
+    """The app for one index; pass ``searcher`` to reuse one already loaded (the CLI checks it before serving).
+
+    ``hosts``: Host header names answered besides loopback (``serve`` passes its ``--host``).
+    """
     max_body = int(max_upload_mb * 2**20) + 64 * 1024  # the image plus the form's own fields
 
     @asynccontextmanager
@@ -157,6 +190,8 @@ def create_app(
         description="Upload a cell image (or name an indexed cell) and get the most similar cells of the cohort.",
         lifespan=lifespan,
     )
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts(hosts))
+    app.add_middleware(NoSniff)  # outermost: the host check's 400 carries it too
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
 
