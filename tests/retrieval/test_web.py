@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +26,8 @@ def local_client(app) -> TestClient:
 
 @pytest.fixture(scope="module")
 def client(image_index: ImageIndex):
-    with local_client(create_app(image_index.idx, max_upload_mb=0.05, default_k=5)) as client:
+    # max_queue above TestConcurrency's 12 simultaneous searches: none of those may be refused
+    with local_client(create_app(image_index.idx, max_upload_mb=0.05, default_k=5, max_queue=16)) as client:
         yield client
 
 
@@ -248,6 +250,54 @@ class TestCellsAndThumbnails:
     def test_thumbnail_prefix_is_not_enough(self, client: TestClient, image_index: ImageIndex) -> None:
         cell_id = upload(client, image_index.image()).json()["neighbours"][0]["cell_id"]
         assert client.get(f"/thumbs/{cell_id[:10]}").status_code == 404
+
+
+class TestAdmission:
+    """Beyond ``max_queue`` searches in flight the server refuses at once (503) instead of queueing."""
+
+    LIMIT = 2
+
+    def test_overflow_gets_503_with_retry_after_then_service_resumes(self, image_index: ImageIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+        from marrowlens.retrieval.search import Searcher
+
+        searcher = Searcher.open(image_index.idx)
+        entered, release = threading.Semaphore(0), threading.Event()
+        search_cells = searcher.search_cells
+
+        def held(*args, **kwargs):
+            entered.release()
+            release.wait(20)
+            return search_cells(*args, **kwargs)
+
+        monkeypatch.setattr(searcher, "search_cells", held)
+        cell_id = str(searcher.index.cells["cell_id"].iloc[0])
+        with local_client(create_app(image_index.idx, searcher=searcher, max_queue=self.LIMIT)) as client:
+            with ThreadPoolExecutor(max_workers=self.LIMIT) as pool:
+                admitted = [pool.submit(client.post, "/api/search", data={"cell_id": cell_id, "k": "3"}) for _ in range(self.LIMIT)]
+                assert all(entered.acquire(timeout=20) for _ in range(self.LIMIT)), "the admitted searches never started"
+                overflow = [client.post("/api/search", data={"cell_id": cell_id}), upload(client, image_index.image())]
+                other_endpoint = client.get(f"/api/cells/{cell_id}")
+                release.set()
+                answers = [future.result(timeout=60) for future in admitted]
+            assert [response.status_code for response in answers] == [200] * self.LIMIT
+            for response in overflow:
+                assert response.status_code == 503 and response.headers["retry-after"] == "1"
+                assert response.json()["detail"] == "the server is busy (2 searches in progress); retry in a second"
+            assert other_endpoint.status_code == 200  # only searches are limited
+            assert all(upload(client, image_index.image(cell=cell)).status_code == 200 for cell in range(self.LIMIT + 1))
+
+    def test_serve_passes_its_limit(self, image_index: ImageIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+        import uvicorn
+
+        from marrowlens.retrieval.web.app import SearchAdmission
+        from tests.conftest import Cli
+
+        served = {}
+        monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app))
+        code, output = Cli()("serve", "--index", image_index.idx, "--max-queue", "3")
+        assert code == 0, output
+        limits = [m.kwargs["limit"] for m in served["app"].user_middleware if m.cls is SearchAdmission]
+        assert limits == [3]
 
 
 class TestConcurrency:

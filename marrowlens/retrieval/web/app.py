@@ -18,6 +18,11 @@ so a web page whose DNS name was rebound to 127.0.0.1 cannot read the cells; eve
 FastAPI runs them in its threadpool and concurrent requests are served side by side: uploads
 are decoded and preprocessed in parallel, their forward passes are merged into shared batches
 (:mod:`marrowlens.retrieval.batching`), and FAISS searches run concurrently.
+
+Admission control: at most ``max_queue`` searches are in flight (from the first byte of the request
+to the last of the answer); the next one is answered at once with 503 and ``Retry-After: 1``
+instead of waiting in the threadpool, so under overload the server refuses rather than stalls
+(bench/RESULTS.md: 50 closed-loop clients drove p99 to seconds before this limit).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from marrowlens.retrieval.search import Searcher, UnknownCellError, cell_record,
 HERE = Path(__file__).parent
 THUMB_QUALITY = 88
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+DEFAULT_MAX_QUEUE = 8  # searches in flight: p99 276 vs 901 ms unbounded at 20 clients, bench/RESULTS.md
 
 
 class Cell(BaseModel):
@@ -158,6 +164,31 @@ class NoSniff:
         await self.app(scope, receive, send_nosniff if scope["type"] == "http" else send)
 
 
+class SearchAdmission:
+    """ASGI middleware: at most ``limit`` requests to ``path`` in flight; the rest get 503 + Retry-After at once.
+
+    Every request runs on the one event loop, so a plain counter is exact. The refusal is sent
+    before the body is read; uvicorn discards the rest of it and keeps the connection.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, path: str = "/api/search") -> None:
+        self.app, self.limit, self.path = app, limit, path
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+        elif self.in_flight >= self.limit:
+            detail = f"the server is busy ({self.limit} searches in progress); retry in a second"
+            await JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "1"})(scope, receive, send)
+        else:
+            self.in_flight += 1
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.in_flight -= 1
+
+
 def create_app(
     index_dir: str | Path,
     model: str | Path | None = None,
@@ -166,10 +197,12 @@ def create_app(
     default_k: int = 10,
     thumb_px: int = 160,
     hosts: Sequence[str] = (),
+    max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> FastAPI:
     """The app for one index; pass ``searcher`` to reuse one already loaded (the CLI checks it before serving).
 
-    ``hosts``: Host header names answered besides loopback (``serve`` passes its ``--host``).
+    ``hosts``: Host header names answered besides loopback (``serve`` passes its ``--host``);
+    ``max_queue``: searches in flight before the next is refused with 503.
     """
     max_body = int(max_upload_mb * 2**20) + 64 * 1024  # the image plus the form's own fields
 
@@ -190,6 +223,7 @@ def create_app(
         description="Upload a cell image (or name an indexed cell) and get the most similar cells of the cohort.",
         lifespan=lifespan,
     )
+    app.add_middleware(SearchAdmission, limit=max_queue)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts(hosts))
     app.add_middleware(NoSniff)  # outermost: the host check's 400 carries it too
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
@@ -226,7 +260,12 @@ def create_app(
         "/api/search",
         response_model=SearchResult,
         max_body_size=max_body,
-        responses={400: {"model": Error}, 404: {"model": Error}, 413: {"description": "upload larger than the cap"}},
+        responses={
+            400: {"model": Error},
+            404: {"model": Error},
+            413: {"description": "upload larger than the cap"},
+            503: {"model": Error, "description": "too many searches in flight; retry after the Retry-After seconds"},
+        },
     )
     def search(
         request: Request,
