@@ -7,8 +7,9 @@ quarantine list. Pillow does the decoding; tifffile takes the TIFFs Pillow canno
 many-channel scanner output).
 
 Size limit: an image whose header declares more than ``MARROWLENS_MAX_PIXELS`` pixels (environment
-variable, read at every call; default 64 million) is refused *before* any pixel is decoded, for
-every format, because a few hundred KB of compressed TIFF can declare gigabytes of float pixels.
+variable, read at every call; default 64 million), or more than 4 bytes a pixel times that many
+(float or many-channel TIFFs), is refused *before* any pixel is decoded, for every format, because
+a few hundred KB of compressed TIFF can declare gigabytes of float pixels.
 Conversion to 8 bits then works in row chunks, so no wide (float64, int64) copy of a whole image
 is ever made.
 """
@@ -30,7 +31,7 @@ from marrowlens.errors import MarrowLensError
 MIN_SIDE = 8
 MAX_PIXELS = 64_000_000  # default of MARROWLENS_MAX_PIXELS
 MAX_PIXELS_ENV = "MARROWLENS_MAX_PIXELS"
-_MAX_CHANNELS = 4  # samples per pixel budgeted by the limit: many-channel TIFFs count as wider images
+_BYTES_PER_PIXEL = 4  # decoded bytes a pixel budgeted by the limit (8-bit RGBA)
 _CHUNK_ELEMENTS = 1 << 18  # rows converted at a time: ~2 MB of float64 / int64 scratch
 _TIFF_SUFFIXES = {".tif", ".tiff"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
@@ -57,12 +58,19 @@ def max_pixels() -> int:
     return int(value)
 
 
-def _check_declared_size(width: int, height: int, channels: int = 1) -> None:
-    """Refuse an image by the size its header declares, before a byte of it is decoded."""
+def _check_declared_size(width: int, height: int, pixel_bytes: int = 1) -> None:
+    """Refuse an image by the size its header declares, before a byte of it is decoded.
+
+    The limit also budgets 4 bytes a pixel (8-bit RGBA), so wide pixels (float RGB, many channels)
+    must be fewer: a 765 KB zlib TIFF of 8000x8000 float32 RGB declares 768 MB.
+    """
     limit = max_pixels()
-    if width * height > limit or width * height * channels > limit * _MAX_CHANNELS:
-        shown = f"{width}x{height} px" + (f" x {channels} channels" if channels > _MAX_CHANNELS else "")
-        raise ImageDecodeError(f"too large ({shown}, limit {limit} px; see {MAX_PIXELS_ENV})")
+    if width * height > limit:
+        raise ImageDecodeError(f"too large ({width}x{height} px, limit {limit} px; see {MAX_PIXELS_ENV})")
+    if width * height * pixel_bytes > limit * _BYTES_PER_PIXEL:
+        raise ImageDecodeError(
+            f"too large ({width}x{height} px of {pixel_bytes} bytes, limit {limit} px of {_BYTES_PER_PIXEL}; see {MAX_PIXELS_ENV})"
+        )
 
 
 def _row_chunks(array: np.ndarray) -> list[slice]:
@@ -168,7 +176,8 @@ def _decode_tiff(data: bytes, pil_error: Exception) -> Image.Image:
             if not tiff.pages:
                 raise ImageDecodeError("truncated or corrupt (no pixel data)")
             page = tiff.pages[0]
-            _check_declared_size(page.imagewidth, page.imagelength * page.imagedepth, page.samplesperpixel)
+            pixel_bytes = page.samplesperpixel * -(-page.bitspersample // 8)
+            _check_declared_size(page.imagewidth, page.imagelength * page.imagedepth, pixel_bytes)
             array = page.asarray()
     except MarrowLensError:  # our own reason (no pages, too large) or a bad MARROWLENS_MAX_PIXELS
         raise

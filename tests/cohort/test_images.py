@@ -118,7 +118,8 @@ class TestSizeLimit:
         [
             ((600, 600, 3), np.float32, "600x600 px"),  # the bomb: ~5 KB of zlib, 4 MB of float32
             ((600, 600), np.float64, "600x600 px"),
-            ((300, 300, 5), np.float32, "300x300 px x 5 channels"),  # 90,000 px, but 5 samples each
+            ((300, 300, 5), np.float32, "300x300 px of 20 bytes"),  # 90,000 px, but 20 bytes each
+            ((300, 300, 3), np.float32, "300x300 px of 12 bytes"),
             ((600, 600, 4), np.uint16, "600x600 px"),
         ],
     )
@@ -128,6 +129,7 @@ class TestSizeLimit:
         with pytest.raises(ImageDecodeError) as refused:
             decode_bytes(data, ".tif")
         assert str(refused.value).startswith(f"too large ({shown}, limit 100000 px") and "\n" not in str(refused.value)
+        assert str(refused.value).endswith("; see MARROWLENS_MAX_PIXELS)")
 
     def test_bomb_in_a_file_is_refused(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         (tmp_path / "bomb.tif").write_bytes(tiff_bytes(np.zeros((600, 600, 3), dtype=np.float32)))
@@ -136,8 +138,8 @@ class TestSizeLimit:
             load_rgb(tmp_path / "bomb.tif")
 
     def test_images_within_the_limit_still_decode(self) -> None:
-        image = decode_bytes(tiff_bytes(np.full((200, 200, 5), 0.5, dtype=np.float32)), ".tif")
-        assert image.size == (200, 200) and abs(int(np.asarray(image)[0, 0, 0]) - 127) <= 1
+        image = decode_bytes(tiff_bytes(np.full((100, 150, 5), 0.5, dtype=np.float32)), ".tif")  # 300 KB of 400
+        assert image.size == (150, 100) and abs(int(np.asarray(image)[0, 0, 0]) - 127) <= 1
 
     def test_bad_setting_is_a_one_line_error(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("MARROWLENS_MAX_PIXELS", "lots")
