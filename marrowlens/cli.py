@@ -327,6 +327,7 @@ def serve(
     app_ = create_app(index, searcher=searcher, max_upload_mb=max_upload_mb, default_k=k, hosts=[host, *allow_host], max_queue=max_queue)
     if host not in ("127.0.0.1", "localhost", "::1"):
         say(f"warning: listening on {host}: anyone who can reach this machine can query the index and see its cells")
+        say(f"clients must address it as {host}, a loopback name or an --allow-host name (other Host headers get 400)")
     say(f"serving {len(searcher)} cells at http://{host}:{port}/ (API docs at /docs; Ctrl-C to stop)")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 

@@ -205,7 +205,7 @@ class TestHosts:
         monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app, **kwargs))
         code, output = Cli()("serve", "--index", image_index.idx, "--host", "10.1.2.3", "--allow-host", "cells.lab.example")
         assert code == 0, output
-        assert served["host"] == "10.1.2.3"
+        assert served["host"] == "10.1.2.3" and "clients must address it as 10.1.2.3" in output
         with TestClient(served["app"], base_url="http://10.1.2.3:8000") as client:
             assert client.get("/").status_code == 200
             assert client.get("/", headers={"Host": "cells.lab.example:8000"}).status_code == 200
