@@ -3,8 +3,8 @@
     # index kinds: build time, memory, single/batched queries/s, recall@10 against exact search
     python bench/retrieval.py index --work bench/out/retrieval --sizes 100000 1000000 --dim 384
 
-    # web: p50/p99 latency of POST /api/search with concurrent loopback clients
-    python bench/retrieval.py web --index idx/ --images path/to/cells --clients 1 20 --duration 30
+    # web: p50/p95/p99 latency of POST /api/search with concurrent loopback clients, per admission limit
+    python bench/retrieval.py web --index idx/ --images path/to/cells --clients 20 50 --duration 20 --max-queue 8 1000
 
     # backbone forward pass per image: batch sizes x OpenMP wait policy (why the server does what it does)
     python bench/retrieval.py forward --model resnet18 --image-size 96 --batches 1 4 16
@@ -23,8 +23,11 @@ out from them). Queries are new draws, not indexed vectors. Speed is reported ne
 
 ``web`` starts ``marrowlens serve`` on a free loopback port, then drives it from one asyncio
 loop (httpx) with N closed-loop clients, each uploading a random image from ``--images``, for a
-bounded duration after a warm-up; it reports client-side latency percentiles, throughput, errors,
-and the server's own time per request (``elapsed_ms``: embedding + search).
+bounded duration after a warm-up; it reports client-side latency percentiles of the answered
+searches, throughput, errors, refusals (503: over ``--max-queue`` searches in flight; the client
+then waits the ``Retry-After`` seconds, as a polite client would), the server's own time per
+request (``elapsed_ms``: embedding + search) and the server's RSS before and after each run, and
+its peak. Several ``--max-queue`` values start one server each.
 """
 
 from __future__ import annotations
@@ -247,6 +250,12 @@ def _reference(index: str, payloads: list[tuple[str, bytes]], k: int) -> dict:
     return {"p50_ms": 1000 * float(np.median(wall[10:])), "cpu_ms": 1000 * float(np.median(cpu[10:]))}
 
 
+def _rss_of(pid: int) -> dict:
+    """Resident and peak resident memory of a process, MiB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: int(fields[name].split()[0]) / 1024 for key, name in (("rss_mib", "VmRSS"), ("peak_rss_mib", "VmHWM"))}
+
+
 def bench_web(args: argparse.Namespace) -> None:
     import httpx
 
@@ -259,9 +268,20 @@ def bench_web(args: argparse.Namespace) -> None:
     info["reference"] = _reference(args.index, payloads, args.k)
     print(f"  reference (no HTTP, one image at a time): p50 {info['reference']['p50_ms']:.1f} ms, "
           f"{info['reference']['cpu_ms']:.1f} ms CPU per search; load {os.getloadavg()[0]:.1f}", flush=True)
+    for max_queue in args.max_queue:
+        _bench_server(args, payloads, info, max_queue)
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=2))
+        print(f"wrote {args.json}")
+
+
+def _bench_server(args: argparse.Namespace, payloads: list[tuple[str, bytes]], info: dict, max_queue: int) -> None:
+    """One ``marrowlens serve --max-queue`` under each client count of ``args.clients``."""
+    import httpx
+
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "marrowlens", "serve", "--index", args.index, "--port", str(port)],
+        [sys.executable, "-m", "marrowlens", "serve", "--index", args.index, "--port", str(port), "--max-queue", str(max_queue)],
         env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -276,20 +296,22 @@ def bench_web(args: argparse.Namespace) -> None:
         else:
             raise SystemExit("the server did not start")
         for clients in args.clients:
+            memory_before = _rss_of(server.pid)
             cpu_before, client_before = _cpu_seconds(server.pid), time.process_time()
             run = asyncio.run(_load(url, payloads, clients, args.duration, args.warmup, args.k))
+            run["max_queue"] = max_queue
             run["server_cpu_ms_per_request"] = 1000 * (_cpu_seconds(server.pid) - cpu_before) / max(run["all_requests"], 1)
             run["client_cpu_ms_per_request"] = 1000 * (time.process_time() - client_before) / max(run["all_requests"], 1)
+            run["rss_before_mib"], after = memory_before["rss_mib"], _rss_of(server.pid)
+            run["rss_after_mib"], run["peak_rss_mib"] = after["rss_mib"], after["peak_rss_mib"]
             run["load_average"] = os.getloadavg()[0]
             info["runs"].append(run)
-            print(f"  {clients:>3} clients x {args.duration:.0f} s: {run['requests']} requests ({run['throughput']:.1f}/s), "
-                  f"errors {run['errors']}, latency p50 {run['p50_ms']:.1f} ms p99 {run['p99_ms']:.1f} ms max {run['max_ms']:.1f} ms; "
-                  f"server time p50 {run['server_p50_ms']:.1f} ms p99 {run['server_p99_ms']:.1f} ms, "
-                  f"server CPU {run['server_cpu_ms_per_request']:.1f} ms/request, load generator CPU "
-                  f"{run['client_cpu_ms_per_request']:.1f} ms/request; load {run['load_average']:.1f}", flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(info, indent=2))
-            print(f"wrote {args.json}")
+            print(f"  --max-queue {max_queue}, {clients:>3} clients x {args.duration:.0f} s: {run['requests']} answered ({run['throughput']:.1f}/s), "
+                  f"503 {run['refused']}, errors {run['errors']}, latency p50 {run['p50_ms']:.1f} p95 {run['p95_ms']:.1f} "
+                  f"p99 {run['p99_ms']:.1f} max {run['max_ms']:.1f} ms; server time p50 {run['server_p50_ms']:.1f} ms "
+                  f"p99 {run['server_p99_ms']:.1f} ms, server CPU {run['server_cpu_ms_per_request']:.1f} ms/request; "
+                  f"server RSS {run['rss_before_mib']:.0f} -> {run['rss_after_mib']:.0f} MiB (peak {run['peak_rss_mib']:.0f}); "
+                  f"load {run['load_average']:.1f}", flush=True)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -337,35 +359,40 @@ async def _load(url: str, payloads: list[tuple[str, bytes]], clients: int, durat
 
     latencies: list[float] = []
     server: list[float] = []
-    errors = total = 0
+    errors = refused = total = 0
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + duration
 
     async def client(seed: int, http: httpx.AsyncClient) -> None:
-        nonlocal errors, total
+        nonlocal errors, refused, total
         rng = random.Random(seed)
         while (now := time.perf_counter()) < stop_at:
             name, data = rng.choice(payloads)
             try:
                 response = await http.post(url + "/api/search", files={"image": (name, data)}, data={"k": str(k)})
-                ok = response.status_code == 200
+                status = response.status_code
             except httpx.HTTPError:
-                ok = False
+                status = None
             done = time.perf_counter()
             total += 1
             if now >= measure_from:
-                if ok:
+                if status == 200:
                     latencies.append(done - now)
                     server.append(response.json()["elapsed_ms"])
+                elif status == 503:
+                    refused += 1
                 else:
                     errors += 1
+            if status == 503:
+                await asyncio.sleep(float(response.headers.get("retry-after", 1)))
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=60, limits=limits) as http:
         await asyncio.gather(*(client(i, http) for i in range(clients)))
     lat = np.array(latencies) * 1000
-    return {"clients": clients, "duration_s": duration, "requests": len(lat), "all_requests": total, "errors": errors, "throughput": len(lat) / duration,
-            "p50_ms": float(np.median(lat)), "p90_ms": float(np.percentile(lat, 90)), "p99_ms": float(np.percentile(lat, 99)),
+    return {"clients": clients, "duration_s": duration, "requests": len(lat), "all_requests": total, "errors": errors, "refused": refused,
+            "throughput": len(lat) / duration, "p50_ms": float(np.median(lat)), "p90_ms": float(np.percentile(lat, 90)),
+            "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
             "max_ms": float(lat.max()), "server_p50_ms": float(np.median(server)), "server_p99_ms": float(np.percentile(server, 99))}
 
 
@@ -385,8 +412,9 @@ def main() -> None:
     p = sub.add_parser("web", help="POST /api/search under concurrent load")
     p.add_argument("--index", required=True)
     p.add_argument("--images", required=True, help="folder of query images")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 20])
-    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--clients", type=int, nargs="+", default=[20, 50])
+    p.add_argument("--max-queue", type=int, nargs="+", default=[8], help="serve's admission limit; one server per value")
+    p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--pool", type=int, default=200, help="distinct images uploaded")
     p.add_argument("-k", type=int, default=10)

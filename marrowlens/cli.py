@@ -307,6 +307,10 @@ def serve(
     model: Optional[str] = typer.Option(None, help="where the index's backbone is now (run folder or weights file), if it moved"),
     max_upload_mb: float = typer.Option(10.0, min=0.01, help="largest accepted upload"),
     k: int = typer.Option(10, "-k", "--k", min=1, help="neighbours shown by default"),
+    allow_host: List[str] = typer.Option(
+        [], "--allow-host", help="another name clients reach the server by (e.g. its DNS name with --host 0.0.0.0); other Host headers get 400"
+    ),
+    max_queue: int = typer.Option(8, min=1, help="searches in flight at once; more get 503 + Retry-After: 1 at once instead of waiting"),
 ) -> None:
     """Serve the similar-cell web page and its JSON API (docs at /docs).
 
@@ -327,9 +331,10 @@ def serve(
     for source in searcher.index.meta["sources"]:
         if image_root(source) is None:
             say(f"warning: the images of {source['embeddings']} are not on this machine; their thumbnails will be missing")
-    app_ = create_app(index, searcher=searcher, max_upload_mb=max_upload_mb, default_k=k)
+    app_ = create_app(index, searcher=searcher, max_upload_mb=max_upload_mb, default_k=k, hosts=[host, *allow_host], max_queue=max_queue)
     if host not in ("127.0.0.1", "localhost", "::1"):
         say(f"warning: listening on {host}: anyone who can reach this machine can query the index and see its cells")
+        say(f"clients must address it as {host}, a loopback name or an --allow-host name (other Host headers get 400)")
     say(f"serving {len(searcher)} cells at http://{host}:{port}/ (API docs at /docs; Ctrl-C to stop)")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 

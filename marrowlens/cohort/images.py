@@ -5,14 +5,23 @@ transparency is flattened onto white, palettes and CMYK are converted, EXIF rota
 Anything that cannot be decoded raises :class:`ImageDecodeError` with a reason short enough for a
 quarantine list. Pillow does the decoding; tifffile takes the TIFFs Pillow cannot read (16-bit RGB,
 many-channel scanner output).
+
+Size limit: an image whose header declares more than ``MARROWLENS_MAX_PIXELS`` pixels (environment
+variable, read at every call; default 64 million), or more than 4 bytes a pixel times that many
+(float or many-channel TIFFs), is refused *before* any pixel is decoded, for every format, because
+a few hundred KB of compressed TIFF can declare gigabytes of float pixels.
+Conversion to 8 bits then works in row chunks, so no wide (float64, int64) copy of a whole image
+is ever made.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -20,7 +29,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from marrowlens.errors import MarrowLensError
 
 MIN_SIDE = 8
-MAX_PIXELS = 64_000_000
+MAX_PIXELS = 64_000_000  # default of MARROWLENS_MAX_PIXELS
+MAX_PIXELS_ENV = "MARROWLENS_MAX_PIXELS"
+_BYTES_PER_PIXEL = 4  # decoded bytes a pixel budgeted by the limit (8-bit RGBA)
+_CHUNK_ELEMENTS = 1 << 18  # rows converted at a time: ~2 MB of float64 / int64 scratch
 _TIFF_SUFFIXES = {".tif", ".tiff"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 
@@ -36,6 +48,48 @@ class ImageInfo:
     mode: str
 
 
+def max_pixels() -> int:
+    """The pixel limit, from ``MARROWLENS_MAX_PIXELS`` if set (read now, so a test or a user can lower it)."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not value:
+        return MAX_PIXELS
+    if not value.isdigit() or int(value) < 1:
+        raise MarrowLensError(f"{MAX_PIXELS_ENV} must be a positive whole number of pixels, not {value!r}")
+    return int(value)
+
+
+def _check_declared_size(width: int, height: int, pixel_bytes: int = 1) -> None:
+    """Refuse an image by the size its header declares, before a byte of it is decoded.
+
+    The limit also budgets 4 bytes a pixel (8-bit RGBA), so wide pixels (float RGB, many channels)
+    must be fewer: a 765 KB zlib TIFF of 8000x8000 float32 RGB declares 768 MB.
+    """
+    limit = max_pixels()
+    if width * height > limit:
+        raise ImageDecodeError(f"too large ({width}x{height} px, limit {limit} px; see {MAX_PIXELS_ENV})")
+    if width * height * pixel_bytes > limit * _BYTES_PER_PIXEL:
+        raise ImageDecodeError(
+            f"too large ({width}x{height} px of {pixel_bytes} bytes, limit {limit} px of {_BYTES_PER_PIXEL}; see {MAX_PIXELS_ENV})"
+        )
+
+
+def _row_chunks(array: np.ndarray) -> list[slice]:
+    rows = max(1, _CHUNK_ELEMENTS // max(1, array[:1].size))
+    return [slice(start, start + rows) for start in range(0, len(array), rows)]
+
+
+def _rowwise(array: np.ndarray, convert: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``convert`` applied chunk by chunk of rows into a uint8 array: scratch copies stay chunk-sized."""
+    out = np.empty(array.shape, dtype=np.uint8)
+    for rows in _row_chunks(array):
+        out[rows] = convert(array[rows])
+    return out
+
+
+def _finite(chunk: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(chunk.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def _to_uint8(array: np.ndarray) -> np.ndarray:
     """Rescale integer data by its bit depth (12-bit in 16-bit containers too), floats by range."""
     if array.dtype == np.uint8:
@@ -43,14 +97,13 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     if array.dtype == bool:
         return array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.floating):
-        finite = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        top = 1.0 if finite.max(initial=0.0) <= 1.0 else float(finite.max())
-        return np.clip(finite / top * 255.0, 0, 255).astype(np.uint8)
-    values = array.astype(np.int64)
-    low = min(int(values.min(initial=0)), 0)
-    peak = int(values.max(initial=0)) - low
+        peak = max((float(_finite(array[rows]).max(initial=0.0)) for rows in _row_chunks(array)), default=0.0)
+        top = 1.0 if peak <= 1.0 else peak
+        return _rowwise(array, lambda chunk: np.clip(_finite(chunk) / top * 255.0, 0, 255))
+    low = min(int(array.min(initial=0)), 0)
+    peak = int(array.max(initial=0)) - low
     bits = max(8, int(np.ceil(np.log2(peak + 1))) if peak > 0 else 8)
-    return ((values - low) * 255 // ((1 << bits) - 1)).clip(0, 255).astype(np.uint8)
+    return _rowwise(array, lambda chunk: ((chunk.astype(np.int64) - low) * 255 // ((1 << bits) - 1)).clip(0, 255))
 
 
 def _array_to_rgb(array: np.ndarray) -> Image.Image:
@@ -99,6 +152,7 @@ def _decode(data: bytes, suffix: str) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data))
+            _check_declared_size(*image.size)
             image.load()
             return _pil_to_rgb(image)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -118,7 +172,15 @@ def _decode_tiff(data: bytes, pil_error: Exception) -> Image.Image:
     import tifffile
 
     try:
-        array = tifffile.imread(io.BytesIO(data), key=0)
+        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+            if not tiff.pages:
+                raise ImageDecodeError("truncated or corrupt (no pixel data)")
+            page = tiff.pages[0]
+            pixel_bytes = page.samplesperpixel * -(-page.bitspersample // 8)
+            _check_declared_size(page.imagewidth, page.imagelength * page.imagedepth, pixel_bytes)
+            array = page.asarray()
+    except MarrowLensError:  # our own reason (no pages, too large) or a bad MARROWLENS_MAX_PIXELS
+        raise
     except Exception as exc:  # tifffile raises many types for broken files
         raise ImageDecodeError(f"truncated or corrupt TIFF ({_first_line(pil_error)})") from exc
     return _array_to_rgb(np.asarray(array))
@@ -149,8 +211,6 @@ def decode_bytes(data: bytes, suffix: str = "") -> Image.Image:
     width, height = image.size
     if min(width, height) < MIN_SIDE:
         raise ImageDecodeError(f"too small ({width}x{height} px, need at least {MIN_SIDE})")
-    if width * height > MAX_PIXELS:
-        raise ImageDecodeError(f"too large ({width}x{height} px)")
     return image
 
 

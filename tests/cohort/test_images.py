@@ -1,11 +1,14 @@
+import io
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image
+from PIL import Image, ImageFile
 
 from marrowlens.cohort.images import ImageDecodeError, decode_bytes, load_rgb, pad_to_square
+from marrowlens.errors import MarrowLensError
 from tests.conftest import write_cell
 
 
@@ -75,6 +78,88 @@ class TestLoadRgb:
     def test_decode_bytes_rejects_garbage(self) -> None:
         with pytest.raises(ImageDecodeError):
             decode_bytes(b"\x89PNG\r\n\x1a\nbroken", ".png")
+
+
+def tiff_bytes(array: np.ndarray, compression: str | None = "zlib") -> bytes:
+    """A TIFF of ``array``; more than 4 trailing channels are written as samples of one page."""
+    buffer = io.BytesIO()
+    layout = {"photometric": "minisblack", "planarconfig": "contig"} if array.shape[-1] > 4 else {}
+    tifffile.imwrite(buffer, array, compression=compression, **layout)
+    return buffer.getvalue()
+
+
+def forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on, decoding pixels with Pillow or tifffile fails the test."""
+
+    def decoded(*args, **kwargs):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", decoded)
+    monkeypatch.setattr(tifffile, "imread", decoded)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decoded)
+
+
+class TestSizeLimit:
+    """Images are refused by the size their header declares, before decoding (a zlib TIFF is a bomb)."""
+
+    @pytest.fixture(autouse=True)
+    def small_limit(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("MARROWLENS_MAX_PIXELS", "100000")
+
+    def test_pillow_image_refused_before_load(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        buffer = io.BytesIO()
+        Image.new("RGB", (600, 600)).save(buffer, format="PNG")
+        forbid_decoding(monkeypatch)
+        with pytest.raises(ImageDecodeError, match=r"^too large \(600x600 px, limit 100000 px; see MARROWLENS_MAX_PIXELS\)$"):
+            decode_bytes(buffer.getvalue(), ".png")
+
+    @pytest.mark.parametrize(
+        "shape, dtype, shown",
+        [
+            ((600, 600, 3), np.float32, "600x600 px"),  # the bomb: ~5 KB of zlib, 4 MB of float32
+            ((600, 600), np.float64, "600x600 px"),
+            ((300, 300, 5), np.float32, "300x300 px of 20 bytes"),  # 90,000 px, but 20 bytes each
+            ((300, 300, 3), np.float32, "300x300 px of 12 bytes"),
+            ((600, 600, 4), np.uint16, "600x600 px"),
+        ],
+    )
+    def test_tiff_refused_before_decoding(self, monkeypatch: pytest.MonkeyPatch, shape: tuple, dtype: type, shown: str) -> None:
+        data = tiff_bytes(np.zeros(shape, dtype=dtype))
+        forbid_decoding(monkeypatch)
+        with pytest.raises(ImageDecodeError) as refused:
+            decode_bytes(data, ".tif")
+        assert str(refused.value).startswith(f"too large ({shown}, limit 100000 px") and "\n" not in str(refused.value)
+        assert str(refused.value).endswith("; see MARROWLENS_MAX_PIXELS)")
+
+    def test_bomb_in_a_file_is_refused(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        (tmp_path / "bomb.tif").write_bytes(tiff_bytes(np.zeros((600, 600, 3), dtype=np.float32)))
+        forbid_decoding(monkeypatch)
+        with pytest.raises(ImageDecodeError, match="too large"):
+            load_rgb(tmp_path / "bomb.tif")
+
+    def test_images_within_the_limit_still_decode(self) -> None:
+        image = decode_bytes(tiff_bytes(np.full((100, 150, 5), 0.5, dtype=np.float32)), ".tif")  # 300 KB of 400
+        assert image.size == (150, 100) and abs(int(np.asarray(image)[0, 0, 0]) - 127) <= 1
+
+    def test_bad_setting_is_a_one_line_error(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("MARROWLENS_MAX_PIXELS", "lots")
+        with pytest.raises(MarrowLensError, match="MARROWLENS_MAX_PIXELS must be a positive whole number"):
+            decode_bytes(tiff_bytes(np.zeros((16, 16, 3), dtype=np.float32)), ".tif")  # tifffile's path
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])
+def test_conversion_makes_no_wide_copy_of_the_image(dtype: type) -> None:
+    """8-bit conversion works in row chunks: peak memory stays near the decoded array's own size."""
+    array = (np.random.default_rng(0).random((1000, 1000, 5)) * (4095 if dtype == np.uint16 else 1)).astype(dtype)
+    data = tiff_bytes(array, compression=None)  # 5 channels: Pillow cannot read it, tifffile decodes it
+    tracemalloc.start()
+    try:
+        image = decode_bytes(data, ".tif")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert image.size == (1000, 1000)
+    assert peak < 2 * array.nbytes, f"peak {peak / 2**20:.0f} MiB for a {array.nbytes / 2**20:.0f} MiB image"
 
 
 def test_pad_to_square_centres_and_keeps_content() -> None:

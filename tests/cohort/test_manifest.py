@@ -43,6 +43,17 @@ class TestMutationPatientLayout:
         assert "outside" in quarantine["control/stray.png"]
         assert cohort.meta["n_quarantined"] == 5
 
+    def test_a_tiff_bomb_is_quarantined_by_its_declared_size(self, mutation_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        import numpy as np
+        import tifffile
+
+        monkeypatch.setenv("MARROWLENS_MAX_PIXELS", "100000")
+        tifffile.imwrite(mutation_tree / "NPM1" / "NPM1_p0" / "bomb.tif", np.zeros((600, 600, 3), np.float32), compression="zlib")
+        cohort = index_cohort([mutation_tree], tmp_path / "cohort")
+        assert len(cohort.cells) == 12
+        reason = _quarantine(tmp_path / "cohort").set_index("path")["reason"]["NPM1/NPM1_p0/bomb.tif"]
+        assert reason.startswith("too large (600x600 px, limit 100000 px")
+
     def test_greyscale_rgba_16bit_and_odd_sizes_are_kept(self, mutation_tree: Path, tmp_path: Path) -> None:
         folder = mutation_tree / "NPM1" / "NPM1_p0"
         write_cell(folder / "grey.png", seed=4, mode="L")

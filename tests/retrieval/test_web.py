@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,9 +17,17 @@ from tests.conftest import write_cell
 from tests.retrieval.conftest import ImageIndex
 
 
+LOCAL = "http://127.0.0.1:8765"  # a real loopback Host header, as a browser on this machine sends
+
+
+def local_client(app) -> TestClient:
+    return TestClient(app, base_url=LOCAL)
+
+
 @pytest.fixture(scope="module")
 def client(image_index: ImageIndex):
-    with TestClient(create_app(image_index.idx, max_upload_mb=0.05, default_k=5)) as client:
+    # max_queue above TestConcurrency's 12 simultaneous searches: none of those may be refused
+    with local_client(create_app(image_index.idx, max_upload_mb=0.05, default_k=5, max_queue=16)) as client:
         yield client
 
 
@@ -35,7 +44,7 @@ class TestPage:
         for asset in ("style.css", "app.js"):
             assert f"/static/{asset}" in page.text
             assert client.get(f"/static/{asset}").status_code == 200
-        assert "http://" not in page.text.replace("http://testserver/", "") and "https://" not in page.text
+        assert "http://" not in page.text.replace(f"{LOCAL}/", "") and "https://" not in page.text
 
     def test_openapi_documents_the_api(self, client: TestClient) -> None:
         paths = client.get("/openapi.json").json()["paths"]
@@ -140,6 +149,19 @@ class TestBadUploads:
         response = upload(client, data=buffer.getvalue())
         assert response.status_code == 400 and "too small" in response.json()["detail"]
 
+    def test_decompression_bomb_is_refused_before_decoding(self, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A small zlib TIFF declaring far more float pixels than the limit: 400, never decoded."""
+        import numpy as np
+        import tifffile
+
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, np.zeros((600, 600, 3), np.float32), compression="zlib")
+        monkeypatch.setenv("MARROWLENS_MAX_PIXELS", "100000")
+        monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda *args, **kwargs: pytest.fail("the bomb was decoded"))
+        response = upload(client, data=buffer.getvalue(), name="bomb.tif")
+        assert response.status_code == 400
+        assert response.json()["detail"].startswith("the upload is not a usable image: too large (600x600 px, limit 100000 px")
+
     def test_oversized_upload_is_413(self, client: TestClient, tmp_path: Path) -> None:
         big = write_cell(tmp_path / "big.png", seed=3, size=64).read_bytes() + b"\x00" * 200_000  # cap is 0.05 MB
         response = upload(client, data=big)
@@ -158,6 +180,54 @@ class TestBadUploads:
     def test_server_still_answers_after_bad_uploads(self, client: TestClient, image_index: ImageIndex) -> None:
         upload(client, data=b"junk")
         assert upload(client, image_index.image()).status_code == 200
+
+
+class TestHosts:
+    """DNS rebinding: a page on attacker.example rebound to 127.0.0.1 sends its own name as Host."""
+
+    @pytest.mark.parametrize("host", ["attacker.example:8765", "attacker.example", "127.0.0.1.attacker.example", "localhost.attacker.example:8765", ""])
+    def test_foreign_host_gets_400_and_no_cell_data(self, client: TestClient, image_index: ImageIndex, host: str) -> None:
+        cell_id = upload(client, image_index.image()).json()["neighbours"][0]["cell_id"]
+        for response in (
+            client.get(f"/api/cells/{cell_id}", headers={"Host": host}),
+            client.post("/api/search", data={"cell_id": cell_id}, headers={"Host": host}),
+            client.get(f"/thumbs/{cell_id}", headers={"Host": host}),
+            client.get("/", headers={"Host": host}),
+        ):
+            assert response.status_code == 400 and response.text == "Invalid host header"
+            assert response.headers["x-content-type-options"] == "nosniff"
+
+    @pytest.mark.parametrize("host", ["127.0.0.1:8765", "localhost:8765", "LOCALHOST", "[::1]:8765", "127.0.0.1"])
+    def test_loopback_names_are_answered_with_nosniff(self, client: TestClient, image_index: ImageIndex, host: str) -> None:
+        cell_id = upload(client, image_index.image()).json()["neighbours"][0]["cell_id"]
+        response = client.get(f"/api/cells/{cell_id}", headers={"Host": host})
+        assert response.status_code == 200 and response.json()["patient_id"] == "NPM1_p0"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert "access-control-allow-origin" not in response.headers
+
+    @pytest.mark.parametrize("path", ["/", "/static/app.js", "/api/cells/ffffffffffff", "/thumbs/nothing", "/openapi.json"])
+    def test_every_response_says_nosniff(self, client: TestClient, path: str) -> None:
+        assert client.get(path).headers["x-content-type-options"] == "nosniff"
+
+    def test_cross_origin_requests_get_no_cors_headers(self, client: TestClient) -> None:
+        response = client.options("/api/search", headers={"Origin": "http://attacker.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in response.headers
+
+    def test_serve_trusts_its_host_and_allowed_names(self, image_index: ImageIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+        import uvicorn
+
+        from tests.conftest import Cli
+
+        served = {}
+        monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app, **kwargs))
+        code, output = Cli()("serve", "--index", image_index.idx, "--host", "10.1.2.3", "--allow-host", "cells.lab.example")
+        assert code == 0, output
+        assert served["host"] == "10.1.2.3" and "clients must address it as 10.1.2.3" in output
+        with TestClient(served["app"], base_url="http://10.1.2.3:8000") as client:
+            assert client.get("/").status_code == 200
+            assert client.get("/", headers={"Host": "cells.lab.example:8000"}).status_code == 200
+            assert client.get("/", headers={"Host": "localhost:8000"}).status_code == 200
+            assert client.get("/", headers={"Host": "attacker.example:8000"}).status_code == 400
 
 
 class TestCellsAndThumbnails:
@@ -199,6 +269,54 @@ class TestCellsAndThumbnails:
         assert client.get(f"/thumbs/{cell_id[:10]}").status_code == 404
 
 
+class TestAdmission:
+    """Beyond ``max_queue`` searches in flight the server refuses at once (503) instead of queueing."""
+
+    LIMIT = 2
+
+    def test_overflow_gets_503_with_retry_after_then_service_resumes(self, image_index: ImageIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+        from marrowlens.retrieval.search import Searcher
+
+        searcher = Searcher.open(image_index.idx)
+        entered, release = threading.Semaphore(0), threading.Event()
+        search_cells = searcher.search_cells
+
+        def held(*args, **kwargs):
+            entered.release()
+            release.wait(20)
+            return search_cells(*args, **kwargs)
+
+        monkeypatch.setattr(searcher, "search_cells", held)
+        cell_id = str(searcher.index.cells["cell_id"].iloc[0])
+        with local_client(create_app(image_index.idx, searcher=searcher, max_queue=self.LIMIT)) as client:
+            with ThreadPoolExecutor(max_workers=self.LIMIT) as pool:
+                admitted = [pool.submit(client.post, "/api/search", data={"cell_id": cell_id, "k": "3"}) for _ in range(self.LIMIT)]
+                assert all(entered.acquire(timeout=20) for _ in range(self.LIMIT)), "the admitted searches never started"
+                overflow = [client.post("/api/search", data={"cell_id": cell_id}), upload(client, image_index.image())]
+                other_endpoint = client.get(f"/api/cells/{cell_id}")
+                release.set()
+                answers = [future.result(timeout=60) for future in admitted]
+            assert [response.status_code for response in answers] == [200] * self.LIMIT
+            for response in overflow:
+                assert response.status_code == 503 and response.headers["retry-after"] == "1"
+                assert response.json()["detail"] == "the server is busy (2 searches in progress); retry in a second"
+            assert other_endpoint.status_code == 200  # only searches are limited
+            assert all(upload(client, image_index.image(cell=cell)).status_code == 200 for cell in range(self.LIMIT + 1))
+
+    def test_serve_passes_its_limit(self, image_index: ImageIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+        import uvicorn
+
+        from marrowlens.retrieval.web.app import SearchAdmission
+        from tests.conftest import Cli
+
+        served = {}
+        monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app))
+        code, output = Cli()("serve", "--index", image_index.idx, "--max-queue", "3")
+        assert code == 0, output
+        limits = [m.kwargs["limit"] for m in served["app"].user_middleware if m.cls is SearchAdmission]
+        assert limits == [3]
+
+
 class TestConcurrency:
     def test_concurrent_searches_get_their_own_answers(self, client: TestClient, image_index: ImageIndex) -> None:
         queries = [image_index.image(m, p, c) for m in ("NPM1", "control") for p in range(2) for c in range(6)]
@@ -221,7 +339,7 @@ def test_missing_images_give_404_thumbnails_but_search_works(image_index: ImageI
     meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
     meta["sources"][0]["cohort"] = {"folder": str(tmp_path / "gone"), "fingerprint": None, "root": str(tmp_path / "gone")}
     (tmp_path / "idx" / "meta.json").write_text(json.dumps(meta))
-    with TestClient(create_app(tmp_path / "idx")) as client:
+    with local_client(create_app(tmp_path / "idx")) as client:
         neighbour = upload(client, image_index.image(), k=1).json()["neighbours"][0]
         response = client.get(neighbour["thumbnail"])
         assert response.status_code == 404 and "not on this machine" in response.json()["detail"]
@@ -235,7 +353,7 @@ def test_model_is_loaded_once_at_start_up(image_index: ImageIndex, monkeypatch: 
     monkeypatch.setattr(Searcher, "open", classmethod(lambda cls, *args, **kwargs: calls.append(args) or original(*args, **kwargs)))
     app = create_app(image_index.idx)
     assert calls == []  # creating the app loads nothing; start-up does
-    with TestClient(app) as client:
+    with local_client(app) as client:
         assert len(calls) == 1
         for cell in range(3):
             assert upload(client, image_index.image(cell=cell), k=2).status_code == 200
@@ -251,7 +369,7 @@ def test_a_tampered_cells_table_cannot_reach_outside_the_cohort(image_index: Ima
     cells = pd.read_parquet(tmp_path / "idx" / "cells.parquet")
     cells.loc[0, "path"] = "../../../../../../etc/passwd"
     cells.to_parquet(tmp_path / "idx" / "cells.parquet", index=False)
-    with TestClient(create_app(tmp_path / "idx")) as client:
+    with local_client(create_app(tmp_path / "idx")) as client:
         response = client.get(f"/thumbs/{cells.loc[0, 'cell_id']}")
         assert response.status_code == 404 and "outside its cohort" in response.json()["detail"]
         assert client.get(f"/thumbs/{cells.loc[1, 'cell_id']}").status_code == 200

@@ -9,11 +9,23 @@ serves:
 - ``GET /thumbs/{cell_id}``: a small JPEG of an indexed cell.
 
 Safety: uploads are capped (FastAPI's per-route ``max_body_size`` answers 413 before the body is
-read) and must decode as an image (400 otherwise); thumbnails are looked up by indexed cell id
-only, so no request names a file path (404 for anything else). Endpoints are plain ``def``s, so
-FastAPI runs them in its threadpool and concurrent requests are served side by side: uploads
-are decoded and preprocessed in parallel, their forward passes are merged into shared batches
-(:mod:`marrowlens.retrieval.batching`), and FAISS searches run concurrently.
+read) and must decode as an image (400 otherwise; images declaring too many pixels are refused
+before decoding, see :mod:`marrowlens.cohort.images`); thumbnails are looked up by indexed cell id
+only, so no request names a file path (404 for anything else). Requests whose ``Host`` header is
+not a loopback name or one the server was told about get 400 (Starlette's ``TrustedHostMiddleware``),
+so a web page whose DNS name was rebound to 127.0.0.1 cannot read the cells; every response says
+``X-Content-Type-Options: nosniff``; no CORS headers are sent, so other origins cannot read answers.
+
+Endpoints are plain ``def``s, so FastAPI runs them in its threadpool and concurrent requests are
+served side by side: uploads are decoded and preprocessed in parallel, their forward passes are
+merged into shared batches (:mod:`marrowlens.retrieval.batching`), and FAISS searches run
+concurrently.
+
+Admission control: at most ``max_queue`` searches are in flight (from the first byte of the request
+to the last of the answer); the next one is answered at once with 503 and ``Retry-After: 1``
+instead of waiting in the threadpool, so under overload the server refuses rather than stalls
+(bench/RESULTS.md: at 20 clients on two cores, p99 0.2-0.3 s with the default 8 against 0.8-0.9 s
+without a limit).
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ import io
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Literal, Sequence
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -31,6 +43,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
+from starlette.datastructures import MutableHeaders
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
 from marrowlens import __version__
@@ -40,6 +55,8 @@ from marrowlens.retrieval.search import Searcher, UnknownCellError, cell_record,
 
 HERE = Path(__file__).parent
 THUMB_QUALITY = 88
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+DEFAULT_MAX_QUEUE = 8  # searches in flight; bench/RESULTS.md (admission control)
 
 
 class Cell(BaseModel):
@@ -133,6 +150,52 @@ def image_root(source: dict[str, Any]) -> Path | None:
     return None
 
 
+def trusted_hosts(hosts: Sequence[str] = ()) -> list[str]:
+    """Host header names to answer: loopback plus ``hosts``, IPv6 literals bracketed as in the header."""
+    names = dict.fromkeys(name.strip().lower() for name in (*LOOPBACK_HOSTS, *hosts) if name.strip())
+    return [f"[{name}]" if ":" in name and not name.startswith("[") else name for name in names]
+
+
+class NoSniff:
+    """ASGI middleware: ``X-Content-Type-Options: nosniff`` on every response, errors included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_nosniff(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Content-Type-Options"] = "nosniff"
+            await send(message)
+
+        await self.app(scope, receive, send_nosniff if scope["type"] == "http" else send)
+
+
+class SearchAdmission:
+    """ASGI middleware: at most ``limit`` requests to ``path`` in flight; the rest get 503 + Retry-After at once.
+
+    Every request runs on the one event loop, so a plain counter is exact. The refusal is sent
+    before the body is read; uvicorn discards the rest of it and keeps the connection.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, path: str = "/api/search") -> None:
+        self.app, self.limit, self.path = app, limit, path
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+        elif self.in_flight >= self.limit:
+            detail = f"the server is busy ({self.limit} searches in progress); retry in a second"
+            await JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "1"})(scope, receive, send)
+        else:
+            self.in_flight += 1
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.in_flight -= 1
+
+
 def create_app(
     index_dir: str | Path,
     model: str | Path | None = None,
@@ -140,8 +203,14 @@ def create_app(
     max_upload_mb: float = 10.0,
     default_k: int = 10,
     thumb_px: int = 160,
+    hosts: Sequence[str] = (),
+    max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> FastAPI:
-    """The app for one index; pass ``searcher`` to reuse one already loaded (the CLI checks it before serving)."""
+    """The app for one index; pass ``searcher`` to reuse one already loaded (the CLI checks it before serving).
+
+    ``hosts``: Host header names answered besides loopback (``serve`` passes its ``--host``);
+    ``max_queue``: searches in flight before the next is refused with 503.
+    """
     max_body = int(max_upload_mb * 2**20) + 64 * 1024  # the image plus the form's own fields
 
     @asynccontextmanager
@@ -163,6 +232,9 @@ def create_app(
         docs_url=None,  # served below from the packaged Swagger UI: FastAPI's own page loads it from a CDN
         redoc_url=None,
     )
+    app.add_middleware(SearchAdmission, limit=max_queue)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts(hosts))
+    app.add_middleware(NoSniff)  # outermost: the host check's 400 carries it too
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
 
@@ -207,7 +279,12 @@ def create_app(
         "/api/search",
         response_model=SearchResult,
         max_body_size=max_body,
-        responses={400: {"model": Error}, 404: {"model": Error}, 413: {"description": "upload larger than the cap"}},
+        responses={
+            400: {"model": Error},
+            404: {"model": Error},
+            413: {"description": "upload larger than the cap"},
+            503: {"model": Error, "description": "too many searches in flight; retry after the Retry-After seconds"},
+        },
     )
     def search(
         request: Request,
