@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -75,3 +76,15 @@ def run_cli_subprocess(*args: object, cwd: Path | None = None, timeout: float = 
         [sys.executable, "-m", "marrowlens", *map(str, args)],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+
+class InterruptAtEpoch(pl.Callback):
+    """Presses Ctrl-C at the start of an epoch (Lightning turns it into sys.exit(1))."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import pytorch_lightning as pl
 import yaml
 
 from marrowlens.cohort.manifest import IndexOptions, index_cohort
@@ -16,7 +15,7 @@ from marrowlens.cohort.synthetic import make_synthetic_cohort
 from marrowlens.config import IndexStageConfig, PretrainStageConfig, RunConfig
 from marrowlens.errors import Interrupted
 from marrowlens.pipeline import load_run_config, run_study
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, InterruptAtEpoch
 
 TINY_PRETRAIN = ["model.backbone=test_resnet", "model.image_size=32", "trainer.max_epochs=1", "data.batch_size=16",
                  "data.num_workers=0", "data.val_cells=64"]
@@ -136,15 +135,6 @@ def test_hehr_layout_with_blast_labels_from_a_second_source(tmp_path: Path) -> N
     assert "probe `mutation`" in report.read_text()
 
 
-class _InterruptAtEpoch(pl.Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise KeyboardInterrupt  # what Ctrl-C does inside Lightning
-
-
 @pytest.mark.parametrize("epoch, hint", [(0, "no epoch had finished.*again to start pretraining over"), (1, "again to continue from .*last.ckpt")])
 def test_an_interrupted_study_says_that_the_same_command_continues_it(deepapl_like: Path, tmp_path: Path, monkeypatch, epoch: int, hint: str) -> None:
     from marrowlens.ssl import train
@@ -155,7 +145,7 @@ def test_an_interrupted_study_says_that_the_same_command_continues_it(deepapl_li
 
     def interrupted(*args, **kwargs):
         trainer = build(*args, **kwargs)
-        trainer.callbacks.insert(0, _InterruptAtEpoch(epoch))
+        trainer.callbacks.insert(0, InterruptAtEpoch(epoch))
         return trainer
 
     monkeypatch.setattr(train, "build_trainer", interrupted)

@@ -22,7 +22,7 @@ from marrowlens.config import PretrainConfig, dump_config, load_config
 from marrowlens.errors import Interrupted, MarrowLensError
 from marrowlens.ssl import train
 from marrowlens.ssl.base import SSLModule
-from tests.conftest import REPO_ROOT, run_cli_subprocess
+from tests.conftest import REPO_ROOT, InterruptAtEpoch, run_cli_subprocess
 from tests.ssl.conftest import TINY
 
 CONFIG = REPO_ROOT / "configs" / "pretrain" / "tiny_cpu.yaml"
@@ -90,15 +90,6 @@ class TestPretrainCli:
         assert code == 2 and "views.min_scale" in output
 
 
-class _InterruptAtEpoch(pl.Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise KeyboardInterrupt  # what Ctrl-C does inside Lightning
-
-
 @pytest.mark.parametrize("method, backbone", [("simclr", "test_resnet"), ("dino", "test_vit")])
 def test_resume_after_ctrl_c_matches_an_uninterrupted_run(labelled_cohort: Path, tmp_path: Path, monkeypatch, method: str, backbone: str) -> None:
     config = load_config(PretrainConfig, CONFIG, [*TINY, f"model.method={method}", f"model.backbone={backbone}", "trainer.max_epochs=3", "data.num_workers=1"])
@@ -107,7 +98,7 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(labelled_cohort: Path,
 
     def interrupted(*args, **kwargs):
         trainer = build(*args, **kwargs)
-        trainer.callbacks.append(_InterruptAtEpoch(2))
+        trainer.callbacks.append(InterruptAtEpoch(2))
         return trainer
 
     monkeypatch.setattr(train, "build_trainer", interrupted)
@@ -230,7 +221,7 @@ def test_last_checkpoint_is_the_latest_epoch_even_when_the_metric_gets_worse(lab
 def test_resume_after_a_non_improving_epoch_continues_from_it(labelled_cohort: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(SSLModule, "on_validation_epoch_end", _worsening_knn)
     config = load_config(PretrainConfig, CONFIG, [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=3"])
-    _with_callbacks(monkeypatch, _InterruptAtEpoch(2))  # epoch 1 finished without improving
+    _with_callbacks(monkeypatch, InterruptAtEpoch(2))  # epoch 1 finished without improving
     with pytest.raises(MarrowLensError, match="interrupted"):
         train.pretrain(config, labelled_cohort, tmp_path / "r")
     assert _checkpoint_epochs(tmp_path / "r" / "checkpoints") == (1, ["best-epoch=0.ckpt"])
@@ -248,7 +239,7 @@ def test_resume_after_a_non_improving_epoch_continues_from_it(labelled_cohort: P
 @pytest.mark.parametrize("epoch, hint", [(0, "no epoch had finished.*--overwrite to start over"), (1, "--resume to continue from .*last.ckpt")])
 def test_an_interrupted_pretraining_says_what_continues_it(labelled_cohort: Path, tmp_path: Path, monkeypatch, epoch: int, hint: str) -> None:
     config = load_config(PretrainConfig, CONFIG, [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=2", "data.val_cells=0"])
-    _with_callbacks(monkeypatch, _InterruptAtEpoch(epoch))
+    _with_callbacks(monkeypatch, InterruptAtEpoch(epoch))
     with pytest.raises(Interrupted, match=hint):
         train.pretrain(config, labelled_cohort, tmp_path / "r")
     monkeypatch.setattr(train, "build_trainer", BUILD_TRAINER)
