@@ -2,7 +2,7 @@
 
 The linear head trains every weight decay of ``linear.weight_decays`` at once and keeps the one with
 the best loss on held-out training patients (inside each CV fold, so the choice never sees the
-fold's test patients). When the pick sits at the grid's edge the grid is too narrow. This runs the
+fold's test patients). Is a pick at the grid's edge a grid that is too narrow? This runs the
 blast task's patient-grouped CV once per grid and prints, per grid, the weight decay each fold chose
 and the cell-level balanced accuracy and ROC-AUC; as a reference, scikit-learn's lbfgs
 LogisticRegression (balanced class weights) with C chosen by an inner patient-grouped 3-fold CV

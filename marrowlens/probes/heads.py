@@ -115,7 +115,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         focal_gamma: float = 2.0,
         class_weight: str | None = None,
         sampling: str = "none",
-        weight_decays: Sequence[float] = (0.0, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0),
+        weight_decays: Sequence[float] = (0.0, 1e-4, 1e-3, 1e-2, 1e-1),
         lr: float = 1e-2,
         batch_size: int = 1024,
         max_epochs: int = 100,
