@@ -374,9 +374,15 @@ class ProbeStageConfig(_Strict):
     blast_probe: str | None = Field(None, description="an earlier probe of this run that filters blasts (mutation task)")
 
 
+# The index kinds offered (run configs, ``index build --kind``); each is a class registered in
+# ``marrowlens.retrieval.kinds.INDEX_KINDS`` (a test keeps the two equal; kept here so the CLI
+# and config stay light to import).
+INDEX_KIND_NAMES = ("flat", "ivf", "hnsw", "ivfpq")
+
+
 class IndexStageConfig(_Strict):
     enabled: bool = True
-    kind: Literal["auto", "flat", "ivf", "hnsw", "ivfpq"] = "auto"
+    kind: Literal[("auto", *INDEX_KIND_NAMES)] = "auto"  # type: ignore[valid-type]
     metric: Literal["cosine", "l2"] = "cosine"
     set: list[str] = Field(default_factory=list)
 
