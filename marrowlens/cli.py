@@ -13,7 +13,7 @@ from typing import List, Optional
 import typer
 from typer.exceptions import TyperException
 
-from marrowlens.config import INDEX_KIND_NAMES
+from marrowlens.config import HEAD_NAMES, INDEX_KIND_NAMES
 from marrowlens.errors import Interrupted, MarrowLensError
 
 app = typer.Typer(
@@ -365,7 +365,7 @@ def probe_fit(
     task: str = typer.Argument(..., help="blast | mutation | cell_type"),
     embeddings: Path = typer.Option(..., "--embeddings", help="embedding folder (vectors.npy + cells.parquet)"),
     out: Path = typer.Option(..., "--out", help="probe folder to write"),
-    head: Optional[str] = typer.Option(None, "--head", help="linear | knn"),
+    head: Optional[str] = typer.Option(None, "--head", help=" | ".join(HEAD_NAMES)),
     loss: Optional[str] = typer.Option(None, "--loss", help="ce | gce | sce | focal (linear head)"),
     class_weight: Optional[str] = typer.Option(None, "--class-weight", help="none | balanced"),
     cv: Optional[int] = typer.Option(None, "--cv", min=0, help="patient-grouped CV folds for the report; 0 skips it"),

@@ -338,9 +338,14 @@ class ProbeEvalConfig(_Strict):
     ece_bins: int = Field(15, ge=2)
 
 
+# The probe heads offered (``probe fit --head``, probe configs); each is a class registered in
+# ``marrowlens.probes.heads.HEADS`` (a test keeps the two equal).
+HEAD_NAMES = ("linear", "knn")
+
+
 class ProbeConfig(_Strict):
     task: Literal["blast", "mutation", "cell_type"] = "blast"
-    head: Literal["linear", "knn"] = "linear"
+    head: Literal[HEAD_NAMES] = "linear"  # type: ignore[valid-type]
     linear: LinearHeadConfig = LinearHeadConfig()
     knn: KNNHeadConfig = KNNHeadConfig()
     loss: ProbeLossConfig = ProbeLossConfig()
