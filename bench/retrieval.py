@@ -133,14 +133,14 @@ def worker_build(args: argparse.Namespace) -> dict:
 
 def worker_search(args: argparse.Namespace) -> dict:
     """Single-query latency, batched throughput and recall@10, at the default and swept parameters."""
-    from marrowlens.retrieval.index import load_index
+    from marrowlens.retrieval.index import index_kind, load_index
 
     queries = np.load(args.queries)
     before = _rss_mib()
     index = load_index(args.index)
     loaded = _rss_mib()
     truth = np.load(args.truth) if args.truth else None
-    key = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "ef_search"}.get(index.kind)
+    key = index_kind(index.kind).effort_param
     default = index.params.get(key) if key else None
     sweep = [default] + [v for v in args.sweep if key and v != default and (key != "nprobe" or v <= index.params["nlist"])]
     rows = []
@@ -207,9 +207,9 @@ def bench_index(args: argparse.Namespace) -> None:
 
 
 def _keys(kind: str) -> tuple[str, ...]:
-    from marrowlens.retrieval.index import PARAM_KEYS
+    from marrowlens.retrieval.index import index_kind
 
-    return PARAM_KEYS[kind]
+    return index_kind(kind).param_keys
 
 
 def _print_record(r: dict) -> None:

@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 from typer.exceptions import TyperException
 
+from marrowlens.config import HEAD_NAMES, INDEX_KIND_NAMES
 from marrowlens.errors import Interrupted, MarrowLensError
 
 app = typer.Typer(
@@ -217,10 +218,10 @@ app.add_typer(index_app, name="index")
 def index_build(
     embeddings: Path = typer.Option(..., "--embeddings", help="embedding folder of `marrowlens embed`"),
     out: Path = typer.Option(..., "--out", help="index folder to write"),
-    kind: str = typer.Option("auto", help="auto | flat | ivf | hnsw | ivfpq (auto: exact search up to 50k cells, IVF above)"),
+    kind: str = typer.Option("auto", help=f"{' | '.join(('auto', *INDEX_KIND_NAMES))} (auto: exact search up to 50k cells, IVF above)"),
     metric: str = typer.Option("cosine", help="cosine | l2"),
     set_: List[str] = typer.Option(
-        [], "--set", help="FAISS parameter, e.g. --set nprobe=32 (nlist, nprobe, train_size, hnsw_m, ef_construction, ef_search, pq_m, pq_nbits, seed)"
+        [], "--set", help="FAISS parameter of the chosen --kind, e.g. --set nprobe=32 (ivf) or --set ef_search=128 (hnsw); a key the kind does not take is refused with the list of those it does"
     ),
     overwrite: bool = typer.Option(False, help="replace an existing index in --out"),
 ) -> None:
@@ -364,7 +365,7 @@ def probe_fit(
     task: str = typer.Argument(..., help="blast | mutation | cell_type"),
     embeddings: Path = typer.Option(..., "--embeddings", help="embedding folder (vectors.npy + cells.parquet)"),
     out: Path = typer.Option(..., "--out", help="probe folder to write"),
-    head: Optional[str] = typer.Option(None, "--head", help="linear | knn"),
+    head: Optional[str] = typer.Option(None, "--head", help=" | ".join(HEAD_NAMES)),
     loss: Optional[str] = typer.Option(None, "--loss", help="ce | gce | sce | focal (linear head)"),
     class_weight: Optional[str] = typer.Option(None, "--class-weight", help="none | balanced"),
     cv: Optional[int] = typer.Option(None, "--cv", min=0, help="patient-grouped CV folds for the report; 0 skips it"),

@@ -339,9 +339,14 @@ class ProbeEvalConfig(_Strict):
     ece_bins: int = Field(15, ge=2)
 
 
+# The probe heads offered (``probe fit --head``, probe configs); each is a class registered in
+# ``marrowlens.probes.heads.HEADS`` (a test keeps the two equal).
+HEAD_NAMES = ("linear", "knn")
+
+
 class ProbeConfig(_Strict):
     task: Literal["blast", "mutation", "cell_type"] = "blast"
-    head: Literal["linear", "knn"] = "linear"
+    head: Literal[HEAD_NAMES] = "linear"  # type: ignore[valid-type]
     linear: LinearHeadConfig = LinearHeadConfig()
     knn: KNNHeadConfig = KNNHeadConfig()
     loss: ProbeLossConfig = ProbeLossConfig()
@@ -375,9 +380,15 @@ class ProbeStageConfig(_Strict):
     blast_probe: str | None = Field(None, description="an earlier probe of this run that filters blasts (mutation task)")
 
 
+# The index kinds offered (run configs, ``index build --kind``); each is a class registered in
+# ``marrowlens.retrieval.kinds.INDEX_KINDS`` (a test keeps the two equal; kept here so the CLI
+# and config stay light to import).
+INDEX_KIND_NAMES = ("flat", "ivf", "hnsw", "ivfpq")
+
+
 class IndexStageConfig(_Strict):
     enabled: bool = True
-    kind: Literal["auto", "flat", "ivf", "hnsw", "ivfpq"] = "auto"
+    kind: Literal[("auto", *INDEX_KIND_NAMES)] = "auto"  # type: ignore[valid-type]
     metric: Literal["cosine", "l2"] = "cosine"
     set: list[str] = Field(default_factory=list)
 

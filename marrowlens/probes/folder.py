@@ -1,10 +1,10 @@
 """The probe folder: ``head.safetensors`` + ``probe.json`` + ``config.yaml`` + ``meta.json`` (no pickles).
 
-- Linear heads store their weights and the feature standardisation.
-- k-NN heads store the training row numbers and labels, not the vectors: the training store is
-  already on disk and fingerprinted, and a copy would double a store of millions of cells. The
-  vectors are re-read from the store the probe names (or from ``--embeddings`` when it *is* that
-  store, by fingerprint); a store that moved or changed is an error naming it.
+- Each head (``heads.HEADS``) saves and rebuilds itself; ``probe.json`` records its registry name
+  under ``head``, and loading dispatches on that name. Linear heads store their weights and the
+  feature standardisation; k-NN heads their training rows and labels, their vectors re-read from the
+  store the probe names (or from ``--embeddings`` when it *is* that store, by fingerprint); a store
+  that moved or changed is an error naming it.
 - A mutation probe carries a copy of the blast probe it filtered with, in ``blast_filter/``, so it
   applies the same filter wherever it goes.
 
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
@@ -27,8 +26,8 @@ from marrowlens.artifacts import atomic_path, read_meta, require_same_fingerprin
 from marrowlens.config import ProbeConfig, dump_config, validate_config
 from marrowlens.embeddings import Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
-from marrowlens.probes.heads import KNNProbe, LinearProbe
-from marrowlens.probes.tasks import Probe, RowView, head_spec
+from marrowlens.probes.heads import head_class
+from marrowlens.probes.tasks import Probe
 
 PROBE_FILE = "probe.json"
 HEAD_FILE = "head.safetensors"
@@ -40,22 +39,19 @@ def save_probe(folder: Path, probe: Probe, emb: Embeddings, extra: dict[str, Any
     """Write the head, its description and its config (and the blast filter) into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if isinstance(probe.head, LinearProbe):
-        tensors = probe.head.tensors()
-    else:
-        codes = np.array([probe.classes.index(str(c)) for c in probe.train_labels], dtype=np.int64)
-        tensors = {"train_rows": torch.from_numpy(np.asarray(probe.train_rows, dtype=np.int64)), "train_labels": torch.from_numpy(codes)}
+    tensors = probe.head.saved_tensors(probe.train_rows, probe.train_labels, probe.classes)
     with atomic_path(folder / HEAD_FILE) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    kind, params = head_spec(probe.config)
+    kind = type(probe.head)  # the fitted head's own class names itself, whatever the config says
+    params = kind.config_params(probe.config)
     labels, counts = np.unique(probe.train_labels, return_counts=True)
     info = {
         "task": probe.config.task,
         "classes": list(probe.classes),
-        "head": kind,
+        "head": kind.name,
         "head_params": params,
         "fitted": probe.head.fitted_state(),
-        "loss": probe.config.loss.name if kind == "linear" else None,
+        "loss": probe.config.loss.name if kind.trains_with_loss else None,
         "fingerprint": "sha256:" + sha256_file(folder / HEAD_FILE),
         "embeddings": {"folder": str(Path(emb.folder).resolve()), "fingerprint": emb.fingerprint},
         "model_fingerprint": emb.model_fingerprint,
@@ -115,18 +111,12 @@ def load_probe(folder: str | Path, emb: Embeddings) -> tuple[Probe, dict[str, An
         config = validate_config(ProbeConfig, yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}, str(folder / CONFIG_FILE))
     except OSError as exc:
         raise MarrowLensError(f"{folder / CONFIG_FILE} is unreadable: {exc}") from exc
+    kind = head_class(info["head"], str(folder / PROBE_FILE))
     tensors = load_file(str(head_path))
     classes = list(info["classes"])
-    if info["head"] == "linear":
-        head = LinearProbe.from_saved(info["head_params"], classes, tensors)
-        probe = Probe(config=config, head=head, classes=classes, train_rows=np.zeros(0, dtype=np.int64),
-                      train_labels=np.zeros(0, dtype=str), source=folder)
-    else:
-        rows, codes = tensors["train_rows"].numpy(), tensors["train_labels"].numpy()
-        labels = np.asarray(classes, dtype=object)[codes].astype(str)
-        vectors = training_vectors(info, folder, emb)
-        head = KNNProbe(**info["head_params"]).fit(RowView(vectors, rows), labels)
-        probe = Probe(config=config, head=head, classes=classes, train_rows=rows, train_labels=labels, source=folder)
+    rows, labels = kind.saved_training_set(classes, tensors)
+    head = kind.from_saved(info["head_params"], classes, tensors, lambda: training_vectors(info, folder, emb))
+    probe = Probe(config=config, head=head, classes=classes, train_rows=rows, train_labels=labels, source=folder)
     if info.get("blast_filter"):
         probe.blast, _ = load_probe(folder / info["blast_filter"]["folder"], emb)
     return probe, info

@@ -11,6 +11,10 @@
   L2-normalised copies (cosine similarity); each of the k neighbours votes ``exp(sim / T)`` for
   its class, optionally times a class weight.
 
+Both are :class:`Head` subclasses registered in ``HEADS`` (name -> class): each builds its
+parameters from a probe config and saves and rebuilds itself, so a new head (an attention-MIL
+head, say) is one class plus one registry line (and its name in ``config.HEAD_NAMES``).
+
 Features may be memory maps: they are read in blocks, and only the rows a head needs are copied.
 The linear head runs torch on ``n_threads`` threads (1 by default): its mini-batch operations are
 too small to gain from intra-op parallelism (100k x 512: the same time with 1 or 2 threads), and
@@ -22,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -33,6 +37,8 @@ from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
+from marrowlens.config import ProbeConfig
+from marrowlens.errors import MarrowLensError
 from marrowlens.probes.losses import per_sample_loss, weighted_mean
 
 BLOCK = 65536  # rows per block when streaming a memory map
@@ -53,6 +59,20 @@ def as_rows(X: Any, rows: np.ndarray | None = None) -> np.ndarray:
         else:
             out[start : start + len(chunk)] = X[np.sort(chunk)][np.argsort(np.argsort(chunk))]
     return out
+
+
+class RowView:
+    """Rows of a (memory-mapped) matrix, read only when a head asks: one copy, in the head."""
+
+    def __init__(self, vectors: np.ndarray, rows: np.ndarray) -> None:
+        self.vectors, self.rows = vectors, np.asarray(rows, dtype=np.int64)
+        self.shape = (len(self.rows), vectors.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return as_rows(self.vectors, self.rows[key])
 
 
 @contextlib.contextmanager
@@ -95,7 +115,49 @@ def _class_weights(codes: np.ndarray, n_classes: int, mode: str | None) -> np.nd
     return weights
 
 
-class LinearProbe(ClassifierMixin, BaseEstimator):
+def _class_weight(config: ProbeConfig) -> str | None:
+    return None if config.imbalance.class_weight == "none" else config.imbalance.class_weight
+
+
+class Head:
+    """What the probe code asks of a head beyond scikit-learn's contract; ``HEADS`` maps names to subclasses.
+
+    A head builds its constructor parameters from a :class:`ProbeConfig`, writes what it needs into
+    ``head.safetensors`` and rebuilds itself from that (``probe.json`` records its registry name and
+    parameters), so saving and loading dispatch on the name and never on "not linear".
+    """
+
+    name: ClassVar[str]
+    trains_with_loss: ClassVar[bool] = False  # whether config.loss applies (probe.json, noise-sweep)
+
+    @classmethod
+    def config_params(cls, config: ProbeConfig) -> dict[str, Any]:
+        """Constructor parameters from a probe config."""
+        raise NotImplementedError
+
+    def saved_tensors(self, train_rows: np.ndarray, train_labels: np.ndarray, classes: Sequence[str]) -> dict[str, torch.Tensor]:
+        """What ``head.safetensors`` holds for this head (given the probe's training rows and labels)."""
+        raise NotImplementedError
+
+    @classmethod
+    def saved_training_set(cls, classes: Sequence[str], tensors: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """The training rows and labels a loaded probe carries: none for a head that keeps only weights."""
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=str)
+
+    @classmethod
+    def from_saved(
+        cls, params: dict[str, Any], classes: Sequence[str], tensors: dict[str, torch.Tensor],
+        training_vectors: Callable[[], np.ndarray] | None = None,
+    ) -> "Head":
+        """The fitted head from its saved parameters and tensors; ``training_vectors`` reads its training store if it needs one."""
+        raise NotImplementedError
+
+    def fitted_state(self) -> dict[str, Any]:
+        """JSON-able facts about the fit, for ``probe.json`` and reports."""
+        raise NotImplementedError
+
+
+class LinearProbe(Head, ClassifierMixin, BaseEstimator):
     """Linear (or 1-hidden-layer) softmax head; L2 strength chosen by grouped early stopping.
 
     With ``early_stopping=False`` (or too few cells or patients to hold any out) it trains
@@ -104,6 +166,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     ``fit(X, y, groups)``: ``groups`` (patients) make the validation split patient-grouped; without
     them every cell is its own group.
     """
+
+    name = "linear"
+    trains_with_loss = True
 
     def __init__(
         self,
@@ -348,6 +413,21 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ persistence
 
+    @classmethod
+    def config_params(cls, config: ProbeConfig) -> dict[str, Any]:
+        lin, loss = config.linear, config.loss
+        return {
+            "hidden_dim": lin.hidden_dim, "loss": loss.name, "gce_q": loss.gce_q, "sce_alpha": loss.sce_alpha,
+            "sce_beta": loss.sce_beta, "focal_gamma": loss.focal_gamma, "class_weight": _class_weight(config),
+            "sampling": config.imbalance.sampling, "weight_decays": list(lin.weight_decays), "lr": lin.lr,
+            "batch_size": lin.batch_size, "max_epochs": lin.max_epochs, "patience": lin.patience,
+            "val_fraction": lin.val_fraction, "refit": lin.refit, "early_stopping": lin.early_stopping,
+            "random_state": config.seed,
+        }
+
+    def saved_tensors(self, train_rows: np.ndarray, train_labels: np.ndarray, classes: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.tensors()
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Weights and standardisation, for ``head.safetensors``."""
         check_is_fitted(self, "params_")
@@ -361,7 +441,10 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return {"weight_decay": self.weight_decay_, "epochs": self.best_epoch_, "validation": self.validation_}
 
     @classmethod
-    def from_saved(cls, params: dict[str, Any], classes: Sequence[str], tensors: dict[str, torch.Tensor]) -> "LinearProbe":
+    def from_saved(
+        cls, params: dict[str, Any], classes: Sequence[str], tensors: dict[str, torch.Tensor],
+        training_vectors: Callable[[], np.ndarray] | None = None,
+    ) -> "LinearProbe":
         head = cls(**params)
         head.classes_ = np.asarray(classes, dtype=object)
         names = ["w1", "b1", "w2", "b2"] if head.hidden_dim else ["weight", "bias"]
@@ -374,8 +457,14 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return head
 
 
-class KNNProbe(ClassifierMixin, BaseEstimator):
-    """Temperature-weighted k-NN vote on cosine similarity (DINO's k-NN evaluation)."""
+class KNNProbe(Head, ClassifierMixin, BaseEstimator):
+    """Temperature-weighted k-NN vote on cosine similarity (DINO's k-NN evaluation).
+
+    Saved as its training rows and label codes, not vectors: the training store is on disk and
+    fingerprinted, and a copy would double a store of millions of cells.
+    """
+
+    name = "knn"
 
     def __init__(self, k: int = 20, temperature: float = 0.07, class_weight: str | None = None, batch_size: int = 4096) -> None:
         self.k = k
@@ -420,11 +509,40 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
     def fitted_state(self) -> dict[str, Any]:
         return {"n_train": int(self.index_.ntotal)}
 
+    @classmethod
+    def config_params(cls, config: ProbeConfig) -> dict[str, Any]:
+        return {"k": config.knn.k, "temperature": config.knn.temperature, "class_weight": _class_weight(config)}
 
-def make_head(kind: str, params: dict[str, Any]) -> LinearProbe | KNNProbe:
-    """Build an unfitted head from its kind and constructor parameters."""
-    if kind == "linear":
-        return LinearProbe(**params)
-    if kind == "knn":
-        return KNNProbe(**params)
-    raise ValueError(f"unknown head kind {kind!r}")
+    def saved_tensors(self, train_rows: np.ndarray, train_labels: np.ndarray, classes: Sequence[str]) -> dict[str, torch.Tensor]:
+        codes = np.array([list(classes).index(str(c)) for c in train_labels], dtype=np.int64)
+        return {"train_rows": torch.from_numpy(np.asarray(train_rows, dtype=np.int64)), "train_labels": torch.from_numpy(codes)}
+
+    @classmethod
+    def saved_training_set(cls, classes: Sequence[str], tensors: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        codes = tensors["train_labels"].numpy()
+        return tensors["train_rows"].numpy(), np.asarray(classes, dtype=object)[codes].astype(str)
+
+    @classmethod
+    def from_saved(
+        cls, params: dict[str, Any], classes: Sequence[str], tensors: dict[str, torch.Tensor],
+        training_vectors: Callable[[], np.ndarray] | None = None,
+    ) -> "KNNProbe":
+        if training_vectors is None:
+            raise ValueError("a k-NN head is rebuilt from its training store: pass training_vectors")
+        rows, labels = cls.saved_training_set(classes, tensors)
+        return cls(**params).fit(RowView(training_vectors(), rows), labels)
+
+
+HEADS: dict[str, type[Head]] = {head.name: head for head in (LinearProbe, KNNProbe)}
+
+
+def head_class(name: str, where: str = "the probe config") -> type[Head]:
+    """The registered head called ``name``; an unknown one is a one-line error naming the known ones."""
+    if name not in HEADS:
+        raise MarrowLensError(f"{where} names head {name!r}, which this version does not know (known: {', '.join(HEADS)})")
+    return HEADS[name]
+
+
+def make_head(kind: str, params: dict[str, Any]) -> Head:
+    """Build an unfitted head from its registry name and constructor parameters."""
+    return head_class(kind)(**params)

@@ -21,6 +21,7 @@ from marrowlens.embeddings import Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.probes.evaluate import Predictions, aggregate_patients, domain_folds, grouped_folds, run_folds, summarize
 from marrowlens.probes.folder import PROBE_FILE, load_probe, save_probe
+from marrowlens.probes.heads import head_class
 from marrowlens.probes.noise import NoiseSpec
 from marrowlens.probes.report import reliability_bins, write_report
 from marrowlens.probes.tasks import Probe, Task, make_task
@@ -113,7 +114,7 @@ def domain_report(task: Task) -> list[dict[str, Any]]:
 def _header(config: ProbeConfig, task: Task, emb: Embeddings) -> dict[str, Any]:
     return {
         "task": config.task, "classes": task.classes, "head": config.head,
-        "loss": config.loss.name if config.head == "linear" else None,
+        "loss": config.loss.name if head_class(config.head).trains_with_loss else None,
         "embeddings": {"folder": str(emb.folder), "fingerprint": emb.fingerprint, "model_fingerprint": emb.model_fingerprint},
         "units": task.describe(), "config": config.model_dump(mode="json"),
     }
@@ -250,8 +251,8 @@ def predict(probe_dir: Path, embeddings: Path, out: Path, overwrite: bool = Fals
 def noise_sweep(embeddings: Path, out: Path, config: ProbeConfig, rates: list[float], kind: str, losses: list[str],
                 blast_probe: Path | None = None, overwrite: bool = False) -> Outcome:
     """Inject known noise into training labels only; CV every loss at every rate on the same folds."""
-    if config.head != "linear":
-        raise MarrowLensError("noise-sweep compares training losses, so it needs --head linear")
+    if not head_class(config.head).trains_with_loss:
+        raise MarrowLensError(f"noise-sweep compares training losses, so it needs a head trained with one (--head linear), not {config.head}")
     if config.eval.cv < 2:
         raise MarrowLensError("noise-sweep needs cross-validation: --cv 2 or more")
     for rate in rates:

@@ -21,24 +21,10 @@ from marrowlens.cohort.manifest import patient_groups
 from marrowlens.config import BlastLabelConfig, ProbeConfig
 from marrowlens.embeddings import Embeddings
 from marrowlens.errors import MarrowLensError
-from marrowlens.probes.heads import KNNProbe, LinearProbe, as_rows, make_head
+from marrowlens.probes.heads import Head, RowView, head_class, make_head
 from marrowlens.probes.noise import NoiseSpec, inject_noise
 
 BLAST, NON_BLAST = "blast", "non_blast"
-
-
-class RowView:
-    """Rows of a (memory-mapped) matrix, read only when a head asks: one copy, in the head."""
-
-    def __init__(self, vectors: np.ndarray, rows: np.ndarray) -> None:
-        self.vectors, self.rows = vectors, np.asarray(rows, dtype=np.int64)
-        self.shape = (len(self.rows), vectors.shape[1])
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        return as_rows(self.vectors, self.rows[key])
 
 
 # ---------------------------------------------------------------- labels
@@ -92,7 +78,7 @@ class Probe:
     """A fitted head with what is needed to apply it (and, for mutations, its blast filter)."""
 
     config: ProbeConfig
-    head: LinearProbe | KNNProbe
+    head: Head
     classes: list[str]
     train_rows: np.ndarray
     train_labels: np.ndarray
@@ -125,19 +111,8 @@ class Probe:
 
 
 def head_spec(config: ProbeConfig) -> tuple[str, dict[str, Any]]:
-    """Head kind and constructor parameters from a config."""
-    weight = None if config.imbalance.class_weight == "none" else config.imbalance.class_weight
-    if config.head == "knn":
-        return "knn", {"k": config.knn.k, "temperature": config.knn.temperature, "class_weight": weight}
-    lin, loss = config.linear, config.loss
-    return "linear", {
-        "hidden_dim": lin.hidden_dim, "loss": loss.name, "gce_q": loss.gce_q, "sce_alpha": loss.sce_alpha,
-        "sce_beta": loss.sce_beta, "focal_gamma": loss.focal_gamma, "class_weight": weight,
-        "sampling": config.imbalance.sampling, "weight_decays": list(lin.weight_decays), "lr": lin.lr,
-        "batch_size": lin.batch_size, "max_epochs": lin.max_epochs, "patience": lin.patience,
-        "val_fraction": lin.val_fraction, "refit": lin.refit, "early_stopping": lin.early_stopping,
-        "random_state": config.seed,
-    }
+    """Head registry name and constructor parameters from a config."""
+    return config.head, head_class(config.head).config_params(config)
 
 
 def fit_head(config: ProbeConfig, vectors: np.ndarray, rows: np.ndarray, labels: np.ndarray, groups: np.ndarray, classes: list[str]) -> Probe:

@@ -20,7 +20,6 @@ vector for query-by-cell.
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ from typing import Any
 import faiss
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from marrowlens.artifacts import (
@@ -45,12 +43,12 @@ from marrowlens.artifacts import (
 from marrowlens.config import load_config
 from marrowlens.embeddings import Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
+from marrowlens.retrieval.kinds import INDEX_KINDS, IndexKind
 
 INDEX_FILE = "index.faiss"
 CELLS_FILE = "cells.parquet"
 # Every version's files: the unversioned names (a build) and those of ``add`` (``index.3.faiss``).
 _VERSION_FILE = re.compile(r"(index(\.\d+)?\.faiss|cells(\.\d+)?\.parquet)")
-KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
 METRICS = ("cosine", "l2")
 BLOCK_ROWS = 32_768
 # Fewer queries than this are searched on one OpenMP thread (the setting is per calling thread).
@@ -59,93 +57,34 @@ BLOCK_ROWS = 32_768
 # take 6 ms of CPU and 12 ms of wall time (bench/RESULTS.md).
 SMALL_BATCH = 16
 
-# ``auto``, from bench/RESULTS.md ("Retrieval"; 384-d, 2 shared cores). Exact search reads all
-# N x D floats per query: single-query p50 3.3 ms at 50k cells, 11 ms at 100k, 113 ms at 1M, so
-# it is the choice (exact, no training, instant build) only up to 50k. Above, IVF: at 1M with its
-# default nprobe (62) it answered in 2.2 ms at recall@10 1.000 (0.975 at 100k), built in 2 min
-# and needs no more memory than flat; HNSW (M=32, efConstruction=40) answered faster but reached
-# only 0.79 recall@10 at 1M with efSearch 64 (0.947 even at 1024) and took 3.4x as long to build.
-# PQ compression (``ivfpq``, for > 10M cells) trades recall for memory, so it is never automatic.
-EXACT_MAX_CELLS = 50_000
 
-
-class IndexParams(BaseModel):
-    """Tunable FAISS parameters; ``None`` means "derive from the cohort size" (see :func:`resolve_params`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    nlist: int | None = Field(None, ge=1, description="IVF: number of inverted lists (default ~4*sqrt(N))")
-    nprobe: int | None = Field(None, ge=1, description="IVF: lists visited per query")
-    train_size: int | None = Field(None, ge=1, description="IVF: vectors sampled to train the coarse quantiser")
-    hnsw_m: int = Field(32, ge=4, le=256, description="HNSW: links per node")
-    ef_construction: int = Field(40, ge=8, description="HNSW: candidate list while building")
-    ef_search: int = Field(64, ge=1, description="HNSW: candidate list while searching")
-    pq_m: int | None = Field(None, ge=1, description="IVFPQ: sub-quantisers (must divide the dimension)")
-    pq_nbits: int = Field(8, ge=4, le=12, description="IVFPQ: bits per sub-quantiser code")
-    seed: int = Field(0, description="sampling of the IVF training set")
-
-
-PARAM_KEYS = {
-    "flat": (),
-    "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
-    "ivf": ("nlist", "nprobe", "train_size", "seed"),
-    "ivfpq": ("nlist", "nprobe", "train_size", "pq_m", "pq_nbits", "seed"),
-}
+def index_kind(name: str) -> IndexKind:
+    """The registered kind called ``name``; an unknown one is a one-line error naming the known ones."""
+    if name not in INDEX_KINDS:
+        raise MarrowLensError(f"unknown index kind {name!r}; choose one of {', '.join(('auto', *INDEX_KINDS))}")
+    return INDEX_KINDS[name]
 
 
 def choose_kind(n: int) -> str:
-    """The index ``auto`` builds for ``n`` cells (measured, see ``EXACT_MAX_CELLS``)."""
-    return "flat" if n <= EXACT_MAX_CELLS else "ivf"
+    """The index ``auto`` builds for ``n`` cells: the kind with the smallest ``auto_up_to`` that holds ``n``."""
+    bounds = sorted((kind.auto_up_to, name) for name, kind in INDEX_KINDS.items() if kind.auto_up_to is not None)
+    return next(name for bound, name in bounds if n <= bound)
 
 
 def resolve_params(kind: str, n: int, dim: int, overrides: list[str] | None = None) -> dict[str, Any]:
-    """The parameters of a ``kind`` index over ``n`` vectors, after ``key=value`` overrides.
-
-    IVF: ``nlist`` ~ 4 sqrt(N) (FAISS's guideline), capped so every list gets >= 39 training points;
-    ``nprobe`` = nlist/64 (>= 16): recall@10 0.975 at 100k and 1.000 at 1M in the benchmark, p50
-    2.2 ms at 1M (nlist/16 cost 8 ms there for no gain); the quantiser is trained on 64 points
-    per list (FAISS warns below 39), at most N.
-    """
-    if kind not in PARAM_KEYS:
-        raise MarrowLensError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
-    config = load_config(IndexParams, None, overrides)
+    """The parameters of a ``kind`` index over ``n`` vectors: ``key=value`` overrides, then the kind's defaults."""
+    chosen = index_kind(kind)
     given = {key for text in overrides or [] for key in [text.partition("=")[0].strip()]}
-    unused = sorted(given - set(PARAM_KEYS[kind]))
+    unused = sorted(given - set(chosen.param_keys))
     if unused:
-        allowed = ", ".join(PARAM_KEYS[kind]) or "none"
+        allowed = ", ".join(chosen.param_keys) or "none"
         raise MarrowLensError(f"parameter(s) {', '.join(unused)} do not apply to a {kind} index (it takes: {allowed})")
-    params = config.model_dump()
-    if kind in ("ivf", "ivfpq"):
-        nlist = params["nlist"] or max(1, min(round(4 * math.sqrt(n)), n // 39))
-        if nlist > n:
-            raise MarrowLensError(f"nlist={nlist} exceeds the {n} vectors to index")
-        params["nlist"] = nlist
-        params["nprobe"] = min(nlist, params["nprobe"] or max(16, nlist // 64))
-        params["train_size"] = min(n, params["train_size"] or max(64 * nlist, 10_000))
-        if params["train_size"] < nlist:
-            raise MarrowLensError(f"train_size={params['train_size']} is smaller than nlist={nlist}")
-    if kind == "ivfpq":
-        pq_m = params["pq_m"] or _default_pq_m(dim)
-        if dim % pq_m:
-            raise MarrowLensError(f"pq_m={pq_m} must divide the dimension {dim}")
-        params["pq_m"] = pq_m
-    return {key: params[key] for key in PARAM_KEYS[kind]}
-
-
-def _default_pq_m(dim: int) -> int:
-    """The largest divisor of ``dim`` up to dim/8: 8 dimensions per one-byte code."""
-    return max(m for m in range(1, max(1, dim // 8) + 1) if dim % m == 0)
+    return chosen.derive(load_config(chosen.Params, None, overrides).model_dump(), n, dim)
 
 
 def factory_string(kind: str, params: dict[str, Any]) -> str:
     """FAISS ``index_factory`` description, always wrapped in ``IDMap2`` (ids = cell rows)."""
-    inner = {
-        "flat": lambda: "Flat",
-        "hnsw": lambda: f"HNSW{params['hnsw_m']}",
-        "ivf": lambda: f"IVF{params['nlist']},Flat",
-        "ivfpq": lambda: f"IVF{params['nlist']},PQ{params['pq_m']}x{params['pq_nbits']}",
-    }[kind]()
-    return f"IDMap2,{inner}"
+    return f"IDMap2,{index_kind(kind).factory(params)}"
 
 
 def faiss_metric(metric: str) -> int:
@@ -196,20 +135,11 @@ class CellIndex:
         ``effort`` multiplies nprobe / efSearch; a filtered search that came back short asks again
         with more effort, up to an exhaustive scan.
         """
-        if self.kind in ("ivf", "ivfpq"):
-            nprobe = min(self.params["nlist"], self.params["nprobe"] * effort)
-            return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
-        if self.kind == "hnsw":
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=min(len(self), self.params["ef_search"] * effort) or 1)
-        return faiss.SearchParameters(sel=selector)
+        return index_kind(self.kind).search_parameters(self.params, len(self), selector, effort)
 
     def exhaustive(self, effort: int) -> bool:
         """Whether a search at ``effort`` already visits every vector."""
-        if self.kind in ("ivf", "ivfpq"):
-            return self.params["nprobe"] * effort >= self.params["nlist"]
-        if self.kind == "hnsw":
-            return self.params["ef_search"] * effort >= len(self)
-        return True
+        return index_kind(self.kind).exhaustive(self.params, len(self), effort)
 
     def search(self, queries: np.ndarray, k: int, selector: faiss.IDSelector | None = None, effort: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """FAISS search of raw query vectors: (scores, rows); rows are -1 where fewer than k were found."""
@@ -313,8 +243,8 @@ def build_index(
     overwrite: bool = False,
 ) -> CellIndex:
     """Build an index over one embedding store and write it to ``out``."""
-    if kind not in KINDS:
-        raise MarrowLensError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind != "auto":
+        index_kind(kind)
     faiss_metric(metric)
     store = load_embeddings(embeddings)
     n, dim = store.vectors.shape
@@ -328,16 +258,7 @@ def build_index(
     (out / META_FILE).unlink(missing_ok=True)  # an interrupted rebuild must not look finished
 
     index = faiss.index_factory(dim, factory, faiss_metric(metric))
-    inner = faiss.downcast_index(index.index)
-    if chosen == "hnsw":
-        inner.hnsw.efConstruction = params["ef_construction"]
-    if chosen in ("ivf", "ivfpq"):
-        sample = _training_sample(store.vectors, params["train_size"], params["seed"], metric)
-        with tqdm(total=1, desc=f"training IVF{params['nlist']} on {len(sample)} vectors", disable=None) as bar:
-            index.train(sample)
-            bar.update()
-        inner.make_direct_map()  # reconstruct(row) for query-by-cell
-        del sample
+    index_kind(chosen).prepare(index, params, lambda size, seed: _training_sample(store.vectors, size, seed, metric))
     _add_blocks(index, store.vectors, 0, metric, desc=f"building {chosen} index")
 
     cells = store.cells.copy()

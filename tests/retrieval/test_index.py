@@ -14,7 +14,6 @@ from marrowlens.embeddings import write_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.retrieval import index as index_module
 from marrowlens.retrieval.index import (
-    EXACT_MAX_CELLS,
     add_to_index,
     build_index,
     choose_kind,
@@ -23,6 +22,7 @@ from marrowlens.retrieval.index import (
     load_index,
     resolve_params,
 )
+from marrowlens.retrieval.kinds import EXACT_MAX_CELLS, INDEX_KINDS
 from tests.retrieval.conftest import make_store, model_meta, random_cells, random_vectors
 
 # recall@10 against exact search, 2000 isotropic Gaussian vectors in 32-d (the hardest case for
@@ -264,7 +264,7 @@ class TestAdd:
         make_store(tmp_path / "emb", n=30, dim=8)
         make_store(tmp_path / "emb2", n=30, dim=8, prefix="x", seed=1)
         build_index(tmp_path / "emb", tmp_path / "idx")
-        monkeypatch.setattr(index_module, "EXACT_MAX_CELLS", 40)
+        monkeypatch.setattr(INDEX_KINDS["flat"], "auto_up_to", 40)
         index, _ = add_to_index(tmp_path / "idx", tmp_path / "emb2")
         assert index.kind == "flat"
         assert kind_advice(index) == "note: at 60 cells `auto` would now build ivf; rebuild to switch"
