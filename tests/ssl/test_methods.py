@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,6 +36,13 @@ def _module(method: str, *extra: str):
 
 def test_registry_holds_exactly_the_configurable_methods() -> None:
     assert tuple(METHODS) == METHOD_NAMES
+
+
+def test_cli_help_names_every_method() -> None:
+    from marrowlens.cli import pretrain
+
+    help_text = inspect.signature(pretrain).parameters["method"].default.help
+    assert all(name in help_text for name in METHOD_NAMES)
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
