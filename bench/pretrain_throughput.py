@@ -31,7 +31,7 @@ from marrowlens.cohort.manifest import load_cohort
 from marrowlens.config import PretrainConfig, load_config
 from marrowlens.ssl import train
 from marrowlens.ssl.backbones import create_backbone, default_norm
-from marrowlens.ssl.views import build_views
+from marrowlens.ssl.views import two_global_views
 
 
 class _PlainImages(Dataset):
@@ -54,7 +54,7 @@ def reference_loop(config: PretrainConfig, cohort, warmup: int, steps: int, devi
     model = nn.Sequential(backbone, head)
     criterion = NTXentLoss(temperature=config.simclr.temperature)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.06)
-    views = build_views(config, *default_norm(config.model.backbone))
+    views = two_global_views(config, *default_norm(config.model.backbone))
     loader = DataLoader(_PlainImages(cohort, views), batch_size=config.data.batch_size, shuffle=True, drop_last=True,
                         num_workers=config.data.num_workers, pin_memory=device == "cuda")
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=config.trainer.precision == "bf16-mixed")

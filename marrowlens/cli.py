@@ -164,7 +164,7 @@ def pretrain(
     cohort: Path = typer.Option(..., "--cohort", help="cohort folder (labels are not used for training)"),
     out: Path = typer.Option(..., "--out", help="run folder to write"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config, e.g. configs/pretrain/tiny_cpu.yaml"),
-    method: Optional[str] = typer.Option(None, help="simclr | dino"),
+    method: Optional[str] = typer.Option(None, help="simclr | dino | byol | vicreg (byol exports its online backbone)"),
     backbone: Optional[str] = typer.Option(None, help="any timm model name, e.g. resnet18, vit_small_patch16_224"),
     weights: Optional[Path] = typer.Option(None, help="local timm checkpoint to start from (no downloads)"),
     devices: Optional[str] = typer.Option(None, help="devices per node (number or 'auto')"),
@@ -176,7 +176,7 @@ def pretrain(
     resume: bool = typer.Option(False, help="continue the run in --out from checkpoints/last.ckpt"),
     overwrite: bool = typer.Option(False, help="delete the run in --out and start over"),
 ) -> None:
-    """Pretrain a SimCLR or DINO backbone on every cell of a cohort (CPU, GPU, many GPUs/nodes).
+    """Pretrain a SimCLR, DINO, BYOL or VICReg backbone on every cell of a cohort (CPU, GPU, many GPUs/nodes).
 
     Example: marrowlens pretrain --config configs/pretrain/tiny_cpu.yaml --cohort cohort/ --out runs/tiny
     """

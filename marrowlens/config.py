@@ -21,8 +21,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# The SSL methods, once: ``marrowlens.ssl.methods.METHODS`` maps each to its class and checks it
+# holds exactly these (the names live here so that loading a config never imports torch).
+METHOD_NAMES = ("simclr", "dino", "byol", "vicreg")
+
+
 class ModelConfig(_Strict):
-    method: Literal["simclr", "dino"] = "simclr"
+    method: Literal[METHOD_NAMES] = "simclr"  # type: ignore[valid-type]
     backbone: str = "resnet18"
     weights: Path | None = Field(None, description="local timm checkpoint to start from (no downloads)")
     image_size: int = Field(224, ge=16)
@@ -49,6 +54,26 @@ class DINOConfig(_Strict):
     local_crop_size: int = Field(96, ge=8)
     local_crop_scale: tuple[float, float] = (0.2, 0.5)
     export: Literal["teacher", "student"] = "teacher"
+
+
+class BYOLConfig(_Strict):
+    """Defaults of lightly's ``benchmarks/imagenet/resnet50/byol.py``: heads 4096 -> 256, momentum 0.99 -> 1."""
+
+    hidden_dim: int = Field(4096, ge=8)
+    out_dim: int = Field(256, ge=8)
+    momentum_start: float = Field(0.99, ge=0, le=1)
+    momentum_end: float = Field(1.0, ge=0, le=1)
+
+
+class VICRegConfig(_Strict):
+    """Defaults of lightly's ``benchmarks/imagenet/resnet50/vicreg.py`` and ``VICRegLoss``: 8192-wide
+    3-layer head; invariance (lambda) 25, variance (mu) 25, covariance (nu) 1."""
+
+    hidden_dim: int = Field(8192, ge=8)
+    out_dim: int = Field(8192, ge=8)
+    lambda_param: float = Field(25.0, ge=0)
+    mu_param: float = Field(25.0, ge=0)
+    nu_param: float = Field(1.0, ge=0)
 
 
 class ViewsConfig(_Strict):
@@ -126,6 +151,8 @@ class PretrainConfig(_Strict):
     model: ModelConfig = ModelConfig()
     simclr: SimCLRConfig = SimCLRConfig()
     dino: DINOConfig = DINOConfig()
+    byol: BYOLConfig = BYOLConfig()
+    vicreg: VICRegConfig = VICRegConfig()
     views: ViewsConfig = ViewsConfig()
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()

@@ -25,7 +25,7 @@ class TestLoadConfig:
             ("trainer.max_epoch=3", "did you mean trainer.max_epochs"),
             ("modle.backbone=resnet18", "unknown key modle; did you mean model"),
             ("views.min_scale=0.1", "override 'views.min_scale=0.1': views.min_scale"),
-            ("model.method=byol", "model.method"),
+            ("model.method=moco", "model.method"),
             ("nonsense", "not of the form"),
             ("dino.local_crop_scale=[0.5, 0.2]", "local_crop_scale"),
         ],

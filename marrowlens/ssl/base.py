@@ -1,7 +1,8 @@
-"""What SimCLR and DINO share (solo-learn's pattern): optimiser and schedule from the config, the
+"""What every method shares (solo-learn's pattern): optimiser and schedule from the config, the
 per-epoch reseeding that makes resumed runs exact, and the online k-NN check of the embedding.
 
-Methods subclass :class:`SSLModule` and only wire lightly's loss and heads in ``training_step``.
+Methods subclass :class:`SSLModule` (or :class:`~marrowlens.ssl.momentum.MomentumMethod`), declare
+their views in ``build_views`` and only wire lightly's loss and heads in ``training_step``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from lightly.utils.benchmarking import knn_predict
 from lightly.utils.lars import LARS
 from lightly.utils.scheduler import CosineWarmupScheduler
 from sklearn.metrics import balanced_accuracy_score
+from lightly.transforms.multi_view_transform import MultiViewTransform
 from torch import nn
 
 from marrowlens.config import PretrainConfig
@@ -29,7 +31,7 @@ def scaled_lr(config: PretrainConfig, global_batch: int) -> float:
 
 
 class SSLModule(pl.LightningModule):
-    """Shared training logic; subclasses define ``trainable`` modules, ``embedding_backbone`` and the step."""
+    """Shared training logic; subclasses define ``build_views``, ``trainable`` modules, ``embedding_backbone`` and the step."""
 
     def __init__(self, config: PretrainConfig, lr: float, knn_classes: int = 0) -> None:
         super().__init__()
@@ -40,6 +42,11 @@ class SSLModule(pl.LightningModule):
         self._check_query: list[torch.Tensor] = []
 
     # -- what subclasses provide
+    @classmethod
+    def build_views(cls, config: PretrainConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> MultiViewTransform:
+        """The views ``training_step`` consumes, one list of tensors per cell."""
+        raise NotImplementedError
+
     def trainable(self) -> list[nn.Module]:
         raise NotImplementedError
 

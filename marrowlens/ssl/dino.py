@@ -1,4 +1,4 @@
-"""DINO: lightly's DINO head and loss, a momentum teacher, multi-crop views.
+"""DINO: lightly's DINO head and loss, a momentum teacher (:class:`MomentumMethod`), multi-crop views.
 
 The teacher sees only the global views; the teacher temperature follows our own warm-up schedule
 and is passed to the loss explicitly; the last head layer's gradients are cancelled after backward
@@ -7,37 +7,42 @@ for the first epochs (lightly 1.6 semantics, see DESIGN.md pitfalls).
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.utils.scheduler import cosine_schedule
+from lightly.models.utils import deactivate_requires_grad
+from lightly.transforms.multi_view_transform import MultiViewTransform
 from torch import nn
 
 from marrowlens.config import PretrainConfig
-from marrowlens.ssl.base import SSLModule
+from marrowlens.ssl.momentum import MomentumMethod
+from marrowlens.ssl.views import multi_crop_views
 
 
-class DINO(SSLModule):
+class DINO(MomentumMethod):
     def __init__(self, backbone: nn.Module, config: PretrainConfig, lr: float, knn_classes: int = 0) -> None:
-        super().__init__(config, lr, knn_classes)
         dino = config.dino
+        super().__init__(config, lr, knn_classes, dino.momentum_start, dino.momentum_end)
         self.student_backbone = backbone
         head_args = (backbone.num_features, dino.hidden_dim, dino.bottleneck_dim, dino.out_dim)
         self.student_head = DINOProjectionHead(*head_args, freeze_last_layer=dino.freeze_last_layer_epochs)
-        self.teacher_backbone = copy.deepcopy(backbone)
+        self.teacher_backbone = self.frozen_copy(backbone)
         # The head's weight norm cannot be deep-copied: build a twin and copy its state instead.
         self.teacher_head = DINOProjectionHead(*head_args)
         self.teacher_head.load_state_dict(self.student_head.state_dict())
-        deactivate_requires_grad(self.teacher_backbone)
         deactivate_requires_grad(self.teacher_head)
         self.criterion = DINOLoss(output_dim=dino.out_dim, student_temp=dino.student_temp, teacher_temp=dino.teacher_temp)
 
+    @classmethod
+    def build_views(cls, config: PretrainConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> MultiViewTransform:
+        return multi_crop_views(config, mean, std)
+
     def trainable(self) -> list[nn.Module]:
         return [self.student_backbone, self.student_head]
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.student_backbone, self.teacher_backbone), (self.student_head, self.teacher_head)]
 
     @property
     def embedding_backbone(self) -> nn.Module:
@@ -51,12 +56,6 @@ class DINO(SSLModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         views, _ = batch
-        momentum = cosine_schedule(
-            self.trainer.global_step, max(1, int(self.trainer.estimated_stepping_batches)),
-            self.config.dino.momentum_start, self.config.dino.momentum_end,
-        )
-        update_momentum(self.student_backbone, self.teacher_backbone, m=momentum)
-        update_momentum(self.student_head, self.teacher_head, m=momentum)
         global_views = torch.cat(views[:2])
         with torch.no_grad():
             teacher_out = self.teacher_head(self.teacher_backbone(global_views).flatten(1)).chunk(2)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
+from lightly.transforms.multi_view_transform import MultiViewTransform
 from torch import nn
 
 from marrowlens.config import PretrainConfig
 from marrowlens.ssl.base import SSLModule
+from marrowlens.ssl.views import two_global_views
 
 
 class SimCLR(SSLModule):
@@ -17,6 +19,10 @@ class SimCLR(SSLModule):
         self.backbone = backbone
         self.projection_head = SimCLRProjectionHead(backbone.num_features, config.simclr.hidden_dim, config.simclr.out_dim)
         self.criterion = NTXentLoss(temperature=config.simclr.temperature, gather_distributed=True)
+
+    @classmethod
+    def build_views(cls, config: PretrainConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> MultiViewTransform:
+        return two_global_views(config, mean, std)
 
     def trainable(self) -> list[nn.Module]:
         return [self.backbone, self.projection_head]

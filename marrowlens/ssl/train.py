@@ -30,10 +30,8 @@ from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
 from marrowlens.ssl.backbones import BackboneInfo, create_backbone, default_norm, export_backbone
 from marrowlens.ssl.base import SSLModule, scaled_lr
 from marrowlens.ssl.data import PretrainData, check_subset
-from marrowlens.ssl.dino import DINO
 from marrowlens.ssl.embed import preprocess
-from marrowlens.ssl.simclr import SimCLR
-from marrowlens.ssl.views import build_views
+from marrowlens.ssl.methods import METHODS
 
 CONFIG_FILE = "config.yaml"
 COHORT_FILE = "cohort.json"
@@ -213,7 +211,8 @@ def pretrain(config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool =
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
     backbone = create_backbone(config.model.backbone, config.model.image_size, config.model.weights)
     mean, std = default_norm(config.model.backbone)
-    views = build_views(config, mean, std)
+    method = METHODS[config.model.method]
+    views = method.build_views(config, mean, std)
     check_transform = preprocess(BackboneInfo(config.model.backbone, config.model.image_size, mean, std, backbone.num_features, "", ""))
     has_check = check_subset(cohort.cells, config.data.val_cells, config.trainer.seed) is not None
     trainer = build_trainer(config, out, "val_knn_acc" if has_check else None, _has_batchnorm(backbone))
@@ -233,7 +232,6 @@ def pretrain(config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool =
         print(f"learning rate {lr:.4g} for a global batch of {global_batch} ({config.optim.lr_scaling} scaling of base_lr {config.optim.base_lr} per 256)")
         if not resume:
             dump_config(config, out / CONFIG_FILE)
-    method = SimCLR if config.model.method == "simclr" else DINO
     knn_classes = len(data.subset.classes) if data.subset else 0
     module: SSLModule = method(backbone, config, lr=lr, knn_classes=knn_classes)
     try:

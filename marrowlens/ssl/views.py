@@ -7,6 +7,8 @@ Two adjustments for cell images, applied to every view lightly builds:
   augmentation of Tellez et al. (2018) that targets stain and scanner shift; colour jitter alone
   moves hue globally, which is not how stains vary.
 Images are padded to square first, so resizing never distorts a cell.
+
+Which views a method trains on is the method's choice (its ``build_views``, see ``ssl/methods.py``).
 """
 
 from __future__ import annotations
@@ -93,11 +95,10 @@ def _adapt(view_transform: T.Compose, stain: StainJitter, work_side: int) -> Non
     view_transform.transforms = [T.Lambda(pad_to_square), ShrinkTo(work_side), *steps]
 
 
-def build_views(config: PretrainConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> MultiViewTransform:
-    """The multi-view transform of the configured method (2 views for SimCLR, 2 + local for DINO)."""
-    views, size = config.views, config.model.image_size
-    normalize = {"mean": list(mean), "std": list(std)}
-    common = dict(
+def _common(config: PretrainConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> dict:
+    """The settings every lightly transform takes from ``views:``."""
+    views = config.views
+    return dict(
         hf_prob=views.hflip_prob,
         vf_prob=views.vflip_prob,
         rr_prob=views.rotate90_prob,
@@ -105,22 +106,13 @@ def build_views(config: PretrainConfig, mean: tuple[float, ...], std: tuple[floa
         cj_strength=views.color_jitter_strength,
         cj_hue=views.hue,
         random_gray_scale=views.grayscale_prob,
-        normalize=normalize,
+        normalize={"mean": list(mean), "std": list(std)},
     )
-    if config.model.method == "simclr":
-        transform = SimCLRTransform(input_size=size, min_scale=views.min_scale, gaussian_blur=views.blur_prob, **common)
-    else:
-        dino = config.dino
-        transform = DINOTransform(
-            global_crop_size=size,
-            global_crop_scale=(views.min_scale, 1.0),
-            local_crop_size=dino.local_crop_size,
-            local_crop_scale=dino.local_crop_scale,
-            n_local_views=dino.n_local_views,
-            gaussian_blur=(views.blur_prob, views.blur_prob / 3, views.blur_prob),
-            solarization_prob=views.solarization_prob,
-            **common,
-        )
+
+
+def _for_cells(transform: MultiViewTransform, config: PretrainConfig) -> MultiViewTransform:
+    """Every view of a lightly transform adapted to single cells (see the module docstring)."""
+    views, size = config.views, config.model.image_size
     stain = StainJitter(views.stain_jitter_sigma, views.stain_jitter_prob)
     seen: set[int] = set()
     for view in transform.transforms:
@@ -128,3 +120,28 @@ def build_views(config: PretrainConfig, mean: tuple[float, ...], std: tuple[floa
             seen.add(id(view.transform))
             _adapt(view.transform, stain, work_side=2 * size)
     return transform
+
+
+def two_global_views(config: PretrainConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> MultiViewTransform:
+    """Two views of the whole cell (lightly's SimCLR transform), for SimCLR, BYOL and VICReg."""
+    views = config.views
+    transform = SimCLRTransform(
+        input_size=config.model.image_size, min_scale=views.min_scale, gaussian_blur=views.blur_prob, **_common(config, mean, std)
+    )
+    return _for_cells(transform, config)
+
+
+def multi_crop_views(config: PretrainConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> MultiViewTransform:
+    """Two global views, then ``dino.n_local_views`` smaller local crops (lightly's DINO transform)."""
+    views, dino = config.views, config.dino
+    transform = DINOTransform(
+        global_crop_size=config.model.image_size,
+        global_crop_scale=(views.min_scale, 1.0),
+        local_crop_size=dino.local_crop_size,
+        local_crop_scale=dino.local_crop_scale,
+        n_local_views=dino.n_local_views,
+        gaussian_blur=(views.blur_prob, views.blur_prob / 3, views.blur_prob),
+        solarization_prob=views.solarization_prob,
+        **_common(config, mean, std),
+    )
+    return _for_cells(transform, config)

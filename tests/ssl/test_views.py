@@ -4,7 +4,8 @@ import torch
 from PIL import Image
 
 from marrowlens.config import PretrainConfig, load_config
-from marrowlens.ssl.views import CentredResizedCrop, StainJitter, build_views
+from marrowlens.ssl.methods import METHODS
+from marrowlens.ssl.views import CentredResizedCrop, StainJitter
 
 
 def _marked_image(size: int = 60) -> Image.Image:
@@ -47,13 +48,14 @@ class TestStainJitter:
 
 @pytest.mark.parametrize(
     "method, expected",
-    [("simclr", [(3, 32, 32)] * 2), ("dino", [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3)],
+    [("simclr", [(3, 32, 32)] * 2), ("dino", [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3), ("byol", [(3, 32, 32)] * 2),
+     ("vicreg", [(3, 32, 32)] * 2)],
 )
 def test_views_per_method(method: str, expected: list[tuple[int, ...]]) -> None:
     config = load_config(
         PretrainConfig, None, [f"model.method={method}", "model.image_size=32", "dino.local_crop_size=16", "dino.n_local_views=3"]
     )
-    views = build_views(config, (0.5,) * 3, (0.5,) * 3)
+    views = METHODS[method].build_views(config, (0.5,) * 3, (0.5,) * 3)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 40, 3), dtype=np.uint8))
     out = views(image)
     assert [tuple(v.shape) for v in out] == expected
