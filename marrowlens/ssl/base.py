@@ -14,11 +14,11 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from lightly.models.utils import get_weight_decay_parameters
+from lightly.transforms.multi_view_transform import MultiViewTransform
 from lightly.utils.benchmarking import knn_predict
 from lightly.utils.lars import LARS
 from lightly.utils.scheduler import CosineWarmupScheduler
 from sklearn.metrics import balanced_accuracy_score
-from lightly.transforms.multi_view_transform import MultiViewTransform
 from torch import nn
 
 from marrowlens.config import PretrainConfig
