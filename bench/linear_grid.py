@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     emb = load_embeddings(args.embeddings, mmap=True)
-    rows, lines = {}, [f"| grid | weight decay chosen per fold | balanced accuracy | ROC-AUC | fit s |", "|---|---|---|---|---|"]
+    rows, lines = {}, ["| grid | weight decay chosen per fold | balanced accuracy | ROC-AUC | fit s |", "|---|---|---|---|---|"]
     for name, grid in GRIDS.items():
         config = probe_config(args.task, None, {}, [*args.overrides, f"linear.weight_decays={grid}", "eval.bootstrap=200"])
         started = time.perf_counter()

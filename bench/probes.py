@@ -173,8 +173,8 @@ def synthetic(args: argparse.Namespace) -> None:
              f"Blast (linear, {args.cv}-fold patient-grouped CV): " + "; ".join(blast.headline), ""]
     results = {"blast": {"balanced_accuracy": report["cell"]["balanced_accuracy"], "goal": ">= 0.95"}, "sweeps": {}}
     for kind in args.kinds.split(","):
-        sweep = run.noise_sweep(Path(args.embeddings), out / f"sweep_{kind}", sweep_config, rates, kind, ["ce", "gce", "sce"],
-                                blast_probe=out / "blast", overwrite=True)
+        run.noise_sweep(Path(args.embeddings), out / f"sweep_{kind}", sweep_config, rates, kind, ["ce", "gce", "sce"],
+                        blast_probe=out / "blast", overwrite=True)
         data = json.loads((out / f"sweep_{kind}" / "sweep.json").read_text())
         results["sweeps"][kind] = data["rows"]
         lines += [f"Mutation, {kind} noise ({args.cv}-fold CV, blast filter {data['blast_filter']}):", "",

@@ -257,8 +257,6 @@ def _rss_of(pid: int) -> dict:
 
 
 def bench_web(args: argparse.Namespace) -> None:
-    import httpx
-
     images = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".tif", ".tiff"})
     random.Random(0).shuffle(images)
     payloads = [(p.name, p.read_bytes()) for p in images[: args.pool]]
