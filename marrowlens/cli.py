@@ -13,7 +13,7 @@ from typing import List, Optional
 import typer
 from typer.exceptions import TyperException
 
-from marrowlens.config import HEAD_NAMES, INDEX_KIND_NAMES
+from marrowlens.config import HEAD_NAMES, INDEX_KIND_NAMES, METHOD_NAMES
 from marrowlens.errors import Interrupted, MarrowLensError
 
 app = typer.Typer(
@@ -164,7 +164,7 @@ def pretrain(
     cohort: Path = typer.Option(..., "--cohort", help="cohort folder (labels are not used for training)"),
     out: Path = typer.Option(..., "--out", help="run folder to write"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config, e.g. configs/pretrain/tiny_cpu.yaml"),
-    method: Optional[str] = typer.Option(None, help="simclr | dino | byol | vicreg (byol exports its online backbone)"),
+    method: Optional[str] = typer.Option(None, help=f"{' | '.join(METHOD_NAMES)} (byol exports its online backbone)"),
     backbone: Optional[str] = typer.Option(None, help="any timm model name, e.g. resnet18, vit_small_patch16_224"),
     weights: Optional[Path] = typer.Option(None, help="local timm checkpoint to start from (no downloads)"),
     devices: Optional[str] = typer.Option(None, help="devices per node (number or 'auto')"),
@@ -326,14 +326,14 @@ def serve(
 
     from marrowlens.retrieval.search import Searcher
     from marrowlens.retrieval.web import create_app
-    from marrowlens.retrieval.web.app import image_root
+    from marrowlens.retrieval.web.app import LOOPBACK_HOSTS, image_root
 
     searcher = Searcher.open(index, model)
     for source in searcher.index.meta["sources"]:
         if image_root(source) is None:
             say(f"warning: the images of {source['embeddings']} are not on this machine; their thumbnails will be missing")
     app_ = create_app(index, searcher=searcher, max_upload_mb=max_upload_mb, default_k=k, hosts=[host, *allow_host], max_queue=max_queue)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK_HOSTS:
         say(f"warning: listening on {host}: anyone who can reach this machine can query the index and see its cells")
         say(f"clients must address it as {host}, a loopback name or an --allow-host name (other Host headers get 400)")
     say(f"serving {len(searcher)} cells at http://{host}:{port}/ (API docs at /docs; Ctrl-C to stop)")

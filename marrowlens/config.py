@@ -224,9 +224,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(model: type[ConfigT], path: str | Path | None = None, overrides: list[str] | None = None) -> ConfigT:
     """Defaults <- YAML file <- overrides, validated; errors name the offending key."""
     data = read_yaml(path) if path is not None else {}
-    check_override_keys(model, list(overrides or []))
-    apply_overrides(data, list(overrides or []))
-    return validate_config(model, data, source=str(path) if path else "defaults", overrides=list(overrides or []))
+    overrides = list(overrides or [])
+    check_override_keys(model, overrides)
+    apply_overrides(data, overrides)
+    return validate_config(model, data, source=str(path) if path else "defaults", overrides=overrides)
 
 
 def _section(annotation: Any) -> type[BaseModel] | None:

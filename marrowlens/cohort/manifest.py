@@ -251,8 +251,8 @@ def _refuse_images_folder_of_labelled_source(source: Path) -> None:
     labels = source.parent / "labels.csv"
     if source.is_dir() and not (source / "labels.csv").is_file() and labels.is_file():
         try:
-            paths = pd.read_csv(labels, usecols=["path"], nrows=100)["path"].astype(str)
-        except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
+            paths = _read_csv(labels, usecols=["path"], nrows=100)["path"].astype(str)
+        except (MarrowLensError, ValueError):  # unreadable, or no path column: not our business here
             return
         if paths.str.startswith(f"{source.name}/").any():
             raise MarrowLensError(

@@ -111,7 +111,7 @@ def resolve_config(config: PretrainConfig, out: Path, resume: bool) -> PretrainC
     return config
 
 
-def check_cohort(out: Path, cohort_dir: Path, fingerprint: str, resume: bool, launching: bool) -> None:
+def require_same_cohort(out: Path, cohort_dir: Path, fingerprint: str, resume: bool, launching: bool) -> None:
     """The cohort is part of a run: note it at the start, and refuse to resume on another one."""
     path = out / COHORT_FILE
     if resume and path.is_file():
@@ -207,7 +207,7 @@ def pretrain(config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool =
         prepare_run_dir(out, resume, overwrite)
     config = resolve_config(config, out, resume)
     cohort = load_cohort(cohort_dir)
-    check_cohort(out, cohort_dir, cohort.meta["fingerprint"], resume, launching)
+    require_same_cohort(out, cohort_dir, cohort.meta["fingerprint"], resume, launching)
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
     backbone = create_backbone(config.model.backbone, config.model.image_size, config.model.weights)
     mean, std = default_norm(config.model.backbone)
