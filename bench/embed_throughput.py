@@ -62,7 +62,15 @@ def cohorts(workdir: Path, sizes: list[int], cells_per_patient: int, image_size:
     """One synthetic cohort of the largest size; smaller ones index a prefix of its labels."""
     largest = workdir / "synthetic"
     if not (largest / "cells.parquet").is_file() or len(load_cohort(largest).cells) != max(sizes):
-        make_synthetic_cohort(largest, max(sizes) // cells_per_patient, cells_per_patient, image_size, seed=0, workers=workers, overwrite=True)
+        make_synthetic_cohort(
+            largest,
+            max(sizes) // cells_per_patient,
+            cells_per_patient,
+            image_size,
+            seed=0,
+            workers=workers,
+            overwrite=True,
+        )
     folders = {max(sizes): largest}
     labels = pd.read_csv(largest / "labels.csv")
     for size in sorted(sizes)[:-1]:
@@ -91,8 +99,18 @@ def main() -> None:
     rows = []
     for size in sizes:
         for mode in ("plain", "marrowlens"):
-            command = [sys.executable, "-c", MEASURE, mode, str(folders[size]), str(args.workdir / f"emb_{mode}_{size}"),
-                       args.backbone, str(args.image_size), str(args.batch_size), str(args.workers)]
+            command = [
+                sys.executable,
+                "-c",
+                MEASURE,
+                mode,
+                str(folders[size]),
+                str(args.workdir / f"emb_{mode}_{size}"),
+                args.backbone,
+                str(args.image_size),
+                str(args.batch_size),
+                str(args.workers),
+            ]
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             row = {"mode": mode, "size": size, **json.loads(done.stdout.strip().splitlines()[-1])}
             rows.append(row)
@@ -103,7 +121,9 @@ def main() -> None:
         "machine": f"{platform.node()} {platform.machine()}, CPU only",
         "settings": {k: str(v) for k, v in vars(args).items()},
         "rows": rows,
-        "speed_ratio_marrowlens_over_plain": {int(k): round(v, 3) for k, v in (speed["marrowlens"] / speed["plain"]).items()},
+        "speed_ratio_marrowlens_over_plain": {
+            int(k): round(v, 3) for k, v in (speed["marrowlens"] / speed["plain"]).items()
+        },
     }
     print(table.round(1).to_string(index=False))
     print(json.dumps(summary["speed_ratio_marrowlens_over_plain"]))

@@ -41,24 +41,38 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     emb = load_embeddings(args.embeddings, mmap=True)
-    rows, lines = {}, ["| grid | weight decay chosen per fold | balanced accuracy | ROC-AUC | fit s |", "|---|---|---|---|---|"]
+    rows, lines = (
+        {},
+        ["| grid | weight decay chosen per fold | balanced accuracy | ROC-AUC | fit s |", "|---|---|---|---|---|"],
+    )
     for name, grid in GRIDS.items():
-        config = probe_config(args.task, None, {}, [*args.overrides, f"linear.weight_decays={grid}", "eval.bootstrap=200"])
+        config = probe_config(
+            args.task, None, {}, [*args.overrides, f"linear.weight_decays={grid}", "eval.bootstrap=200"]
+        )
         started = time.perf_counter()
         report, _ = cross_validation_report(make_task(config, emb), config)
         seconds = time.perf_counter() - started
         chosen = Counter(fold["head"]["weight_decay"] for fold in report["folds"])
         cell = report["cell"]
-        rows[name] = {"grid": grid, "chosen": dict(chosen), "balanced_accuracy": cell["balanced_accuracy"],
-                      "roc_auc": cell.get("roc_auc_ovr"), "seconds": seconds}
+        rows[name] = {
+            "grid": grid,
+            "chosen": dict(chosen),
+            "balanced_accuracy": cell["balanced_accuracy"],
+            "roc_auc": cell.get("roc_auc_ovr"),
+            "seconds": seconds,
+        }
         picks = ", ".join(f"{w:g} x{n}" for w, n in sorted(chosen.items()))
         auc = cell.get("roc_auc_ovr") or {}
-        lines.append(f"| {name} | {picks} | {cell['balanced_accuracy']['value']:.3f} {cell['balanced_accuracy']['ci']} | "
-                     f"{auc.get('value', float('nan')):.3f} | {seconds:.0f} |")
+        lines.append(
+            f"| {name} | {picks} | {cell['balanced_accuracy']['value']:.3f} {cell['balanced_accuracy']['ci']} | "
+            f"{auc.get('value', float('nan')):.3f} | {seconds:.0f} |"
+        )
     rows["sklearn"] = sklearn_reference(make_task(config, emb), config)
     chosen = ", ".join(f"C={c:g} x{n}" for c, n in sorted(rows["sklearn"]["chosen"].items()))
-    lines.append(f"| scikit-learn lbfgs, C by inner grouped CV | {chosen} | {rows['sklearn']['balanced_accuracy']:.3f} | "
-                 f"{rows['sklearn']['roc_auc']:.3f} | {rows['sklearn']['seconds']:.0f} |")
+    lines.append(
+        f"| scikit-learn lbfgs, C by inner grouped CV | {chosen} | {rows['sklearn']['balanced_accuracy']:.3f} | "
+        f"{rows['sklearn']['roc_auc']:.3f} | {rows['sklearn']['seconds']:.0f} |"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "linear_grid.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
     (args.out / "linear_grid.md").write_text("\n".join(lines) + "\n")
@@ -82,15 +96,20 @@ def sklearn_reference(task, config) -> dict:
     for _, train, test in cv_folds(task, config):
         model = GridSearchCV(
             make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000)),
-            {"logisticregression__C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]}, scoring="balanced_accuracy",
+            {"logisticregression__C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]},
+            scoring="balanced_accuracy",
             cv=StratifiedGroupKFold(3, shuffle=True, random_state=0),
         )
         model.fit(X[train], y[train], groups=groups[train])
         chosen[model.best_params_["logisticregression__C"]] += 1
         proba[test] = model.predict_proba(X[test])[:, 1]
     positive = np.unique(y)[1]
-    return {"chosen": dict(chosen), "balanced_accuracy": balanced_accuracy_score(y == positive, proba >= 0.5),
-            "roc_auc": roc_auc_score(y == positive, proba), "seconds": time.perf_counter() - started}
+    return {
+        "chosen": dict(chosen),
+        "balanced_accuracy": balanced_accuracy_score(y == positive, proba >= 0.5),
+        "roc_auc": roc_auc_score(y == positive, proba),
+        "seconds": time.perf_counter() - started,
+    }
 
 
 if __name__ == "__main__":

@@ -55,9 +55,17 @@ def reference_loop(config: PretrainConfig, cohort, warmup: int, steps: int, devi
     criterion = NTXentLoss(temperature=config.simclr.temperature)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.06)
     views = two_global_views(config, *default_norm(config.model.backbone))
-    loader = DataLoader(_PlainImages(cohort, views), batch_size=config.data.batch_size, shuffle=True, drop_last=True,
-                        num_workers=config.data.num_workers, pin_memory=device == "cuda")
-    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=config.trainer.precision == "bf16-mixed")
+    loader = DataLoader(
+        _PlainImages(cohort, views),
+        batch_size=config.data.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=config.data.num_workers,
+        pin_memory=device == "cuda",
+    )
+    autocast = torch.autocast(
+        device_type=device, dtype=torch.bfloat16, enabled=config.trainer.precision == "bf16-mixed"
+    )
     done, start = 0, None
     while done < warmup + steps:
         for (x0, x1), _ in loader:
@@ -129,12 +137,24 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = load_config(PretrainConfig, None, [
-        f"model.backbone={args.backbone}", f"model.image_size={args.image_size}", f"data.batch_size={args.batch_size}",
-        f"data.num_workers={args.workers}", "data.val_cells=0", f"trainer.precision={args.precision}",
-        "trainer.max_epochs=1", f"trainer.limit_train_batches={args.warmup + args.steps}", "trainer.log_every_n_steps=1000",
-        "optim.optimizer=sgd", f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "trainer.devices=1",
-    ])
+    config = load_config(
+        PretrainConfig,
+        None,
+        [
+            f"model.backbone={args.backbone}",
+            f"model.image_size={args.image_size}",
+            f"data.batch_size={args.batch_size}",
+            f"data.num_workers={args.workers}",
+            "data.val_cells=0",
+            f"trainer.precision={args.precision}",
+            "trainer.max_epochs=1",
+            f"trainer.limit_train_batches={args.warmup + args.steps}",
+            "trainer.log_every_n_steps=1000",
+            "optim.optimizer=sgd",
+            f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
+            "trainer.devices=1",
+        ],
+    )
     cohort = load_cohort(args.cohort)
     needed = (args.warmup + args.steps) * args.batch_size
     if len(cohort.cells) < needed:

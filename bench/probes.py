@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO))
 def machine() -> str:
     model = ""
     try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return f"{platform.node()}: {os.cpu_count()} cores {model}, Python {platform.python_version()}"
@@ -88,7 +89,12 @@ def run_case(args: argparse.Namespace) -> None:
     labels = np.load(Path(args.vectors).with_suffix(".labels.npy"))
     groups = np.arange(len(labels)) // 100  # 100 cells a "patient"
     before = rss_mb()
-    result: dict = {"case": args.case, "n": int(len(labels)), "dim": int(vectors.shape[1]), "threads": torch.get_num_threads()}
+    result: dict = {
+        "case": args.case,
+        "n": len(labels),
+        "dim": int(vectors.shape[1]),
+        "threads": torch.get_num_threads(),
+    }
     start = time.perf_counter()
     if args.case == "linear":
         head = LinearProbe().fit(RowView(vectors, np.arange(len(labels))), labels, groups=groups)
@@ -98,11 +104,14 @@ def run_case(args: argparse.Namespace) -> None:
     elif args.case == "knn":
         head = KNNProbe().fit(RowView(vectors, np.arange(len(labels))), labels)
         result["fit_s"] = time.perf_counter() - start
-        query = np.asarray(vectors[-args.queries:])
+        query = np.asarray(vectors[-args.queries :])
         start = time.perf_counter()
         pred = head.predict(query)
-        result.update(predict_s=time.perf_counter() - start, queries=args.queries,
-                      accuracy_on_queries_incl_self=float((pred == labels[-args.queries:]).mean()))
+        result.update(
+            predict_s=time.perf_counter() - start,
+            queries=args.queries,
+            accuracy_on_queries_incl_self=float((pred == labels[-args.queries :]).mean()),
+        )
     elif args.case == "sklearn-logreg":
         from sklearn.linear_model import LogisticRegression
 
@@ -114,10 +123,13 @@ def run_case(args: argparse.Namespace) -> None:
         head = KNeighborsClassifier(n_neighbors=20, metric="cosine", algorithm="brute").fit(np.asarray(vectors), labels)
         result["fit_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        head.predict(np.asarray(vectors[-args.queries:]))
+        head.predict(np.asarray(vectors[-args.queries :]))
         result.update(predict_s=time.perf_counter() - start, queries=args.queries)
-    result.update(rss_before_fit_mb=before, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  data_mb=vectors.nbytes / 2**20)
+    result.update(
+        rss_before_fit_mb=before,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        data_mb=vectors.nbytes / 2**20,
+    )
     print(json.dumps(result))
 
 
@@ -131,28 +143,50 @@ def speed(args: argparse.Namespace) -> None:
         make_vectors(path, n, dim)
         cases = ["linear", "knn"] + (["sklearn-logreg", "sklearn-knn"] if n <= args.reference_max else [])
         for case in cases:
-            command = [sys.executable, __file__, "_case", "--case", case, "--vectors", str(path), "--queries", str(args.queries)]
-            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+            command = [
+                sys.executable,
+                __file__,
+                "_case",
+                "--case",
+                case,
+                "--vectors",
+                str(path),
+                "--queries",
+                str(args.queries),
+            ]
+            done = subprocess.run(
+                command, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": str(REPO)}
+            )
             if done.returncode != 0:
                 raise SystemExit(f"{case} {size} failed:\n{done.stderr[-2000:]}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    lines = [f"Machine: {machine()}", "", "| case | n x dim | fit s | predict s (queries) | peak RSS MB | RSS before fit MB | data MB | notes |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {machine()}",
+        "",
+        "| case | n x dim | fit s | predict s (queries) | peak RSS MB | RSS before fit MB | data MB | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         predict = f"{r['predict_s']:.2f} ({r['queries']})" if "predict_s" in r else "–"
         notes = f"epochs {r['epochs']}, wd {r['weight_decay']}" if "epochs" in r else ""
-        lines.append(f"| {r['case']} | {r['n']} x {r['dim']} | {r['fit_s']:.1f} | {predict} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['rss_before_fit_mb']:.0f} | {r['data_mb']:.0f} | {notes} |")
+        lines.append(
+            f"| {r['case']} | {r['n']} x {r['dim']} | {r['fit_s']:.1f} | {predict} | {r['peak_rss_mb']:.0f} | "
+            f"{r['rss_before_fit_mb']:.0f} | {r['data_mb']:.0f} | {notes} |"
+        )
     for r in rows:
         ref = next((x for x in rows if x["case"] == "sklearn-logreg" and x["n"] == r["n"]), None)
         if r["case"] == "linear" and ref:
-            lines.append(f"\nTime ratio on {r['n']} x {r['dim']}, linear probe (5 weight decays trained together, early "
-                         f"stopping, refit) / one scikit-learn lbfgs LogisticRegression fit (same run): {r['fit_s'] / ref['fit_s']:.1f}")
+            lines.append(
+                f"\nTime ratio on {r['n']} x {r['dim']}, linear probe (5 weight decays trained together, early "
+                f"stopping, refit) / one scikit-learn lbfgs LogisticRegression fit (same run): {r['fit_s'] / ref['fit_s']:.1f}"
+            )
         ref = next((x for x in rows if x["case"] == "sklearn-knn" and x["n"] == r["n"]), None)
         if r["case"] == "knn" and ref:
-            lines.append(f"\nTime ratio on {r['n']} x {r['dim']}, k-NN probe predict / scikit-learn brute-force cosine "
-                         f"KNeighborsClassifier predict, {r['queries']} queries (same run): {r['predict_s'] / ref['predict_s']:.2f}")
+            lines.append(
+                f"\nTime ratio on {r['n']} x {r['dim']}, k-NN probe predict / scikit-learn brute-force cosine "
+                f"KNeighborsClassifier predict, {r['queries']} queries (same run): {r['predict_s'] / ref['predict_s']:.2f}"
+            )
     write(Path(args.out), "speed", {"machine": machine(), "rows": rows}, "\n".join(lines))
 
 
@@ -167,28 +201,51 @@ def synthetic(args: argparse.Namespace) -> None:
     blast_config = run.probe_config("blast", None, {"eval.cv": args.cv}, overrides)
     blast = run.fit("blast", Path(args.embeddings), out / "blast", blast_config, overwrite=True)
     report = json.loads((out / "blast" / "report.json").read_text())
-    sweep_config = run.probe_config("mutation", None, {"eval.cv": args.cv, "imbalance.class_weight": "balanced"}, overrides)
+    sweep_config = run.probe_config(
+        "mutation", None, {"eval.cv": args.cv, "imbalance.class_weight": "balanced"}, overrides
+    )
     rates = [float(x) for x in args.noise.split(",")]
-    lines = [f"Machine: {machine()}", f"Embeddings: {args.embeddings} ({report['embeddings']['fingerprint'][:19]})", "",
-             f"Blast (linear, {args.cv}-fold patient-grouped CV): " + "; ".join(blast.headline), ""]
+    lines = [
+        f"Machine: {machine()}",
+        f"Embeddings: {args.embeddings} ({report['embeddings']['fingerprint'][:19]})",
+        "",
+        f"Blast (linear, {args.cv}-fold patient-grouped CV): " + "; ".join(blast.headline),
+        "",
+    ]
     results = {"blast": {"balanced_accuracy": report["cell"]["balanced_accuracy"], "goal": ">= 0.95"}, "sweeps": {}}
     for kind in args.kinds.split(","):
-        run.noise_sweep(Path(args.embeddings), out / f"sweep_{kind}", sweep_config, rates, kind, ["ce", "gce", "sce"],
-                        blast_probe=out / "blast", overwrite=True)
+        run.noise_sweep(
+            Path(args.embeddings),
+            out / f"sweep_{kind}",
+            sweep_config,
+            rates,
+            kind,
+            ["ce", "gce", "sce"],
+            blast_probe=out / "blast",
+            overwrite=True,
+        )
         data = json.loads((out / f"sweep_{kind}" / "sweep.json").read_text())
         results["sweeps"][kind] = data["rows"]
-        lines += [f"Mutation, {kind} noise ({args.cv}-fold CV, blast filter {data['blast_filter']}):", "",
-                  "| loss | noise | cell balanced accuracy | patient accuracy [95% CI] | undetermined |", "|---|---|---|---|---|"]
+        lines += [
+            f"Mutation, {kind} noise ({args.cv}-fold CV, blast filter {data['blast_filter']}):",
+            "",
+            "| loss | noise | cell balanced accuracy | patient accuracy [95% CI] | undetermined |",
+            "|---|---|---|---|---|",
+        ]
         for r in data["rows"]:
             ci = r.get("patient_accuracy_ci") or [float("nan")] * 2
-            lines.append(f"| {r['loss']} | {r['noise']:.1f} | {r['cell_balanced_accuracy']:.3f} | "
-                         f"{r.get('patient_accuracy', float('nan')):.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {r.get('undetermined_patients')} |")
+            lines.append(
+                f"| {r['loss']} | {r['noise']:.1f} | {r['cell_balanced_accuracy']:.3f} | "
+                f"{r.get('patient_accuracy', float('nan')):.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {r.get('undetermined_patients')} |"
+            )
         acc = {(r["loss"], r["noise"]): r.get("patient_accuracy") for r in data["rows"]}
         top = max(rates)
         if ("gce", 0.0) in acc and ("gce", top) in acc:
-            lines.append(f"\nGoal checks ({kind}): GCE at {top:.0%} within 5 points of its 0% figure: "
-                         f"{acc[('gce', 0.0)] - acc[('gce', top)] <= 0.05} ({acc[('gce', 0.0)]:.3f} -> {acc[('gce', top)]:.3f}); "
-                         f"above CE at {top:.0%}: {acc[('gce', top)] > acc[('ce', top)]} ({acc[('ce', top)]:.3f})")
+            lines.append(
+                f"\nGoal checks ({kind}): GCE at {top:.0%} within 5 points of its 0% figure: "
+                f"{acc[('gce', 0.0)] - acc[('gce', top)] <= 0.05} ({acc[('gce', 0.0)]:.3f} -> {acc[('gce', top)]:.3f}); "
+                f"above CE at {top:.0%}: {acc[('gce', top)] > acc[('ce', top)]} ({acc[('ce', top)]:.3f})"
+            )
         lines.append("")
     bal = report["cell"]["balanced_accuracy"]["value"]
     lines.append(f"Goal check: blast balanced accuracy >= 0.95: {bal >= 0.95} ({bal:.3f})")
@@ -218,37 +275,70 @@ def real(args: argparse.Namespace) -> None:
         backbones.append(("random", info["timm_name"], info["timm_name"], info["image_size"]))
     else:
         backbones.append(("random", args.arch, args.arch, args.image_size))
-    lines = [f"Machine: {machine()}", f"Data: {data / 'deepapl_jhu'} (patient-grouped {args.cv}-fold CV, 95% CI over patients)", "",
-             "| backbone | task | head | accuracy [95% CI] | balanced accuracy | macro-F1 [95% CI] | cells |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {machine()}",
+        f"Data: {data / 'deepapl_jhu'} (patient-grouped {args.cv}-fold CV, 95% CI over patients)",
+        "",
+        "| backbone | task | head | accuracy [95% CI] | balanced accuracy | macro-F1 [95% CI] | cells |",
+        "|---|---|---|---|---|---|---|",
+    ]
     rows = []
     for label, ref, arch, size in backbones:
         emb = out / f"emb_{label}_{arch}_{size}"
         if not (emb / "meta.json").is_file():
-            embed_cohort(ref, cohort, emb, image_size=None if label == "ssl" else size, batch_size=64, accelerator="cpu",
-                         num_workers=args.workers)
+            embed_cohort(
+                ref,
+                cohort,
+                emb,
+                image_size=None if label == "ssl" else size,
+                batch_size=64,
+                accelerator="cpu",
+                num_workers=args.workers,
+            )
         fingerprint = read_meta(emb, "embeddings")["fingerprint"]
         for task, config_path in (("blast", None), ("cell_type", REPO / WBC)):
             for head in ("knn", "linear"):
-                config = run.probe_config(task, config_path, {"head": head, "eval.cv": args.cv, "imbalance.class_weight": "balanced"}, [])
+                config = run.probe_config(
+                    task, config_path, {"head": head, "eval.cv": args.cv, "imbalance.class_weight": "balanced"}, []
+                )
                 probe = out / f"probe_{label}_{task}_{head}"
                 run.fit(task, emb, probe, config, overwrite=True)
                 cell = json.loads((probe / "report.json").read_text())["cell"]
-                row = {"backbone": f"{label} {arch} @{size}", "task": task, "head": head, "n": cell["n"], "embeddings": fingerprint,
-                       **{k: cell[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}}
+                row = {
+                    "backbone": f"{label} {arch} @{size}",
+                    "task": task,
+                    "head": head,
+                    "n": cell["n"],
+                    "embeddings": fingerprint,
+                    **{k: cell[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
+                }
                 rows.append(row)
                 acc, f1 = cell["accuracy"], cell["macro_f1"]
-                lines.append(f"| {row['backbone']} | {task} | {head} | {acc['value']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}] | "
-                             f"{cell['balanced_accuracy']['value']:.3f} | {f1['value']:.3f} [{f1['ci'][0]:.3f}, {f1['ci'][1]:.3f}] | {cell['n']} |")
+                lines.append(
+                    f"| {row['backbone']} | {task} | {head} | {acc['value']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}] | "
+                    f"{cell['balanced_accuracy']['value']:.3f} | {f1['value']:.3f} [{f1['ci'][0]:.3f}, {f1['ci'][1]:.3f}] | {cell['n']} |"
+                )
                 print(lines[-1], flush=True)
         # the seed paper's setting: PML_RARA vs other_AML per patient, from the cells the linear blast probe keeps
-        config = run.probe_config("mutation", None, {"loss.name": "gce", "eval.cv": args.cv, "imbalance.class_weight": "balanced"}, [])
+        config = run.probe_config(
+            "mutation", None, {"loss.name": "gce", "eval.cv": args.cv, "imbalance.class_weight": "balanced"}, []
+        )
         probe = out / f"probe_{label}_mutation"
         run.fit("mutation", emb, probe, config, blast_probe=out / f"probe_{label}_blast_linear", overwrite=True)
         patient = json.loads((probe / "report.json").read_text())["patient"]
         acc, bal = patient["accuracy"], patient["balanced_accuracy"]
-        rows.append({"backbone": f"{label} {arch} @{size}", "task": "mutation (patients)", "head": "linear gce", "patient": patient})
-        lines.append(f"| {label} {arch} @{size} | mutation, per patient ({patient['n_undetermined']} undetermined) | linear, GCE | "
-                     f"{acc['value']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}] | {bal['value']:.3f} | – | {patient['n_determined']} patients |")
+        rows.append(
+            {
+                "backbone": f"{label} {arch} @{size}",
+                "task": "mutation (patients)",
+                "head": "linear gce",
+                "patient": patient,
+            }
+        )
+        lines.append(
+            f"| {label} {arch} @{size} | mutation, per patient ({patient['n_undetermined']} undetermined) | linear, GCE | "
+            f"{acc['value']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}] | {bal['value']:.3f} | – | {patient['n_determined']} patients |"
+        )
         print(lines[-1], flush=True)
     write(out, "real", {"machine": machine(), "rows": rows}, "\n".join(lines))
 
@@ -258,7 +348,11 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("speed")
     p.add_argument("--sizes", default="100000x512,1000000x384")
-    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "marrowlens_bench_probes"), help="where the synthetic vectors are written")
+    p.add_argument(
+        "--work",
+        default=str(Path(tempfile.gettempdir()) / "marrowlens_bench_probes"),
+        help="where the synthetic vectors are written",
+    )
     p.add_argument("--queries", type=int, default=2000, help="k-NN queries timed")
     p.add_argument("--reference-max", type=int, default=100000, help="largest n for the scikit-learn references")
     p.add_argument("--out", default="bench/out/probes")

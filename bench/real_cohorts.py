@@ -54,15 +54,21 @@ def pixel_store(cohort_dir: Path, out: Path) -> Path:
         return out
     loaded = load_cohort(cohort_dir)
     resize = T.Resize((PIXELS, PIXELS), antialias=True)
-    rows = [np.asarray(resize(pad_to_square(load_rgb(loaded.image_path(p)))), dtype=np.float32).ravel() / 255.0
-            for p in tqdm(loaded.cells["path"], desc="raw pixels", disable=None)]
-    meta = {"model": {"timm_name": "raw-pixels", "image_size": PIXELS, "fingerprint": f"raw-pixels:{PIXELS}"},
-            "cohort": {"folder": str(cohort_dir), "fingerprint": loaded.meta["fingerprint"]}}
+    rows = [
+        np.asarray(resize(pad_to_square(load_rgb(loaded.image_path(p)))), dtype=np.float32).ravel() / 255.0
+        for p in tqdm(loaded.cells["path"], desc="raw pixels", disable=None)
+    ]
+    meta = {
+        "model": {"timm_name": "raw-pixels", "image_size": PIXELS, "fingerprint": f"raw-pixels:{PIXELS}"},
+        "cohort": {"folder": str(cohort_dir), "fingerprint": loaded.meta["fingerprint"]},
+    }
     write_embeddings(out, np.stack(rows), loaded.cells, meta)
     return out
 
 
-def stores(cohort_dir: Path, ssl_run: Path, workdir: Path, ssl_run_without_stain: Path | None = None) -> dict[str, Path]:
+def stores(
+    cohort_dir: Path, ssl_run: Path, workdir: Path, ssl_run_without_stain: Path | None = None
+) -> dict[str, Path]:
     info = json.loads((ssl_run / "backbone.json").read_text())
     made = {}
     variants = [("ssl", ssl_run, "none"), ("ssl+reinhard", ssl_run, "reinhard"), ("random", info["timm_name"], "none")]
@@ -71,7 +77,15 @@ def stores(cohort_dir: Path, ssl_run: Path, workdir: Path, ssl_run_without_stain
     for name, model, stain in variants:
         folder = workdir / f"emb_{name}"
         if not (folder / "meta.json").is_file():
-            embed_cohort(model, cohort_dir, folder, image_size=info["image_size"], num_workers=2, stain_normalize=stain, overwrite=True)
+            embed_cohort(
+                model,
+                cohort_dir,
+                folder,
+                image_size=info["image_size"],
+                num_workers=2,
+                stain_normalize=stain,
+                overwrite=True,
+            )
         made[name] = folder
     made["pixels"] = pixel_store(cohort_dir, workdir / "emb_pixels")
     return made
@@ -115,7 +129,13 @@ def measure(name: str, store: Path, workdir: Path) -> dict:
     leukemic = ["blast.source=cell_type", "blast.blast_types=['Blast, no lineage spec', Promyelocyte]", "eval.cv=0"]
     fit("blast", deepapl, probe_root / "leukemic", leukemic)
     for loss in ("ce", "gce"):
-        report = fit("mutation", deepapl, probe_root / f"apl_{loss}", [f"loss.name={loss}", "mutation.control=null"], blast=probe_root / "leukemic")
+        report = fit(
+            "mutation",
+            deepapl,
+            probe_root / f"apl_{loss}",
+            [f"loss.name={loss}", "mutation.control=null"],
+            blast=probe_root / "leukemic",
+        )
         patient = report["patient"]
         results[f"apl_{loss}_patient_auc"] = _ci(patient.get("roc_auc_ovr"))
         results[f"apl_{loss}_patient_balanced_accuracy"] = _ci(patient.get("balanced_accuracy"))
@@ -130,8 +150,11 @@ def wbc_across_sources(name: str, store: Path, workdir: Path) -> dict:
     report = json.loads((folder / "report.json").read_text())
     rows = {row["held_out_domain"]: row for row in report["leave_one_domain_out"]}
     f1 = {domain: rows[domain].get("macro_f1") for domain in rows}
-    return {"representation": name, **{f"loso_macro_f1[{d}]": (round(v, 3) if v is not None else None) for d, v in f1.items()},
-            "loso_macro_f1_mean": round(float(np.mean([v for v in f1.values() if v is not None])), 3)}
+    return {
+        "representation": name,
+        **{f"loso_macro_f1[{d}]": (round(v, 3) if v is not None else None) for d, v in f1.items()},
+        "loso_macro_f1_mean": round(float(np.mean([v for v in f1.values() if v is not None])), 3),
+    }
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -145,8 +168,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--ssl-run", type=Path, required=True)
-    parser.add_argument("--ssl-run-without-stain", type=Path, default=None,
-                        help="the same pretraining without stain augmentation, for the white-cell comparison")
+    parser.add_argument(
+        "--ssl-run-without-stain",
+        type=Path,
+        default=None,
+        help="the same pretraining without stain augmentation, for the white-cell comparison",
+    )
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -156,9 +183,14 @@ def main() -> None:
     deepapl_rows = [measure(name, made[name], args.workdir) for name in ("ssl", "random", "pixels")]
     wbc_names = ["ssl", "ssl+reinhard", "ssl-no-stain-aug", "random", "pixels"]
     wbc_rows = [wbc_across_sources(name, made[name], args.workdir) for name in wbc_names if name in made]
-    result = {"machine": f"{platform.node()} {platform.machine()}, CPU only", "ssl_run": str(args.ssl_run),
-              "ssl_run_without_stain": str(args.ssl_run_without_stain) if args.ssl_run_without_stain else None,
-              "seconds": round(time.time() - started), "deepapl": deepapl_rows, "white_cells_across_sources": wbc_rows}
+    result = {
+        "machine": f"{platform.node()} {platform.machine()}, CPU only",
+        "ssl_run": str(args.ssl_run),
+        "ssl_run_without_stain": str(args.ssl_run_without_stain) if args.ssl_run_without_stain else None,
+        "seconds": round(time.time() - started),
+        "deepapl": deepapl_rows,
+        "white_cells_across_sources": wbc_rows,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "real_cohorts.json").write_text(json.dumps(result, indent=2) + "\n")
     tables = [markdown_table(deepapl_rows), markdown_table(wbc_rows)]

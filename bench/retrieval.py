@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import operator
 import os
 import random
 import socket
@@ -53,12 +55,16 @@ sys.path.insert(0, str(REPO))
 # ------------------------------------------------------------------------------------------ data
 
 
-def clustered(n: int, dim: int, seed: int, states: int = 4096, centre_dims: int = 128, local_dims: int = 16) -> np.ndarray:
+def clustered(
+    n: int, dim: int, seed: int, states: int = 4096, centre_dims: int = 128, local_dims: int = 16
+) -> np.ndarray:
     """Cell-like embeddings: a mixture of ``states`` low-rank Gaussians (see the module docstring)."""
     rng = np.random.default_rng(1234)  # the mixture itself is fixed; ``seed`` picks the draws
     span = np.linalg.qr(rng.standard_normal((dim, centre_dims)))[0]
     centres = (0.3 * rng.standard_normal((states, centre_dims)) @ span.T).astype(np.float32)
-    bases = np.stack([np.linalg.qr(rng.standard_normal((dim, local_dims)))[0] for _ in range(states)]).astype(np.float32)
+    bases = np.stack([np.linalg.qr(rng.standard_normal((dim, local_dims)))[0] for _ in range(states)]).astype(
+        np.float32
+    )
     draw = np.random.default_rng(seed)
     state = draw.integers(0, states, n)
     out = draw.standard_normal((n, dim), dtype=np.float32) * np.float32(0.1)
@@ -97,12 +103,27 @@ def prepare(work: Path, data: str, n: int, dim: int, queries: int) -> tuple[Path
     vectors, q = make_data(data, n, dim, queries)
     cells = pd.DataFrame(
         {
-            "cell_id": [f"b{i:08d}" for i in range(n)], "path": [f"b/{i}.png" for i in range(n)],
-            "patient_id": [f"P{i % 997}" for i in range(n)], "cell_type": None, "is_blast": None,
-            "mutation": None, "domain": None, "split": None, "width": 64, "height": 64,
+            "cell_id": [f"b{i:08d}" for i in range(n)],
+            "path": [f"b/{i}.png" for i in range(n)],
+            "patient_id": [f"P{i % 997}" for i in range(n)],
+            "cell_type": None,
+            "is_blast": None,
+            "mutation": None,
+            "domain": None,
+            "split": None,
+            "width": 64,
+            "height": 64,
         }
     )
-    model = {"timm_name": "bench", "image_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "num_features": dim, "fingerprint": "bench", "source": "random init"}
+    model = {
+        "timm_name": "bench",
+        "image_size": 224,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "num_features": dim,
+        "fingerprint": "bench",
+        "source": "random init",
+    }
     write_embeddings(store, vectors, cells, {"model": model})
     np.save(qfile, q)
     print(f"  data {tag} {n}x{dim}: made in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -127,8 +148,13 @@ def worker_build(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     index = build_index(args.store, args.out, kind=args.kind, overrides=args.set, overwrite=True)
     seconds = time.perf_counter() - t0
-    return {"build_s": seconds, "baseline_rss_mib": baseline, "params": index.params, "factory": index.meta["factory"],
-            "file_mib": (Path(args.out) / "index.faiss").stat().st_size / 2**20}
+    return {
+        "build_s": seconds,
+        "baseline_rss_mib": baseline,
+        "params": index.params,
+        "factory": index.meta["factory"],
+        "file_mib": (Path(args.out) / "index.faiss").stat().st_size / 2**20,
+    }
 
 
 def worker_search(args: argparse.Namespace) -> dict:
@@ -142,7 +168,9 @@ def worker_search(args: argparse.Namespace) -> dict:
     truth = np.load(args.truth) if args.truth else None
     key = index_kind(index.kind).effort_param
     default = index.params.get(key) if key else None
-    sweep = [default] + [v for v in args.sweep if key and v != default and (key != "nprobe" or v <= index.params["nlist"])]
+    sweep = [default] + [
+        v for v in args.sweep if key and v != default and (key != "nprobe" or v <= index.params["nlist"])
+    ]
     rows = []
     for value in sweep:
         if key:
@@ -157,18 +185,33 @@ def worker_search(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         _, found = index.search(queries, 10)
         batched = time.perf_counter() - t
-        recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)])) if truth is not None else None
+        recall = (
+            float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)])) if truth is not None else None
+        )
         if truth is None:
             np.save(args.save_truth, found)
-        rows.append({key or "exact": value, "p50_ms": 1000 * float(np.median(single)), "p99_ms": 1000 * float(np.percentile(single, 99)),
-                     "cpu_ms": 1000 * float(np.mean(cpu)),
-                     "single_qps": len(single) / sum(single), "batched_qps": len(queries) / batched, "recall@10": recall})
+        rows.append(
+            {
+                key or "exact": value,
+                "p50_ms": 1000 * float(np.median(single)),
+                "p99_ms": 1000 * float(np.percentile(single, 99)),
+                "cpu_ms": 1000 * float(np.mean(cpu)),
+                "single_qps": len(single) / sum(single),
+                "batched_qps": len(queries) / batched,
+                "recall@10": recall,
+            }
+        )
     return {"index_rss_mib": loaded - before, "rows": rows}
 
 
 def run_worker(*argv: str) -> tuple[dict, float]:
     """Run this script as a worker; return its JSON and its peak RSS (MiB) from wait4."""
-    proc = subprocess.Popen([sys.executable, str(HERE), *argv], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE), *argv],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -192,12 +235,30 @@ def bench_index(args: argparse.Namespace) -> None:
         for kind in kinds:
             out = work / f"idx-{store.name}-{kind}"
             sets = [s for s in args.set if s.partition("=")[0] in _keys(kind)]
-            built, build_peak = run_worker("_build", str(store), str(out), kind, *sum((["--set", s] for s in sets), []))
-            search_args = ["_search", str(out), str(qfile), "--single", str(args.single), "--sweep", *map(str, args.sweep)]
+            built, build_peak = run_worker(
+                "_build", str(store), str(out), kind, *functools.reduce(operator.iadd, (["--set", s] for s in sets), [])
+            )
+            search_args = [
+                "_search",
+                str(out),
+                str(qfile),
+                "--single",
+                str(args.single),
+                "--sweep",
+                *map(str, args.sweep),
+            ]
             search_args += ["--truth", str(truth)] if kind != "flat" else ["--save-truth", str(truth)]
             searched, _ = run_worker(*search_args)
-            record = {"n": n, "dim": args.dim, "data": args.data, "kind": kind, **built, "build_peak_rss_mib": build_peak, **searched,
-                      "load_average": os.getloadavg()[0]}
+            record = {
+                "n": n,
+                "dim": args.dim,
+                "data": args.data,
+                "kind": kind,
+                **built,
+                "build_peak_rss_mib": build_peak,
+                **searched,
+                "load_average": os.getloadavg()[0],
+            }
             results.append(record)
             _print_record(record)
     tag = Path(args.data).stem if args.data.endswith(".npy") else args.data
@@ -213,13 +274,19 @@ def _keys(kind: str) -> tuple[str, ...]:
 
 
 def _print_record(r: dict) -> None:
-    print(f"  {r['n']:>8} {r['kind']:<6} build {r['build_s']:7.1f} s  peak RSS {r['build_peak_rss_mib']:7.0f} MiB  "
-          f"index {r['file_mib']:7.0f} MiB (RSS +{r['index_rss_mib']:.0f})  {r['factory']}  load {r['load_average']:.1f}", flush=True)
+    print(
+        f"  {r['n']:>8} {r['kind']:<6} build {r['build_s']:7.1f} s  peak RSS {r['build_peak_rss_mib']:7.0f} MiB  "
+        f"index {r['file_mib']:7.0f} MiB (RSS +{r['index_rss_mib']:.0f})  {r['factory']}  load {r['load_average']:.1f}",
+        flush=True,
+    )
     for row in r["rows"]:
         name = next(iter(row))
         recall = "-" if row["recall@10"] is None else f"{row['recall@10']:.4f}"
-        print(f"      {name}={row[name]}: p50 {row['p50_ms']:.3f} ms  p99 {row['p99_ms']:.3f} ms  CPU {row['cpu_ms']:.3f} ms  single {row['single_qps']:.0f} q/s  "
-              f"batched {row['batched_qps']:.0f} q/s  recall@10 {recall}", flush=True)
+        print(
+            f"      {name}={row[name]}: p50 {row['p50_ms']:.3f} ms  p99 {row['p99_ms']:.3f} ms  CPU {row['cpu_ms']:.3f} ms  single {row['single_qps']:.0f} q/s  "
+            f"batched {row['batched_qps']:.0f} q/s  recall@10 {recall}",
+            flush=True,
+        )
 
 
 def _free_port() -> int:
@@ -257,15 +324,20 @@ def _rss_of(pid: int) -> dict:
 
 
 def bench_web(args: argparse.Namespace) -> None:
-    images = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".tif", ".tiff"})
+    images = sorted(
+        p for p in Path(args.images).rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+    )
     random.Random(0).shuffle(images)
     payloads = [(p.name, p.read_bytes()) for p in images[: args.pool]]
     if not payloads:
         raise SystemExit(f"no images under {args.images}")
     info = {"machine": f"{os.cpu_count()} cores", "index": args.index, "images": len(payloads), "k": args.k, "runs": []}
     info["reference"] = _reference(args.index, payloads, args.k)
-    print(f"  reference (no HTTP, one image at a time): p50 {info['reference']['p50_ms']:.1f} ms, "
-          f"{info['reference']['cpu_ms']:.1f} ms CPU per search; load {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"  reference (no HTTP, one image at a time): p50 {info['reference']['p50_ms']:.1f} ms, "
+        f"{info['reference']['cpu_ms']:.1f} ms CPU per search; load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     for max_queue in args.max_queue:
         _bench_server(args, payloads, info, max_queue)
     if args.json:
@@ -279,8 +351,22 @@ def _bench_server(args: argparse.Namespace, payloads: list[tuple[str, bytes]], i
 
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "marrowlens", "serve", "--index", args.index, "--port", str(port), "--max-queue", str(max_queue)],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "marrowlens",
+            "serve",
+            "--index",
+            args.index,
+            "--port",
+            str(port),
+            "--max-queue",
+            str(max_queue),
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -298,18 +384,25 @@ def _bench_server(args: argparse.Namespace, payloads: list[tuple[str, bytes]], i
             cpu_before, client_before = _cpu_seconds(server.pid), time.process_time()
             run = asyncio.run(_load(url, payloads, clients, args.duration, args.warmup, args.k))
             run["max_queue"] = max_queue
-            run["server_cpu_ms_per_request"] = 1000 * (_cpu_seconds(server.pid) - cpu_before) / max(run["all_requests"], 1)
-            run["client_cpu_ms_per_request"] = 1000 * (time.process_time() - client_before) / max(run["all_requests"], 1)
+            run["server_cpu_ms_per_request"] = (
+                1000 * (_cpu_seconds(server.pid) - cpu_before) / max(run["all_requests"], 1)
+            )
+            run["client_cpu_ms_per_request"] = (
+                1000 * (time.process_time() - client_before) / max(run["all_requests"], 1)
+            )
             run["rss_before_mib"], after = memory_before["rss_mib"], _rss_of(server.pid)
             run["rss_after_mib"], run["peak_rss_mib"] = after["rss_mib"], after["peak_rss_mib"]
             run["load_average"] = os.getloadavg()[0]
             info["runs"].append(run)
-            print(f"  --max-queue {max_queue}, {clients:>3} clients x {args.duration:.0f} s: {run['requests']} answered ({run['throughput']:.1f}/s), "
-                  f"503 {run['refused']}, errors {run['errors']}, latency p50 {run['p50_ms']:.1f} p95 {run['p95_ms']:.1f} "
-                  f"p99 {run['p99_ms']:.1f} max {run['max_ms']:.1f} ms; server time p50 {run['server_p50_ms']:.1f} ms "
-                  f"p99 {run['server_p99_ms']:.1f} ms, server CPU {run['server_cpu_ms_per_request']:.1f} ms/request; "
-                  f"server RSS {run['rss_before_mib']:.0f} -> {run['rss_after_mib']:.0f} MiB (peak {run['peak_rss_mib']:.0f}); "
-                  f"load {run['load_average']:.1f}", flush=True)
+            print(
+                f"  --max-queue {max_queue}, {clients:>3} clients x {args.duration:.0f} s: {run['requests']} answered ({run['throughput']:.1f}/s), "
+                f"503 {run['refused']}, errors {run['errors']}, latency p50 {run['p50_ms']:.1f} p95 {run['p95_ms']:.1f} "
+                f"p99 {run['p99_ms']:.1f} max {run['max_ms']:.1f} ms; server time p50 {run['server_p50_ms']:.1f} ms "
+                f"p99 {run['server_p99_ms']:.1f} ms, server CPU {run['server_cpu_ms_per_request']:.1f} ms/request; "
+                f"server RSS {run['rss_before_mib']:.0f} -> {run['rss_after_mib']:.0f} MiB (peak {run['peak_rss_mib']:.0f}); "
+                f"load {run['load_average']:.1f}",
+                flush=True,
+            )
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -346,13 +439,20 @@ def bench_forward(args: argparse.Namespace) -> None:
         if policy != "default":
             env["OMP_WAIT_POLICY"] = policy
         argv = [sys.executable, str(HERE), "_forward", args.model, str(args.image_size), *map(str, args.batches)]
-        result = json.loads(subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        result = json.loads(
+            subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        )
         for batch, row in result.items():
-            print(f"  {args.model} @ {args.image_size} px, OMP_WAIT_POLICY={policy}, batch {batch:>3}: "
-                  f"{row['wall_ms']:.1f} ms wall, {row['cpu_ms']:.1f} ms CPU per image; load {os.getloadavg()[0]:.1f}", flush=True)
+            print(
+                f"  {args.model} @ {args.image_size} px, OMP_WAIT_POLICY={policy}, batch {batch:>3}: "
+                f"{row['wall_ms']:.1f} ms wall, {row['cpu_ms']:.1f} ms CPU per image; load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
 
 
-async def _load(url: str, payloads: list[tuple[str, bytes]], clients: int, duration: float, warmup: float, k: int) -> dict:
+async def _load(
+    url: str, payloads: list[tuple[str, bytes]], clients: int, duration: float, warmup: float, k: int
+) -> dict:
     import httpx
 
     latencies: list[float] = []
@@ -388,10 +488,22 @@ async def _load(url: str, payloads: list[tuple[str, bytes]], clients: int, durat
     async with httpx.AsyncClient(timeout=60, limits=limits) as http:
         await asyncio.gather(*(client(i, http) for i in range(clients)))
     lat = np.array(latencies) * 1000
-    return {"clients": clients, "duration_s": duration, "requests": len(lat), "all_requests": total, "errors": errors, "refused": refused,
-            "throughput": len(lat) / duration, "p50_ms": float(np.median(lat)), "p90_ms": float(np.percentile(lat, 90)),
-            "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
-            "max_ms": float(lat.max()), "server_p50_ms": float(np.median(server)), "server_p99_ms": float(np.percentile(server, 99))}
+    return {
+        "clients": clients,
+        "duration_s": duration,
+        "requests": len(lat),
+        "all_requests": total,
+        "errors": errors,
+        "refused": refused,
+        "throughput": len(lat) / duration,
+        "p50_ms": float(np.median(lat)),
+        "p90_ms": float(np.percentile(lat, 90)),
+        "p95_ms": float(np.percentile(lat, 95)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "max_ms": float(lat.max()),
+        "server_p50_ms": float(np.median(server)),
+        "server_p99_ms": float(np.percentile(server, 99)),
+    }
 
 
 def main() -> None:
@@ -405,13 +517,17 @@ def main() -> None:
     p.add_argument("--kinds", nargs="*", default=["ivf", "hnsw"], help="besides flat (always run: it is the reference)")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--single", type=int, default=300, help="queries timed one by one")
-    p.add_argument("--sweep", type=int, nargs="*", default=[16, 32, 64, 128], help="extra nprobe / efSearch values to time")
+    p.add_argument(
+        "--sweep", type=int, nargs="*", default=[16, 32, 64, 128], help="extra nprobe / efSearch values to time"
+    )
     p.add_argument("--set", action="append", default=[], help="index parameter for the kinds it applies to")
     p = sub.add_parser("web", help="POST /api/search under concurrent load")
     p.add_argument("--index", required=True)
     p.add_argument("--images", required=True, help="folder of query images")
     p.add_argument("--clients", type=int, nargs="+", default=[20, 50])
-    p.add_argument("--max-queue", type=int, nargs="+", default=[8], help="serve's admission limit; one server per value")
+    p.add_argument(
+        "--max-queue", type=int, nargs="+", default=[8], help="serve's admission limit; one server per value"
+    )
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--pool", type=int, default=200, help="distinct images uploaded")

@@ -40,7 +40,10 @@ def load_images(args: argparse.Namespace) -> tuple[pd.DataFrame, np.ndarray, dic
     from marrowlens.cohort.synthetic import GENERATOR_VERSION, plan_patients, render_cells
 
     plan = plan_patients(args.patients, args.seed, args.domains)
-    return (*render_cells(plan, args.cells_per_patient, args.image_size, args.seed), {**settings, "generator_version": GENERATOR_VERSION})
+    return (
+        *render_cells(plan, args.cells_per_patient, args.image_size, args.seed),
+        {**settings, "generator_version": GENERATOR_VERSION},
+    )
 
 
 def mean_std(images: np.ndarray) -> np.ndarray:
@@ -52,7 +55,12 @@ def raw_pixels(images: np.ndarray, side: int = 32) -> np.ndarray:
     """Block-average to side x side (images whose size is a multiple of side), flatten."""
     n, size = len(images), images.shape[1]
     factor = size // side
-    small = images[:, : side * factor, : side * factor].reshape(n, side, factor, side, factor, 3).astype(np.float32).mean((2, 4))
+    small = (
+        images[:, : side * factor, : side * factor]
+        .reshape(n, side, factor, side, factor, 3)
+        .astype(np.float32)
+        .mean((2, 4))
+    )
     return small.reshape(n, -1)
 
 
@@ -89,7 +97,11 @@ def main() -> None:
     parser.add_argument("--domains", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", default="meanstd,pixels,pixels_pca")
-    parser.add_argument("--embeddings", type=Path, help="an embedding store of --cohort (needs --cohort; e.g. SSL): adds the model 'embeddings'")
+    parser.add_argument(
+        "--embeddings",
+        type=Path,
+        help="an embedding store of --cohort (needs --cohort; e.g. SSL): adds the model 'embeddings'",
+    )
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -121,10 +133,13 @@ def main() -> None:
     report = {
         "cohort": str(args.cohort) if args.cohort else "in memory",
         "embeddings": str(args.embeddings) if args.embeddings else None,
-        "generator": {k: settings.get(k) for k in ("patients", "cells_per_patient", "image_size", "domains", "seed", "generator_version")},
-        "n_cells": int(len(cells)),
+        "generator": {
+            k: settings.get(k)
+            for k in ("patients", "cells_per_patient", "image_size", "domains", "seed", "generator_version")
+        },
+        "n_cells": len(cells),
         "n_blasts_subtype_task": int(subtype_rows.sum()),
-        "n_patients_subtype_task": int(len(set(groups[subtype_rows]))),
+        "n_patients_subtype_task": len(set(groups[subtype_rows])),
         "results": results,
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -31,8 +31,16 @@ def small_cnn(classes: int) -> nn.Sequential:
         return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
 
     return nn.Sequential(
-        *block(3, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2), *block(64, 96), nn.MaxPool2d(2),
-        *block(96, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, classes),
+        *block(3, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        nn.MaxPool2d(2),
+        *block(64, 96),
+        nn.MaxPool2d(2),
+        *block(96, 128),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, classes),
     )
 
 
@@ -61,7 +69,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
-    cells, images = render_cells(plan_patients(args.patients, args.seed), args.cells_per_patient, args.image_size, args.seed)
+    cells, images = render_cells(
+        plan_patients(args.patients, args.seed), args.cells_per_patient, args.image_size, args.seed
+    )
     rows = (cells["is_blast"] & (cells["mutation"] != "control")).to_numpy()
     y = cells["mutation"][rows].map({m: i for i, m in enumerate(LEUKAEMIC)}).to_numpy()
     groups = cells["patient_id"][rows].to_numpy()
@@ -89,14 +99,25 @@ def main() -> None:
         with torch.no_grad():
             predicted = torch.cat([net(x[b]).argmax(1) for b in np.array_split(test, 8)]).numpy()
         frame = pd.DataFrame({"pred": predicted, "truth": y[test], "patient": groups[test]})
-        votes = frame.groupby("patient").agg(pred=("pred", lambda s: s.value_counts().index[0]), truth=("truth", "first"))
-        history.append({"epoch": epoch, "cell_accuracy": float((predicted == y[test]).mean()), "patient_accuracy": float((votes["pred"] == votes["truth"]).mean())})
+        votes = frame.groupby("patient").agg(
+            pred=("pred", lambda s: s.value_counts().index[0]), truth=("truth", "first")
+        )
+        history.append(
+            {
+                "epoch": epoch,
+                "cell_accuracy": float((predicted == y[test]).mean()),
+                "patient_accuracy": float((votes["pred"] == votes["truth"]).mean()),
+            }
+        )
         print(history[-1], flush=True)
     report = {
-        "generator": {**{k: getattr(args, k) for k in ("patients", "cells_per_patient", "image_size", "seed")}, "generator_version": GENERATOR_VERSION},
-        "train_blasts": int(len(train)),
-        "test_blasts": int(len(test)),
-        "test_patients": int(len(set(groups[test]))),
+        "generator": {
+            **{k: getattr(args, k) for k in ("patients", "cells_per_patient", "image_size", "seed")},
+            "generator_version": GENERATOR_VERSION,
+        },
+        "train_blasts": len(train),
+        "test_blasts": len(test),
+        "test_patients": len(set(groups[test])),
         "final": history[-1],
         "history": history,
         "seconds": round(time.perf_counter() - start, 1),

@@ -59,7 +59,11 @@ def main() -> None:
     rates = {"draw_only_1_process": n / draw, "reference_png_write_1_process": n / reference}
     for workers in map(int, args.workers.split(",")):
         out = args.scratch / f"cohort_w{workers}"
-        seconds = timed(lambda: make_synthetic_cohort(out, args.patients, args.cells_per_patient, args.image_size, workers=workers))
+        seconds = timed(
+            lambda out=out, workers=workers: make_synthetic_cohort(
+                out, args.patients, args.cells_per_patient, args.image_size, workers=workers
+            )
+        )
         rates[f"end_to_end_{workers}_workers"] = n / seconds
     labels = args.scratch / f"cohort_w{workers}" / LABELS_FILE
     index = timed(lambda: index_cohort([labels], args.scratch / "reindexed", IndexOptions(layout="csv", workers=2)))

@@ -18,8 +18,9 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -147,7 +148,7 @@ def meta_record(kind: str, **fields: Any) -> dict[str, Any]:
     return {
         "kind": kind,
         "marrowlens_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         **fields,
     }
@@ -187,7 +188,9 @@ def read_meta(folder: str | Path, kind: str | None = None) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as exc:
         raise MarrowLensError(f"{path} is unreadable: {exc}") from exc
     if not isinstance(meta, dict):
-        raise MarrowLensError(f"{path} is not a MarrowLens {META_FILE}: it holds a JSON {type(meta).__name__}, not an object")
+        raise MarrowLensError(
+            f"{path} is not a MarrowLens {META_FILE}: it holds a JSON {type(meta).__name__}, not an object"
+        )
     if kind is not None and meta.get("kind") != kind:
         raise MarrowLensError(f"{folder} holds a {meta.get('kind')!r} artifact, expected {kind!r}")
     return meta
@@ -196,9 +199,7 @@ def read_meta(folder: str | Path, kind: str | None = None) -> dict[str, Any]:
 def require_same_fingerprint(what: str, expected: str, expected_from: str, got: str, got_from: str) -> None:
     """Refuse to combine artifacts made from different inputs, naming both sides."""
     if expected != got:
-        raise MarrowLensError(
-            f"{what} mismatch: {expected_from} has {short(expected)} but {got_from} has {short(got)}"
-        )
+        raise MarrowLensError(f"{what} mismatch: {expected_from} has {short(expected)} but {got_from} has {short(got)}")
 
 
 def prepare_out_dir(out: str | Path, overwrite: bool, marker: str = META_FILE) -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from typer.exceptions import TyperException
@@ -31,7 +30,7 @@ def say(message: str) -> None:
     typer.echo(message)
 
 
-def _map_option(text: Optional[str]) -> dict[str, str]:
+def _map_option(text: str | None) -> dict[str, str]:
     from marrowlens.cohort.labels import parse_map
 
     return parse_map(text)
@@ -39,14 +38,14 @@ def _map_option(text: Optional[str]) -> dict[str, str]:
 
 @cohort_app.command("index")
 def cohort_index(
-    roots: List[Path] = typer.Argument(..., help="image folder(s) or CSV file(s); several sources make one cohort"),
+    roots: list[Path] = typer.Argument(..., help="image folder(s) or CSV file(s); several sources make one cohort"),
     out: Path = typer.Option(..., "--out", help="cohort folder to write"),
     layout: str = typer.Option("auto", help="auto | mutation_patient | cell_type | deepapl | csv"),
-    map_mutation: Optional[str] = typer.Option(None, help="rename mutation labels, e.g. APL=PML_RARA,AML=other_AML"),
-    map_cell_type: Optional[str] = typer.Option(None, help="rename cell types, e.g. 'Segmented neutrophils=neutrophil'"),
-    blast_classes: Optional[str] = typer.Option(None, help="comma-separated cell types that count as blasts"),
-    column: Optional[str] = typer.Option(None, help="CSV column map, e.g. patient_id=patient,cell_type=label"),
-    domain: Optional[str] = typer.Option(None, help="domain (centre/scanner/stain) of these sources"),
+    map_mutation: str | None = typer.Option(None, help="rename mutation labels, e.g. APL=PML_RARA,AML=other_AML"),
+    map_cell_type: str | None = typer.Option(None, help="rename cell types, e.g. 'Segmented neutrophils=neutrophil'"),
+    blast_classes: str | None = typer.Option(None, help="comma-separated cell types that count as blasts"),
+    column: str | None = typer.Option(None, help="CSV column map, e.g. patient_id=patient,cell_type=label"),
+    domain: str | None = typer.Option(None, help="domain (centre/scanner/stain) of these sources"),
     workers: int = typer.Option(8, min=1, help="decoding threads"),
     overwrite: bool = typer.Option(False, help="replace an existing cohort in --out"),
 ) -> None:
@@ -95,7 +94,9 @@ def cohort_check(
     if problems and not fix:
         for path, reason in problems[:10]:
             say(f"  {path}: {reason}")
-        raise MarrowLensError(f"{len(problems)} cell(s) of {folder} no longer decode; run again with --fix to quarantine them")
+        raise MarrowLensError(
+            f"{len(problems)} cell(s) of {folder} no longer decode; run again with --fix to quarantine them"
+        )
     verb = f"quarantined {len(problems)} cell(s); " if problems else ""
     say(f"{folder}: {verb}{len(cohort.cells)} cells OK")
 
@@ -121,7 +122,14 @@ def cohort_synth(
     from marrowlens.cohort.synthetic import make_synthetic_cohort
 
     cohort = make_synthetic_cohort(
-        out, patients, cells_per_patient, image_size=image_size, seed=seed, domains=domains, workers=workers, overwrite=overwrite
+        out,
+        patients,
+        cells_per_patient,
+        image_size=image_size,
+        seed=seed,
+        domains=domains,
+        workers=workers,
+        overwrite=overwrite,
     )
     say(f"wrote {out / 'images'}: {len(cohort.cells)} PNG cells of {image_size}x{image_size} px")
     say(f"wrote {out / 'labels.csv'} (ground truth per cell) and {out / 'patients.csv'} (per patient)")
@@ -133,13 +141,13 @@ def embed(
     model: str = typer.Option(..., "--model", help="run folder of `marrowlens pretrain`, or a timm model name"),
     cohort: Path = typer.Option(..., "--cohort", help="cohort folder"),
     out: Path = typer.Option(..., "--out", help="embedding folder to write"),
-    weights: Optional[Path] = typer.Option(None, help="local timm weights for a bare timm name (no downloads)"),
-    image_size: Optional[int] = typer.Option(None, help="input size for a bare timm name (default 224)"),
+    weights: Path | None = typer.Option(None, help="local timm weights for a bare timm name (no downloads)"),
+    image_size: int | None = typer.Option(None, help="input size for a bare timm name (default 224)"),
     batch_size: int = typer.Option(256, min=1),
     devices: str = typer.Option("1", help="number of devices, or 'auto'"),
     accelerator: str = typer.Option("auto", help="auto | cpu | gpu"),
     precision: str = typer.Option("32", help="32 | 16-mixed | bf16-mixed"),
-    num_workers: Optional[int] = typer.Option(None, min=0, help="data-loading processes"),
+    num_workers: int | None = typer.Option(None, min=0, help="data-loading processes"),
     overwrite: bool = typer.Option(False, help="replace existing embeddings in --out"),
     stain_normalize: str = typer.Option("none", help="none | reinhard: match colours to the cohort's average stain"),
 ) -> None:
@@ -150,12 +158,23 @@ def embed(
     from marrowlens.ssl.embed import embed_cohort
 
     store = embed_cohort(
-        model, cohort, out, weights=weights, image_size=image_size, batch_size=batch_size,
-        devices=_devices(devices), accelerator=accelerator, precision=precision, num_workers=num_workers,
-        overwrite=overwrite, stain_normalize=stain_normalize,
+        model,
+        cohort,
+        out,
+        weights=weights,
+        image_size=image_size,
+        batch_size=batch_size,
+        devices=_devices(devices),
+        accelerator=accelerator,
+        precision=precision,
+        num_workers=num_workers,
+        overwrite=overwrite,
+        stain_normalize=stain_normalize,
     )
     if store is not None:
-        say(f"wrote {store.folder / 'vectors.npy'}: {len(store)} x {store.meta['dim']} float32 ({store.fingerprint[:19]})")
+        say(
+            f"wrote {store.folder / 'vectors.npy'}: {len(store)} x {store.meta['dim']} float32 ({store.fingerprint[:19]})"
+        )
         say(f"wrote {store.folder / 'cells.parquet'} and {store.folder / 'meta.json'}")
 
 
@@ -163,16 +182,16 @@ def embed(
 def pretrain(
     cohort: Path = typer.Option(..., "--cohort", help="cohort folder (labels are not used for training)"),
     out: Path = typer.Option(..., "--out", help="run folder to write"),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config, e.g. configs/pretrain/tiny_cpu.yaml"),
-    method: Optional[str] = typer.Option(None, help=f"{' | '.join(METHOD_NAMES)} (byol exports its online backbone)"),
-    backbone: Optional[str] = typer.Option(None, help="any timm model name, e.g. resnet18, vit_small_patch16_224"),
-    weights: Optional[Path] = typer.Option(None, help="local timm checkpoint to start from (no downloads)"),
-    devices: Optional[str] = typer.Option(None, help="devices per node (number or 'auto')"),
-    nodes: Optional[int] = typer.Option(None, min=1, help="number of nodes"),
-    strategy: Optional[str] = typer.Option(None, help="auto | ddp | ddp_spawn"),
-    precision: Optional[str] = typer.Option(None, help="32 | 16-mixed | bf16-mixed"),
-    max_epochs: Optional[int] = typer.Option(None, min=1),
-    set_: List[str] = typer.Option([], "--set", help="config override key.sub=value (repeatable)"),
+    config: Path | None = typer.Option(None, "--config", help="YAML config, e.g. configs/pretrain/tiny_cpu.yaml"),
+    method: str | None = typer.Option(None, help=f"{' | '.join(METHOD_NAMES)} (byol exports its online backbone)"),
+    backbone: str | None = typer.Option(None, help="any timm model name, e.g. resnet18, vit_small_patch16_224"),
+    weights: Path | None = typer.Option(None, help="local timm checkpoint to start from (no downloads)"),
+    devices: str | None = typer.Option(None, help="devices per node (number or 'auto')"),
+    nodes: int | None = typer.Option(None, min=1, help="number of nodes"),
+    strategy: str | None = typer.Option(None, help="auto | ddp | ddp_spawn"),
+    precision: str | None = typer.Option(None, help="32 | 16-mixed | bf16-mixed"),
+    max_epochs: int | None = typer.Option(None, min=1),
+    set_: list[str] = typer.Option([], "--set", help="config override key.sub=value (repeatable)"),
     resume: bool = typer.Option(False, help="continue the run in --out from checkpoints/last.ckpt"),
     overwrite: bool = typer.Option(False, help="delete the run in --out and start over"),
 ) -> None:
@@ -184,16 +203,23 @@ def pretrain(
     from marrowlens.ssl.train import pretrain as run_pretrain
 
     flags = {
-        "model.method": method, "model.backbone": backbone, "model.weights": weights,
-        "trainer.devices": devices, "trainer.nodes": nodes, "trainer.strategy": strategy,
-        "trainer.precision": precision, "trainer.max_epochs": max_epochs,
+        "model.method": method,
+        "model.backbone": backbone,
+        "model.weights": weights,
+        "trainer.devices": devices,
+        "trainer.nodes": nodes,
+        "trainer.strategy": strategy,
+        "trainer.precision": precision,
+        "trainer.max_epochs": max_epochs,
     }
     overrides = [f"{key}={value}" for key, value in flags.items() if value is not None] + list(set_)
     resolved = load_config(PretrainConfig, config, overrides)
     result = run_pretrain(resolved, cohort, out, resume=resume, overwrite=overwrite)
     if result is not None:
         say(f"wrote {out / 'backbone.safetensors'} and {out / 'backbone.json'} ({result.backbone.fingerprint[:19]})")
-        say(f"wrote {out / 'checkpoints'} (last.ckpt, best), {out / 'logs'}, {out / 'config.yaml'}, {out / 'meta.json'}")
+        say(
+            f"wrote {out / 'checkpoints'} (last.ckpt, best), {out / 'logs'}, {out / 'config.yaml'}, {out / 'meta.json'}"
+        )
         shown = {k: v for k, v in result.metrics.items() if k in ("train_loss_epoch", "val_knn_acc", "val_knn_bal_acc")}
         if shown:
             say("final: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
@@ -218,10 +244,14 @@ app.add_typer(index_app, name="index")
 def index_build(
     embeddings: Path = typer.Option(..., "--embeddings", help="embedding folder of `marrowlens embed`"),
     out: Path = typer.Option(..., "--out", help="index folder to write"),
-    kind: str = typer.Option("auto", help=f"{' | '.join(('auto', *INDEX_KIND_NAMES))} (auto: exact search up to 50k cells, IVF above)"),
+    kind: str = typer.Option(
+        "auto", help=f"{' | '.join(('auto', *INDEX_KIND_NAMES))} (auto: exact search up to 50k cells, IVF above)"
+    ),
     metric: str = typer.Option("cosine", help="cosine | l2"),
-    set_: List[str] = typer.Option(
-        [], "--set", help="FAISS parameter of the chosen --kind, e.g. --set nprobe=32 (ivf) or --set ef_search=128 (hnsw); a key the kind does not take is refused with the list of those it does"
+    set_: list[str] = typer.Option(
+        [],
+        "--set",
+        help="FAISS parameter of the chosen --kind, e.g. --set nprobe=32 (ivf) or --set ef_search=128 (hnsw); a key the kind does not take is refused with the list of those it does",
     ),
     overwrite: bool = typer.Option(False, help="replace an existing index in --out"),
 ) -> None:
@@ -233,7 +263,9 @@ def index_build(
 
     index = build_index(embeddings, out, kind=kind, metric=metric, overrides=set_, overwrite=overwrite)
     files = current_files(index.meta)
-    say(f"wrote {index.folder / files['index']}: {len(index)} cells, {index.kind} index ({index.meta['factory']}, {index.metric})")
+    say(
+        f"wrote {index.folder / files['index']}: {len(index)} cells, {index.kind} index ({index.meta['factory']}, {index.metric})"
+    )
     say(f"wrote {index.folder / files['cells']} and {index.folder / 'meta.json'}")
 
 
@@ -271,12 +303,18 @@ def index_info(folder: Path = typer.Argument(..., help="index folder")) -> None:
 @app.command("search")
 def search(
     index: Path = typer.Option(..., "--index", help="index folder"),
-    image: List[Path] = typer.Option([], "--image", help="query image (repeat for several)"),
-    cell_id: List[str] = typer.Option([], "--cell-id", help="query by an indexed cell (id or unique prefix; the cell itself is left out)"),
+    image: list[Path] = typer.Option([], "--image", help="query image (repeat for several)"),
+    cell_id: list[str] = typer.Option(
+        [], "--cell-id", help="query by an indexed cell (id or unique prefix; the cell itself is left out)"
+    ),
     k: int = typer.Option(10, "-k", "--k", help="neighbours per query"),
-    filter_: List[str] = typer.Option([], "--filter", help="keep cells with column=value[,value], e.g. mutation=NPM1 (repeat: all must hold)"),
+    filter_: list[str] = typer.Option(
+        [], "--filter", help="keep cells with column=value[,value], e.g. mutation=NPM1 (repeat: all must hold)"
+    ),
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
-    model: Optional[str] = typer.Option(None, help="where the index's backbone is now (run folder or weights file), if it moved"),
+    model: str | None = typer.Option(
+        None, help="where the index's backbone is now (run folder or weights file), if it moved"
+    ),
 ) -> None:
     """Find the indexed cells most similar to a cell image (embedded like `embed` does).
 
@@ -288,14 +326,23 @@ def search(
 
     results = query(index, images=image, cell_ids=cell_id, k=k, filters=filter_, model=model)
     if json_out:
-        payload = [{"query": label, "query_cell": t.attrs.get("query_cell"), "neighbours": neighbour_records(t), "vote": vote(t)}
-                   for label, t in results]
+        payload = [
+            {
+                "query": label,
+                "query_cell": t.attrs.get("query_cell"),
+                "neighbours": neighbour_records(t),
+                "vote": vote(t),
+            }
+            for label, t in results
+        ]
         say(json.dumps(payload, indent=2))
         return
     for label, table in results:
         say(f"query {label}:")
         if "query_cell" in table.attrs:
-            say(f"  (this image is indexed cell {table.attrs['query_cell'][:12]}: left out of its own neighbours and vote)")
+            say(
+                f"  (this image is indexed cell {table.attrs['query_cell'][:12]}: left out of its own neighbours and vote)"
+            )
         say(format_table(table))
         say(format_vote(table))
 
@@ -305,13 +352,19 @@ def serve(
     index: Path = typer.Option(..., "--index", help="index folder"),
     host: str = typer.Option("127.0.0.1", help="address to listen on (loopback only unless you say otherwise)"),
     port: int = typer.Option(8000, min=1, max=65535),
-    model: Optional[str] = typer.Option(None, help="where the index's backbone is now (run folder or weights file), if it moved"),
+    model: str | None = typer.Option(
+        None, help="where the index's backbone is now (run folder or weights file), if it moved"
+    ),
     max_upload_mb: float = typer.Option(10.0, min=0.01, help="largest accepted upload"),
     k: int = typer.Option(10, "-k", "--k", min=1, help="neighbours shown by default"),
-    allow_host: List[str] = typer.Option(
-        [], "--allow-host", help="another name clients reach the server by (e.g. its DNS name with --host 0.0.0.0); other Host headers get 400"
+    allow_host: list[str] = typer.Option(
+        [],
+        "--allow-host",
+        help="another name clients reach the server by (e.g. its DNS name with --host 0.0.0.0); other Host headers get 400",
     ),
-    max_queue: int = typer.Option(8, min=1, help="searches in flight at once; more get 503 + Retry-After: 1 at once instead of waiting"),
+    max_queue: int = typer.Option(
+        8, min=1, help="searches in flight at once; more get 503 + Retry-After: 1 at once instead of waiting"
+    ),
 ) -> None:
     """Serve the similar-cell web page and its JSON API (docs at /docs).
 
@@ -331,8 +384,17 @@ def serve(
     searcher = Searcher.open(index, model)
     for source in searcher.index.meta["sources"]:
         if image_root(source) is None:
-            say(f"warning: the images of {source['embeddings']} are not on this machine; their thumbnails will be missing")
-    app_ = create_app(index, searcher=searcher, max_upload_mb=max_upload_mb, default_k=k, hosts=[host, *allow_host], max_queue=max_queue)
+            say(
+                f"warning: the images of {source['embeddings']} are not on this machine; their thumbnails will be missing"
+            )
+    app_ = create_app(
+        index,
+        searcher=searcher,
+        max_upload_mb=max_upload_mb,
+        default_k=k,
+        hosts=[host, *allow_host],
+        max_queue=max_queue,
+    )
     if host not in LOOPBACK_HOSTS:
         say(f"warning: listening on {host}: anyone who can reach this machine can query the index and see its cells")
         say(f"clients must address it as {host}, a loopback name or an --allow-host name (other Host headers get 400)")
@@ -342,7 +404,9 @@ def serve(
 
 # ---------------------------------------------------------------- probes: blast, mutation, cell type
 
-probe_app = typer.Typer(help="Probe frozen embeddings: blasts, mutations (through a blast filter), cell types.", no_args_is_help=True)
+probe_app = typer.Typer(
+    help="Probe frozen embeddings: blasts, mutations (through a blast filter), cell types.", no_args_is_help=True
+)
 app.add_typer(probe_app, name="probe")
 _PROBE_TASKS = ("blast", "mutation", "cell_type")
 
@@ -365,14 +429,14 @@ def probe_fit(
     task: str = typer.Argument(..., help="blast | mutation | cell_type"),
     embeddings: Path = typer.Option(..., "--embeddings", help="embedding folder (vectors.npy + cells.parquet)"),
     out: Path = typer.Option(..., "--out", help="probe folder to write"),
-    head: Optional[str] = typer.Option(None, "--head", help=" | ".join(HEAD_NAMES)),
-    loss: Optional[str] = typer.Option(None, "--loss", help="ce | gce | sce | focal (linear head)"),
-    class_weight: Optional[str] = typer.Option(None, "--class-weight", help="none | balanced"),
-    cv: Optional[int] = typer.Option(None, "--cv", min=0, help="patient-grouped CV folds for the report; 0 skips it"),
-    blast_probe: Optional[Path] = typer.Option(None, "--blast-probe", help="blast probe folder (mutation task)"),
-    blast_threshold: Optional[float] = typer.Option(None, "--blast-threshold", help="keep cells with P(blast) >= this"),
-    config: Optional[Path] = typer.Option(None, "--config", help="probe YAML, e.g. configs/probes/mutation.yaml"),
-    overrides: List[str] = typer.Option([], "--set", help="config override key.sub=value (repeatable)"),
+    head: str | None = typer.Option(None, "--head", help=" | ".join(HEAD_NAMES)),
+    loss: str | None = typer.Option(None, "--loss", help="ce | gce | sce | focal (linear head)"),
+    class_weight: str | None = typer.Option(None, "--class-weight", help="none | balanced"),
+    cv: int | None = typer.Option(None, "--cv", min=0, help="patient-grouped CV folds for the report; 0 skips it"),
+    blast_probe: Path | None = typer.Option(None, "--blast-probe", help="blast probe folder (mutation task)"),
+    blast_threshold: float | None = typer.Option(None, "--blast-threshold", help="keep cells with P(blast) >= this"),
+    config: Path | None = typer.Option(None, "--config", help="probe YAML, e.g. configs/probes/mutation.yaml"),
+    overrides: list[str] = typer.Option([], "--set", help="config override key.sub=value (repeatable)"),
     overwrite: bool = typer.Option(False, help="replace an existing probe in --out"),
 ) -> None:
     """Fit a probe on frozen embeddings: CV report first (patient-grouped), then the final head on all cells.
@@ -381,8 +445,13 @@ def probe_fit(
     """
     from marrowlens.probes import run
 
-    flags = {"head": head, "loss.name": loss, "imbalance.class_weight": class_weight, "eval.cv": cv,
-             "mutation.blast_threshold": blast_threshold}
+    flags = {
+        "head": head,
+        "loss.name": loss,
+        "imbalance.class_weight": class_weight,
+        "eval.cv": cv,
+        "mutation.blast_threshold": blast_threshold,
+    }
     probe_config = run.probe_config(_probe_task(task), config, flags, overrides)
     _print_outcome(run.fit(task, embeddings, out, probe_config, blast_probe=blast_probe, overwrite=overwrite))
 
@@ -391,10 +460,16 @@ def probe_fit(
 def probe_eval(
     probe: Path = typer.Argument(..., help="probe folder"),
     embeddings: Path = typer.Option(..., "--embeddings", help="embedding folder (same model as the probe)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="report folder (default: the probe folder, or PROBE/external-<fp> for another store)"),
-    cv: Optional[int] = typer.Option(None, "--cv", min=0, help="folds (default: the probe's own setting)"),
-    leave_one_domain_out: bool = typer.Option(False, "--leave-one-domain-out", help="also train on all domains but one and test on it, for each"),
-    bootstrap: Optional[int] = typer.Option(None, "--bootstrap", min=0, help="bootstrap resamples of patients for the 95% intervals"),
+    out: Path | None = typer.Option(
+        None, "--out", help="report folder (default: the probe folder, or PROBE/external-<fp> for another store)"
+    ),
+    cv: int | None = typer.Option(None, "--cv", min=0, help="folds (default: the probe's own setting)"),
+    leave_one_domain_out: bool = typer.Option(
+        False, "--leave-one-domain-out", help="also train on all domains but one and test on it, for each"
+    ),
+    bootstrap: int | None = typer.Option(
+        None, "--bootstrap", min=0, help="bootstrap resamples of patients for the 95% intervals"
+    ),
 ) -> None:
     """Report a probe: patient-grouped CV on its own store, or the fitted probe as is on another store.
 
@@ -402,7 +477,9 @@ def probe_eval(
     """
     from marrowlens.probes import run
 
-    _print_outcome(run.evaluate(probe, embeddings, out=out, cv=cv, leave_one_domain_out=leave_one_domain_out, bootstrap=bootstrap))
+    _print_outcome(
+        run.evaluate(probe, embeddings, out=out, cv=cv, leave_one_domain_out=leave_one_domain_out, bootstrap=bootstrap)
+    )
 
 
 @probe_app.command("predict")
@@ -429,10 +506,12 @@ def probe_noise_sweep(
     kind: str = typer.Option("symmetric", "--kind", help="symmetric (per cell) | bag (whole patients relabelled)"),
     losses: str = typer.Option("ce,gce,sce", "--losses", help="comma-separated losses to compare"),
     out: Path = typer.Option(..., "--out", help="folder for sweep.json / sweep.md / sweep.png"),
-    blast_probe: Optional[Path] = typer.Option(None, "--blast-probe", help="blast probe (mutation; default: fit from the store's blast labels)"),
-    cv: Optional[int] = typer.Option(None, "--cv", min=2, help="patient-grouped folds"),
-    config: Optional[Path] = typer.Option(None, "--config", help="probe YAML"),
-    overrides: List[str] = typer.Option([], "--set", help="config override key.sub=value (repeatable)"),
+    blast_probe: Path | None = typer.Option(
+        None, "--blast-probe", help="blast probe (mutation; default: fit from the store's blast labels)"
+    ),
+    cv: int | None = typer.Option(None, "--cv", min=2, help="patient-grouped folds"),
+    config: Path | None = typer.Option(None, "--config", help="probe YAML"),
+    overrides: list[str] = typer.Option([], "--set", help="config override key.sub=value (repeatable)"),
     overwrite: bool = typer.Option(False, help="replace an existing sweep in --out"),
 ) -> None:
     """Inject known label noise into training labels only and compare losses (cell and patient level).
@@ -449,7 +528,11 @@ def probe_noise_sweep(
         raise MarrowLensError(f"--noise {noise!r} must be comma-separated numbers, e.g. 0,0.2,0.4") from None
     loss_names = [x.strip() for x in losses.split(",") if x.strip()]
     probe_config = run.probe_config(_probe_task(task), config, {"eval.cv": cv, "head": "linear"}, overrides)
-    _print_outcome(run.noise_sweep(embeddings, out, probe_config, rates, kind, loss_names, blast_probe=blast_probe, overwrite=overwrite))
+    _print_outcome(
+        run.noise_sweep(
+            embeddings, out, probe_config, rates, kind, loss_names, blast_probe=blast_probe, overwrite=overwrite
+        )
+    )
 
 
 # ---------------------------------------------------------------- a whole study in one command
@@ -460,8 +543,10 @@ def run_command(
     cohort: Path = typer.Option(..., "--cohort", help="cohort folder (`marrowlens cohort index`)"),
     config: Path = typer.Option(..., "--config", help="study YAML, e.g. configs/run/deepapl.yaml"),
     out: Path = typer.Option(..., "--out", help="results folder (re-running resumes and skips finished stages)"),
-    set_: List[str] = typer.Option([], "--set", help="run-config override, e.g. embed.batch_size=64 (repeatable)"),
-    pretrain_set: List[str] = typer.Option([], "--pretrain-set", help="pretrain override, e.g. trainer.max_epochs=5 (repeatable)"),
+    set_: list[str] = typer.Option([], "--set", help="run-config override, e.g. embed.batch_size=64 (repeatable)"),
+    pretrain_set: list[str] = typer.Option(
+        [], "--pretrain-set", help="pretrain override, e.g. trainer.max_epochs=5 (repeatable)"
+    ),
 ) -> None:
     """Pretrain -> embed -> probes -> index -> report, resuming whatever is already done.
 

@@ -12,8 +12,8 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from marrowlens.config import SHIPPED_CONFIGS
 
@@ -24,9 +24,31 @@ def steps(out: Path, patients: int, cells: int) -> Iterator[list[object]]:
     """The demo's commands, made one at a time (the search query is a cell the first step drew)."""
     cohort, run, emb = out / "cohort", out / "runs" / "simclr", out / "emb"
     blast, mutation, index = out / "probes" / "blast", out / "probes" / "mutation", out / "idx"
-    yield ["cohort", "synth", "--out", cohort, "--patients", patients, "--cells-per-patient", cells,
-           "--image-size", 64, "--seed", 0, "--overwrite"]
-    yield ["pretrain", "--config", CONFIGS / "pretrain" / "tiny_cpu.yaml", "--cohort", cohort, "--out", run, "--overwrite"]
+    yield [
+        "cohort",
+        "synth",
+        "--out",
+        cohort,
+        "--patients",
+        patients,
+        "--cells-per-patient",
+        cells,
+        "--image-size",
+        64,
+        "--seed",
+        0,
+        "--overwrite",
+    ]
+    yield [
+        "pretrain",
+        "--config",
+        CONFIGS / "pretrain" / "tiny_cpu.yaml",
+        "--cohort",
+        cohort,
+        "--out",
+        run,
+        "--overwrite",
+    ]
     yield ["embed", "--model", run, "--cohort", cohort, "--out", emb, "--overwrite"]
     # without --config a probe runs its task's shipped config (configs/probes/TASK.yaml)
     yield ["probe", "fit", "blast", "--embeddings", emb, "--out", blast, "--overwrite"]
@@ -45,7 +67,7 @@ def main() -> None:
     for step in steps(args.out, args.patients, args.cells_per_patient):
         words = ["marrowlens", *map(str, step)]
         print(f"\n$ {shlex.join(words)}", flush=True)
-        result = subprocess.run([sys.executable, "-m", "marrowlens", *words[1:]])
+        result = subprocess.run([sys.executable, "-m", "marrowlens", *words[1:]], check=False)
         if result.returncode != 0:
             sys.exit(f"demo stopped: `{shlex.join(words)}` failed (exit {result.returncode})")
     print(f"\ndemo finished in {time.time() - started:.0f} s; everything is under {args.out}/")

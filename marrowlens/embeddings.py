@@ -125,7 +125,9 @@ def verify_store(folder: Path, meta: dict[str, Any]) -> None:
             return
     for name in (VECTORS_FILE, CELLS_FILE):
         if "sha256:" + sha256_file(folder / name) != digests[name]:
-            raise MarrowLensError(f"{folder / name} does not match the fingerprint in {folder / 'meta.json'}: it was changed or replaced")
+            raise MarrowLensError(
+                f"{folder / name} does not match the fingerprint in {folder / 'meta.json'}: it was changed or replaced"
+            )
     _remember_verified(folder, meta["fingerprint"], stats)
 
 
@@ -187,7 +189,12 @@ class EmbeddingWriter:
             path.unlink(missing_ok=True)
         with open(self.partial, "wb") as handle:
             np.lib.format.write_array_header_1_0(
-                handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": (self.n_rows, self.dim)}
+                handle,
+                {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                    "fortran_order": False,
+                    "shape": (self.n_rows, self.dim),
+                },
             )
             handle.truncate(handle.tell() + self.n_rows * self.dim * 4)
         np.save(self.done_path, np.zeros(self.n_rows, dtype=np.uint8))
@@ -204,7 +211,9 @@ class EmbeddingWriter:
             raise ValueError(f"expected {(len(rows), self.dim)} vectors, got {vectors.shape}")
         bad = first_non_finite_row(vectors)
         if bad is not None:
-            raise MarrowLensError(f"row {int(rows[bad])} holds NaN or inf (from a model: check its weights and precision)")
+            raise MarrowLensError(
+                f"row {int(rows[bad])} holds NaN or inf (from a model: check its weights and precision)"
+            )
         order = np.argsort(rows, kind="stable")
         rows, vectors = rows[order], vectors[order]
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
@@ -239,7 +248,9 @@ class EmbeddingWriter:
         digests[CELLS_FILE] = "sha256:" + sha256_file(self.folder / CELLS_FILE)
         os.replace(self.partial, self.folder / VECTORS_FILE)
         fingerprint = store_fingerprint(digests)
-        write_meta(self.folder, "embeddings", n=self.n_rows, dim=self.dim, fingerprint=fingerprint, digests=digests, **meta)
+        write_meta(
+            self.folder, "embeddings", n=self.n_rows, dim=self.dim, fingerprint=fingerprint, digests=digests, **meta
+        )
         _remember_verified(self.folder, fingerprint, _stats(self.folder))
         del self._done
         self.done_path.unlink(missing_ok=True)
@@ -253,6 +264,8 @@ def write_embeddings(folder: str | Path, vectors: np.ndarray, cells: pd.DataFram
     """Write a whole in-memory store at once (small stores, tests, derived stores)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    writer = EmbeddingWriter(folder, len(vectors), int(vectors.shape[1]), key={"in_memory": True, **meta.get("model", {})})
+    writer = EmbeddingWriter(
+        folder, len(vectors), int(vectors.shape[1]), key={"in_memory": True, **meta.get("model", {})}
+    )
     writer.write(np.arange(len(vectors)), vectors)
     return writer.finish(cells, meta)

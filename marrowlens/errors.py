@@ -6,7 +6,7 @@ message on one line and exits non-zero, without a traceback. Everything else is 
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class MarrowLensError(Exception):

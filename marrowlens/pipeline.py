@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from marrowlens.artifacts import write_json_atomic, write_meta, write_text_atomic
 from marrowlens.cohort.manifest import load_cohort
@@ -102,9 +103,16 @@ def run_study(cohort_dir: Path, config: RunConfig, out: Path, say: Callable[[str
         from marrowlens.ssl.embed import embed_cohort
 
         resume = study.begin("embed", emb_key)
-        embed_cohort(run_dir, cohort_dir, emb_dir, batch_size=config.embed.batch_size, precision=config.embed.precision,
-                     num_workers=config.embed.num_workers, stain_normalize=config.embed.stain_normalize,
-                     overwrite=not resume or (emb_dir / "meta.json").is_file())
+        embed_cohort(
+            run_dir,
+            cohort_dir,
+            emb_dir,
+            batch_size=config.embed.batch_size,
+            precision=config.embed.precision,
+            num_workers=config.embed.num_workers,
+            stain_normalize=config.embed.stain_normalize,
+            overwrite=not resume or (emb_dir / "meta.json").is_file(),
+        )
         study.record("embed", emb_key)
     from marrowlens.embeddings import load_embeddings
 
@@ -139,7 +147,10 @@ def _probe_stages(config: RunConfig, emb_fingerprint: str, emb_dir: Path, out: P
         study.record(f"probe {name}", keys[name])
         for line in outcome.headline:
             study.say(f"  {line}")
-        study.lines += [f"- probe `{name}` ({stage.task}): see {folder / 'report.md'}", *[f"  - {line}" for line in outcome.headline]]
+        study.lines += [
+            f"- probe `{name}` ({stage.task}): see {folder / 'report.md'}",
+            *[f"  - {line}" for line in outcome.headline],
+        ]
 
 
 def _index_stage(config: RunConfig, emb_fingerprint: str, emb_dir: Path, index_dir: Path, study: Study) -> None:
@@ -147,27 +158,42 @@ def _index_stage(config: RunConfig, emb_fingerprint: str, emb_dir: Path, index_d
 
     key = _key(emb_fingerprint, config.index.model_dump(mode="json"))
     if not study.done("index", key, (index_dir / "meta.json").is_file()):
-        build_index(emb_dir, index_dir, kind=config.index.kind, metric=config.index.metric, overrides=config.index.set, overwrite=True)
+        build_index(
+            emb_dir,
+            index_dir,
+            kind=config.index.kind,
+            metric=config.index.metric,
+            overrides=config.index.set,
+            overwrite=True,
+        )
         study.record("index", key)
     study.lines.append(f"- similar-cell index: {index_dir}; browse with `marrowlens serve --index {index_dir}`")
 
 
 def _write_report(out: Path, cohort_dir: Path, cohort_meta: dict[str, Any], study: Study) -> Path:
-    counts = "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in values.items()) for name, values in cohort_meta["counts"].items())
+    counts = "; ".join(
+        f"{name}: " + ", ".join(f"{k} {v}" for k, v in values.items()) for name, values in cohort_meta["counts"].items()
+    )
     text = "\n".join(
         [
             "# MarrowLens study",
             "",
-            f"- cohort: {cohort_dir} ({cohort_meta['n_cells']} cells, {cohort_meta['n_patients']} patients, "
-            f"{cohort_meta['n_quarantined']} quarantined)",
+            (
+                f"- cohort: {cohort_dir} ({cohort_meta['n_cells']} cells, {cohort_meta['n_patients']} patients, "
+                f"{cohort_meta['n_quarantined']} quarantined)"
+            ),
             f"- labels: {counts}",
             *study.lines,
             "",
         ]
     )
     write_text_atomic(out / REPORT_FILE, text)
-    write_meta(out, "study", cohort={"folder": str(Path(cohort_dir).resolve()), "fingerprint": cohort_meta["fingerprint"]},
-               stages=study.stages)
+    write_meta(
+        out,
+        "study",
+        cohort={"folder": str(Path(cohort_dir).resolve()), "fingerprint": cohort_meta["fingerprint"]},
+        stages=study.stages,
+    )
     return out / REPORT_FILE
 
 
@@ -178,4 +204,6 @@ def _refuse_foreign_results(out: Path, cohort_dir: Path) -> None:
         meta = json.loads(meta_path.read_text())
         current = load_cohort(cohort_dir).meta["fingerprint"]
         if meta.get("kind") == "study" and meta["cohort"]["fingerprint"] != current:
-            raise MarrowLensError(f"{out} holds a study of another cohort ({meta['cohort']['folder']}); choose another --out")
+            raise MarrowLensError(
+                f"{out} holds a study of another cohort ({meta['cohort']['folder']}); choose another --out"
+            )

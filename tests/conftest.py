@@ -74,9 +74,13 @@ def run_cli_subprocess(*args: object, cwd: Path | None = None, timeout: float = 
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "marrowlens", *map(str, args)],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
-
 
 
 class InterruptAtEpoch(pl.Callback):

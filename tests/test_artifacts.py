@@ -20,10 +20,9 @@ from marrowlens.errors import MarrowLensError
 def test_atomic_path_leaves_the_old_file_when_the_writer_fails(tmp_path: Path) -> None:
     target = tmp_path / "a.txt"
     target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
 
@@ -64,7 +63,13 @@ def test_stale_temporaries_of_a_killed_run_are_cleaned(tmp_path: Path) -> None:
     with atomic_path(tmp_path / "meta.json") as mine:  # ours, still being written
         os.utime(mine, (0, 0))
         assert clean_stale_temporaries(tmp_path, ("*.ckpt.partial",)) == [stale, checkpoint]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".cells.parquet.abcd1234.tmp", ".notes.tmp", "keep.tmp", "meta.json", "vectors.partial.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".cells.parquet.abcd1234.tmp",
+        ".notes.tmp",
+        "keep.tmp",
+        "meta.json",
+        "vectors.partial.npy",
+    ]
 
 
 def test_prepare_out_dir_cleans_stale_temporaries(tmp_path: Path) -> None:
@@ -84,10 +89,9 @@ def test_meta_json_that_is_not_an_object(tmp_path: Path) -> None:
 def test_commit_files_swaps_all_or_nothing(tmp_path: Path) -> None:
     for name in ("a.txt", "meta.json"):
         (tmp_path / name).write_text("old")
-    with pytest.raises(RuntimeError):
-        with commit_files(tmp_path, ["a.txt", "meta.json"]) as paths:
-            paths["a.txt"].write_text("new")
-            raise RuntimeError("validation failed")
+    with pytest.raises(RuntimeError), commit_files(tmp_path, ["a.txt", "meta.json"]) as paths:
+        paths["a.txt"].write_text("new")
+        raise RuntimeError("validation failed")
     assert [(tmp_path / n).read_text() for n in ("a.txt", "meta.json")] == ["old", "old"]
     with commit_files(tmp_path, ["meta.json", "a.txt"]) as paths:
         for path in paths.values():

@@ -20,7 +20,10 @@ def _run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *a
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("cohort", "index", "somewhere"), r"^error: Missing option '--out'\. \(see `marrowlens cohort index --help`\)$"),
+        (
+            ("cohort", "index", "somewhere"),
+            r"^error: Missing option '--out'\. \(see `marrowlens cohort index --help`\)$",
+        ),
         (("probe", "fitt"), r"^error: No such command 'fitt'\. Did you mean 'fit'\?"),
         (("search", "--index", "idx", "-k", "many"), r"^error: Invalid value for '-k'"),
         (("embed", "--nonsense"), r"^error: No such option: --nonsense"),

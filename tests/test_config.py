@@ -11,7 +11,9 @@ class TestLoadConfig:
     def test_defaults_then_file_then_overrides(self, tmp_path: Path) -> None:
         path = tmp_path / "c.yaml"
         path.write_text(yaml.safe_dump({"model": {"backbone": "resnet50"}, "optim": {"base_lr": 0.5}}))
-        config = load_config(PretrainConfig, path, ["optim.base_lr=0.1", "trainer.devices=2", "dino.local_crop_scale=[0.3, 0.5]"])
+        config = load_config(
+            PretrainConfig, path, ["optim.base_lr=0.1", "trainer.devices=2", "dino.local_crop_scale=[0.3, 0.5]"]
+        )
         assert config.model.backbone == "resnet50"
         assert config.optim.base_lr == 0.1 and config.trainer.devices == 2
         assert config.dino.local_crop_scale == (0.3, 0.5)
@@ -21,7 +23,10 @@ class TestLoadConfig:
     @pytest.mark.parametrize(
         "override, message",
         [
-            ("optim.base_lrr=1", r"override 'optim.base_lrr=1': unknown key optim.base_lrr; did you mean optim.base_lr\?"),
+            (
+                "optim.base_lrr=1",
+                r"override 'optim.base_lrr=1': unknown key optim.base_lrr; did you mean optim.base_lr\?",
+            ),
             ("trainer.max_epoch=3", "did you mean trainer.max_epochs"),
             ("modle.backbone=resnet18", "unknown key modle; did you mean model"),
             ("views.min_scale=0.1", "override 'views.min_scale=0.1': views.min_scale"),
@@ -56,16 +61,31 @@ class TestLoadConfig:
 
 
 @pytest.mark.parametrize(
-    "override", ["trainer.devices=0", "trainer.devices=-1", "trainer.limit_train_batches=0", "trainer.limit_train_batches=-3",
-                 "trainer.limit_train_batches=0.0", "trainer.limit_train_batches=1.5"],
+    "override",
+    [
+        "trainer.devices=0",
+        "trainer.devices=-1",
+        "trainer.limit_train_batches=0",
+        "trainer.limit_train_batches=-3",
+        "trainer.limit_train_batches=0.0",
+        "trainer.limit_train_batches=1.5",
+    ],
 )
 def test_trainer_settings_that_train_nothing_are_refused(override: str) -> None:
     with pytest.raises(MarrowLensError, match=override.split("=")[0]):
         load_config(PretrainConfig, None, [override])
 
 
-@pytest.mark.parametrize("override, value", [("trainer.devices=auto", "auto"), ("trainer.devices=1", 1), ("trainer.limit_train_batches=3", 3),
-                                             ("trainer.limit_train_batches=0.25", 0.25), ("trainer.limit_train_batches=1.0", 1.0)])
+@pytest.mark.parametrize(
+    "override, value",
+    [
+        ("trainer.devices=auto", "auto"),
+        ("trainer.devices=1", 1),
+        ("trainer.limit_train_batches=3", 3),
+        ("trainer.limit_train_batches=0.25", 0.25),
+        ("trainer.limit_train_batches=1.0", 1.0),
+    ],
+)
 def test_trainer_settings_that_train_something_are_kept(override: str, value: object) -> None:
     key = override.split("=")[0].split(".")[1]
     assert getattr(load_config(PretrainConfig, None, [override]).trainer, key) == value

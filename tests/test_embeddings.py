@@ -103,7 +103,7 @@ class TestFingerprint:
         assert write_embeddings(tmp_path / "c", vectors, _cells(4), META).fingerprint == first.fingerprint
 
     def test_unchanged_store_is_not_hashed_again(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        import marrowlens.embeddings as embeddings
+        from marrowlens import embeddings
 
         write_embeddings(tmp_path, np.eye(4, dtype=np.float32), _cells(4), META)
         hashed = []

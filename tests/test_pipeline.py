@@ -17,11 +17,22 @@ from marrowlens.errors import Interrupted
 from marrowlens.pipeline import load_run_config, run_study
 from tests.conftest import REPO_ROOT, InterruptAtEpoch
 
-TINY_PRETRAIN = ["model.backbone=test_resnet", "model.image_size=32", "trainer.max_epochs=1", "data.batch_size=16",
-                 "data.num_workers=0", "data.val_cells=64"]
+TINY_PRETRAIN = [
+    "model.backbone=test_resnet",
+    "model.image_size=32",
+    "trainer.max_epochs=1",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "data.val_cells=64",
+]
 TINY_PROBE = ["eval.cv=2", "eval.bootstrap=20", "linear.max_epochs=5", "linear.weight_decays=[0.001]"]
-DEEPAPL_NAMES = {"myeloblast": "Blast, no lineage spec", "neutrophil": "Segmented neutrophils", "lymphocyte": "Lymphocyte",
-                 "monocyte": "Monocyte", "eosinophil": "Eosinophils"}
+DEEPAPL_NAMES = {
+    "myeloblast": "Blast, no lineage spec",
+    "neutrophil": "Segmented neutrophils",
+    "lymphocyte": "Lymphocyte",
+    "monocyte": "Monocyte",
+    "eosinophil": "Eosinophils",
+}
 
 
 def _shipped(name: str, tmp_path: Path) -> Path:
@@ -44,12 +55,14 @@ def deepapl_like(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("deepapl")
     synthetic = make_synthetic_cohort(root / "synthetic", patients=12, cells_per_patient=14, image_size=32, seed=3)
     cells = synthetic.cells
-    labels = pd.DataFrame({
-        "path": "synthetic/" + cells["path"],
-        "label": cells["cell_type"].map(DEEPAPL_NAMES),
-        "patient": cells["patient_id"],
-        "diagnosis": cells["mutation"].map(lambda m: "APL" if m == "PML_RARA" else "AML"),
-    })
+    labels = pd.DataFrame(
+        {
+            "path": "synthetic/" + cells["path"],
+            "label": cells["cell_type"].map(DEEPAPL_NAMES),
+            "patient": cells["patient_id"],
+            "diagnosis": cells["mutation"].map(lambda m: "APL" if m == "PML_RARA" else "AML"),
+        }
+    )
     labels.to_csv(root / "labels.csv", index=False)
     index_cohort([root], root / "cohort")
     return root / "cohort"
@@ -76,8 +89,12 @@ class TestDeepAPLStudy:
         assert all("skipped" in m for m in messages if m.startswith("[")), messages
 
         messages.clear()
-        run_study(deepapl_like, load_run_config(config_path, ["probes.wbc.set=[eval.cv=3, eval.bootstrap=20, linear.max_epochs=5]"], []),
-                  out, say=messages.append)
+        run_study(
+            deepapl_like,
+            load_run_config(config_path, ["probes.wbc.set=[eval.cv=3, eval.bootstrap=20, linear.max_epochs=5]"], []),
+            out,
+            say=messages.append,
+        )
         ran = [m for m in messages if m.endswith("running")]
         assert ran == ["[probe wbc] running"]
 
@@ -88,7 +105,9 @@ class TestDeepAPLStudy:
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad, sort_keys=False))
         code, output = cli("run", "--cohort", deepapl_like, "--config", tmp_path / "bad.yaml", "--out", tmp_path / "r")
         assert code == 2 and "must name an earlier blast probe" in output
-        code, output = cli("run", "--cohort", deepapl_like, "--config", config_path, "--out", tmp_path / "r", "--set", "embed.nope=1")
+        code, output = cli(
+            "run", "--cohort", deepapl_like, "--config", config_path, "--out", tmp_path / "r", "--set", "embed.nope=1"
+        )
         assert code == 2 and "embed.nope" in output
 
 
@@ -102,7 +121,7 @@ def test_interrupted_pretraining_resumes_inside_a_study(deepapl_like: Path, tmp_
     def first_dies(*args, resume: bool = False, **kwargs):
         calls.append(resume)
         if len(calls) == 1:
-            real(*args, resume=resume, **{**kwargs})
+            real(*args, resume=resume, **kwargs)
             (tmp_path / "results" / "run" / "backbone.json").unlink()  # as if killed before the export
             raise KeyboardInterrupt
         return real(*args, resume=resume, **kwargs)
@@ -122,25 +141,39 @@ def test_hehr_layout_with_blast_labels_from_a_second_source(tmp_path: Path) -> N
         target = hehr / row.mutation / row.patient_id / Path(row.path).name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(synthetic.image_path(row.path), target)
-        code = {"myeloblast": "MYO", "lymphocyte": "LYT", "neutrophil": "NGS", "monocyte": "MON", "eosinophil": "EOS"}[row.cell_type]
+        code = {"myeloblast": "MYO", "lymphocyte": "LYT", "neutrophil": "NGS", "monocyte": "MON", "eosinophil": "EOS"}[
+            row.cell_type
+        ]
         (lmu / code).mkdir(parents=True, exist_ok=True)
         shutil.copy(synthetic.image_path(row.path), lmu / code / f"{row.patient_id}_{Path(row.path).name}")
     cohort = index_cohort([hehr, lmu], tmp_path / "cohort", IndexOptions())
     layouts = [source["layout"] for source in cohort.meta["sources"]]
     assert layouts == ["mutation_patient", "cell_type"]
     assert cohort.cells.loc[cohort.cells["domain"] == "AML_Hehr", "is_blast"].isna().all()
-    report = run_study(tmp_path / "cohort", load_run_config(_shipped("aml_hehr", tmp_path), [], []), tmp_path / "results", say=lambda _: None)
+    report = run_study(
+        tmp_path / "cohort",
+        load_run_config(_shipped("aml_hehr", tmp_path), [], []),
+        tmp_path / "results",
+        say=lambda _: None,
+    )
     mutation = json.loads((tmp_path / "results" / "probes" / "mutation" / "report.json").read_text())
     assert set(mutation["classes"]) == {"PML_RARA", "NPM1", "CBFB_MYH11", "RUNX1_RUNX1T1", "control"}
     assert "probe `mutation`" in report.read_text()
 
 
-@pytest.mark.parametrize("epoch, hint", [(0, "no epoch had finished.*again to start pretraining over"), (1, "again to continue from .*last.ckpt")])
-def test_an_interrupted_study_says_that_the_same_command_continues_it(deepapl_like: Path, tmp_path: Path, monkeypatch, epoch: int, hint: str) -> None:
+@pytest.mark.parametrize(
+    "epoch, hint",
+    [(0, "no epoch had finished.*again to start pretraining over"), (1, "again to continue from .*last.ckpt")],
+)
+def test_an_interrupted_study_says_that_the_same_command_continues_it(
+    deepapl_like: Path, tmp_path: Path, monkeypatch, epoch: int, hint: str
+) -> None:
     from marrowlens.ssl import train
 
-    config = RunConfig(pretrain=PretrainStageConfig(set=[*TINY_PRETRAIN, "trainer.max_epochs=2", "data.val_cells=0"]),
-                       index=IndexStageConfig(enabled=False))
+    config = RunConfig(
+        pretrain=PretrainStageConfig(set=[*TINY_PRETRAIN, "trainer.max_epochs=2", "data.val_cells=0"]),
+        index=IndexStageConfig(enabled=False),
+    )
     build = train.build_trainer
 
     def interrupted(*args, **kwargs):

@@ -14,7 +14,7 @@ README = (REPO_ROOT / "README.md").read_text()
 
 
 def _code_lines() -> list[str]:
-    blocks = re.findall(r"```[a-z]*\n(.*?)```", README, flags=re.S)
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", README, flags=re.DOTALL)
     joined = "\n".join(blocks).replace("\\\n", " ")
     return [line.strip() for line in joined.splitlines() if line.strip().startswith(("marrowlens ", "srun marrowlens"))]
 

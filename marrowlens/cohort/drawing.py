@@ -20,6 +20,7 @@ are a mean-area-preserving mixture): pixel means alone cannot tell subtypes apar
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -114,7 +115,9 @@ class _Kit:
     def _noise(self, rng: np.random.Generator, scale: float) -> np.ndarray:
         """Gaussian-filtered noise at a correlation length of ``scale`` (image units), unit std."""
         sigma = max(scale * self.unit, 0.35)
-        bank = np.stack([gaussian_filter(rng.standard_normal((2 * self.size,) * 2), sigma, mode="wrap") for _ in range(self.bank)])
+        bank = np.stack(
+            [gaussian_filter(rng.standard_normal((2 * self.size,) * 2), sigma, mode="wrap") for _ in range(self.bank)]
+        )
         bank -= bank.mean(axis=(1, 2), keepdims=True)
         bank /= bank.std(axis=(1, 2), keepdims=True)
         return bank.astype(np.float32)
@@ -155,7 +158,9 @@ class _Kit:
         """Separable Gaussian blur as a size x size matrix (reflecting edges); sigma in 0.1 px."""
         if sigma_px10 not in self._blurs:
             identity = np.eye(self.size, dtype=np.float64)
-            self._blurs[sigma_px10] = gaussian_filter(identity, (sigma_px10 / 10.0, 0), mode="reflect").astype(np.float32)
+            self._blurs[sigma_px10] = gaussian_filter(identity, (sigma_px10 / 10.0, 0), mode="reflect").astype(
+                np.float32
+            )
         return self._blurs[sigma_px10]
 
 
@@ -182,7 +187,7 @@ class _Painter:
     def _window(self, cy: float, cx: float, reach: float) -> tuple[slice, slice, slice, slice] | None:
         """Image slices around (cy, cx) +- reach and the matching slices of the double-size grids."""
         s, u = self.size, self.kit.unit
-        py, px = int(round(s / 2 + cy * u)), int(round(s / 2 + cx * u))
+        py, px = round(s / 2 + cy * u), round(s / 2 + cx * u)
         pad = int(np.ceil(reach * u)) + 2
         y0, y1 = max(0, py - pad), min(s, py + pad)
         x0, x1 = max(0, px - pad), min(s, px + pad)
@@ -283,12 +288,16 @@ def _chromatin(p: _Painter, body: _Body, level: float, bank: np.ndarray, contras
     p.maps[NUC] += body.nucleus * level * np.clip(1 + contrast * p.texture(bank), 0.2, None)
 
 
-def _lobes(p: _Painter, centres: list[tuple[float, float]], radius: float, roughness: float, strand: float) -> np.ndarray:
+def _lobes(
+    p: _Painter, centres: list[tuple[float, float]], radius: float, roughness: float, strand: float
+) -> np.ndarray:
     """Nuclear lobes joined by thin chromatin strands (segmented and bilobed nuclei)."""
     mask = np.zeros((p.size, p.size), np.float32)
-    for (y0, x0), (y1, x1) in zip(centres, centres[1:]):
+    for (y0, x0), (y1, x1) in itertools.pairwise(centres):
         length = float(np.hypot(y1 - y0, x1 - x0))
-        mask = np.maximum(mask, p.segment((y0 + y1) / 2, (x0 + x1) / 2, length, float(np.arctan2(y1 - y0, x1 - x0)), strand))
+        mask = np.maximum(
+            mask, p.segment((y0 + y1) / 2, (x0 + x1) / 2, length, float(np.arctan2(y1 - y0, x1 - x0)), strand)
+        )
     for y, x in centres:
         mask = np.maximum(mask, p.blob(y, x, radius * p.rng.uniform(0.85, 1.15), p.outline(0.08, roughness)))
     return mask
@@ -317,7 +326,9 @@ def _lymphocyte(p: _Painter) -> _Body:
     cy, cx, cell = _body(p, radius, rng.uniform(0, 0.05), 0.012)
     ratio = rng.uniform(0.80, 0.90)
     shift, angle = (1 - ratio) * radius * rng.uniform(0, 0.9), rng.uniform(0, 2 * np.pi)
-    nucleus = p.blob(cy + shift * np.sin(angle), cx + shift * np.cos(angle), ratio * radius, p.outline(0.05, 0.015)) * cell
+    nucleus = (
+        p.blob(cy + shift * np.sin(angle), cx + shift * np.cos(angle), ratio * radius, p.outline(0.05, 0.015)) * cell
+    )
     body = _Body(cy, cx, radius, cell, nucleus)
     _cytoplasm(p, body, {BASO: rng.uniform(0.65, 0.9)})
     if rng.random() < 0.15:  # large granular lymphocyte
@@ -366,7 +377,9 @@ def _eosinophil(p: _Painter, abnormal: bool) -> _Body:
     nucleus = _lobes(p, centres, radius * rng.uniform(0.34, 0.4), 0.025, 0.03) * cell
     body = _Body(cy, cx, radius, cell, nucleus)
     _cytoplasm(p, body, {EOS: rng.uniform(0.12, 0.18)})
-    p.maps[ORANGE] += rng.uniform(0.6, 0.85) * p.granules(p.kit.beads, rng.uniform(0.4, 0.55)) * cell * (1 - 0.6 * nucleus)
+    p.maps[ORANGE] += (
+        rng.uniform(0.6, 0.85) * p.granules(p.kit.beads, rng.uniform(0.4, 0.55)) * cell * (1 - 0.6 * nucleus)
+    )
     if abnormal:  # inv(16): large dark purple-violet granules among the orange ones
         dark = p.granules(p.kit.beads, rng.uniform(0.08, 0.2)) * cell
         p.maps[AZUR] += 0.7 * dark
@@ -410,7 +423,9 @@ def _blast(p: _Painter, mutation: str) -> _Body:
         nucleus = p.blob(ny, nx, n_radius / np.sqrt(1 - 0.6 * cup**2), p.outline(0.05, 0.015))
         ca = rng.uniform(0, 2 * np.pi)
         reach = n_radius * rng.uniform(0.45, 0.7)
-        nucleus = nucleus * (1 - p.blob(ny + reach * np.sin(ca), nx + reach * np.cos(ca), cup * n_radius, p.outline(0.15, 0.02)))
+        nucleus = nucleus * (
+            1 - p.blob(ny + reach * np.sin(ca), nx + reach * np.cos(ca), cup * n_radius, p.outline(0.15, 0.02))
+        )
     elif has.get("folded"):  # CBFB_MYH11: monocytoid folded / kidney nucleus
         depth = rng.uniform(0.4, 0.6)
         nucleus = _kidney(p, ny, nx, n_radius / np.sqrt(1 - 0.35 * depth**2), depth, cell)
@@ -445,7 +460,9 @@ def _blast(p: _Painter, mutation: str) -> _Body:
     return body
 
 
-def _auer_rods(p: _Painter, body: _Body, nucleus_angle: float, inner: float, count: int, length: tuple[float, float], width: float) -> None:
+def _auer_rods(
+    p: _Painter, body: _Body, nucleus_angle: float, inner: float, count: int, length: tuple[float, float], width: float
+) -> None:
     """Rods lying along the widest part of the cytoplasm (beyond the eccentric nucleus, whose
     edge is ``inner`` from the cell centre), zero-mean in optical density."""
     rng = p.rng
@@ -510,11 +527,13 @@ def _develop(p: _Painter, body: _Body, stain: Stain) -> np.ndarray:
     # Zero-mean features leave some stain maps negative; only the total density must not be.
     density = np.maximum((stain.matrix * strength) @ p.maps.reshape(5, -1), 0)
     light = np.exp(np.negative(density, out=density), out=density) * stain.illumination[:, None]
-    sigma = int(round(stain.blur * kit.unit * rng.uniform(0.8, 1.25) * 10))
+    sigma = round(stain.blur * kit.unit * rng.uniform(0.8, 1.25) * 10)
     if sigma >= 2:  # separable blur as two matrix products: along x, then (transposed) along y
         blur = kit.blur_matrix(sigma)
         light = light.reshape(3 * s, s) @ blur.T
-        light = (light.reshape(3, s, s).transpose(0, 2, 1).reshape(3 * s, s) @ blur.T).reshape(3, s, s).transpose(2, 1, 0)
+        light = (
+            (light.reshape(3, s, s).transpose(0, 2, 1).reshape(3 * s, s) @ blur.T).reshape(3, s, s).transpose(2, 1, 0)
+        )
     else:
         light = light.reshape(3, s, s).transpose(1, 2, 0)
     image = np.multiply(light, 255, out=np.empty((s, s, 3), np.float32))

@@ -19,9 +19,9 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -98,7 +98,7 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
         return array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.floating):
         peak = max((float(_finite(array[rows]).max(initial=0.0)) for rows in _row_chunks(array)), default=0.0)
-        top = 1.0 if peak <= 1.0 else peak
+        top = max(1.0, peak)
         return _rowwise(array, lambda chunk: np.clip(_finite(chunk) / top * 255.0, 0, 255))
     low = min(int(array.min(initial=0)), 0)
     peak = int(array.max(initial=0)) - low

@@ -7,6 +7,7 @@ targets join the allowed set. The set of mutation classes is therefore the data'
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 
@@ -102,7 +103,7 @@ def is_blast_type(cell_type: str, blast_classes: Iterable[str] | None = None) ->
 
 def parse_bool(value: object) -> bool | None:
     """Flexible truth values from CSVs; None for missing; error for anything else."""
-    if value is None or (isinstance(value, float) and value != value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, bool):
         return value

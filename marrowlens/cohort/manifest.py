@@ -157,12 +157,13 @@ def detect_layout(root: Path, skip: tuple[Path, ...] = ()) -> str:
     if depth in (2, 3) and count >= 0.9 * len(images):  # a few strays go to the quarantine
         return "mutation_patient" if depth == 3 else "cell_type"
     raise MarrowLensError(
-        f"cannot tell the layout of {root}: images at depths {sorted(depths)}; pass --layout "
-        f"({', '.join(LAYOUTS[1:])})"
+        f"cannot tell the layout of {root}: images at depths {sorted(depths)}; pass --layout ({', '.join(LAYOUTS[1:])})"
     )
 
 
-def _read_folder_layout(root: Path, layout: str, options: IndexOptions) -> tuple[list[_Candidate], list[tuple[Path, str]], dict[str, str]]:
+def _read_folder_layout(
+    root: Path, layout: str, options: IndexOptions
+) -> tuple[list[_Candidate], list[tuple[Path, str]], dict[str, str]]:
     images, others = _image_files(root, options.skip)
     if not images:
         raise MarrowLensError(f"no images found under {root}")
@@ -180,7 +181,9 @@ def _read_folder_layout(root: Path, layout: str, options: IndexOptions) -> tuple
             mutation_dir, patient, _ = path.relative_to(root).parts
             if owner.setdefault(patient, mutation_dir) != mutation_dir:
                 raise MarrowLensError(f"patient {patient!r} appears under both {owner[patient]!r} and {mutation_dir!r}")
-            candidates.append(_Candidate(path, {"patient_id": patient, "mutation": names[mutation_dir]}, str(path.relative_to(root))))
+            candidates.append(
+                _Candidate(path, {"patient_id": patient, "mutation": names[mutation_dir]}, str(path.relative_to(root)))
+            )
         return candidates, others, {k: names[k] for k in classes}
     for path in images:
         raw = path.relative_to(root).parts[0]
@@ -207,7 +210,9 @@ def _csv_columns(header: list[str], options: IndexOptions, defaults: dict[str, s
     return chosen
 
 
-def _read_csv_layout(source: Path, layout: str, options: IndexOptions) -> tuple[list[_Candidate], list[tuple[Path, str]], dict[str, str]]:
+def _read_csv_layout(
+    source: Path, layout: str, options: IndexOptions
+) -> tuple[list[_Candidate], list[tuple[Path, str]], dict[str, str]]:
     csv_path = source / "labels.csv" if source.is_dir() else source
     base = csv_path.parent
     table = _read_csv(csv_path, dtype=str, keep_default_na=False, na_values=[""])
@@ -231,7 +236,7 @@ def _read_csv_layout(source: Path, layout: str, options: IndexOptions) -> tuple[
         labels: dict[str, Any] = {}
         for canonical, column in columns.items():
             value = record.get(column)
-            labels[canonical] = None if value is None or value != value else value
+            labels[canonical] = None if pd.isna(value) else value
         if labels.get("cell_type") is not None:
             labels["cell_type"] = options.map_cell_type.get(labels["cell_type"], cell_type_name(labels["cell_type"]))
         if labels.get("mutation") is not None:
@@ -261,7 +266,9 @@ def _refuse_images_folder_of_labelled_source(source: Path) -> None:
             )
 
 
-def read_source(source: Path, options: IndexOptions) -> tuple[str, list[_Candidate], list[tuple[Path, str]], dict[str, str]]:
+def read_source(
+    source: Path, options: IndexOptions
+) -> tuple[str, list[_Candidate], list[tuple[Path, str]], dict[str, str]]:
     """Read one source folder or CSV into candidate cells (not yet decoded)."""
     if not source.exists():
         raise MarrowLensError(f"{source} does not exist")
@@ -300,7 +307,9 @@ def _common_root(sources: list[Path]) -> Path:
     return Path(os.path.commonpath([str(f) for f in folders]))
 
 
-def index_cohort(sources: list[Path], out: Path, options: IndexOptions | None = None, extra_meta: dict[str, Any] | None = None) -> Cohort:
+def index_cohort(
+    sources: list[Path], out: Path, options: IndexOptions | None = None, extra_meta: dict[str, Any] | None = None
+) -> Cohort:
     """Index image sources into a cohort folder; returns the loaded cohort.
 
     ``extra_meta`` adds fields to ``meta.json`` (e.g. the settings of the synthetic generator).
@@ -336,7 +345,9 @@ def index_cohort(sources: list[Path], out: Path, options: IndexOptions | None = 
             good.append((candidate, result))
     if not good:
         example = f", e.g. {quarantine[0][0]}: {quarantine[0][1]}" if quarantine else ""
-        raise MarrowLensError(f"no readable images in {', '.join(map(str, sources))} ({len(quarantine)} unreadable{example})")
+        raise MarrowLensError(
+            f"no readable images in {', '.join(map(str, sources))} ({len(quarantine)} unreadable{example})"
+        )
     cells = _cells_frame(good, root)
     _refuse_empty_classes(cells, class_folders)
     out.mkdir(parents=True, exist_ok=True)
@@ -373,7 +384,9 @@ def _refuse_duplicates(rows: list[_Candidate]) -> None:
         resolved = _resolve(candidate.path)
         first = seen.setdefault(resolved, candidate)
         if first is not candidate:
-            raise MarrowLensError(f"{first.where} and {candidate.where} are the same image file ({resolved}); list each cell once")
+            raise MarrowLensError(
+                f"{first.where} and {candidate.where} are the same image file ({resolved}); list each cell once"
+            )
 
 
 def _is_within(path: Path, root: Path) -> bool:
@@ -456,7 +469,9 @@ def load_cohort(folder: str | Path) -> Cohort:
     if not root.is_dir():
         root = Path(meta["root"])
     if not root.is_dir():
-        raise MarrowLensError(f"the images of {folder} are gone: neither {folder / meta['root_relative']} nor {meta['root']} exists")
+        raise MarrowLensError(
+            f"the images of {folder} are gone: neither {folder / meta['root_relative']} nor {meta['root']} exists"
+        )
     return Cohort(folder=folder, root=root, cells=cells, meta=meta)
 
 
@@ -473,10 +488,14 @@ def check_cohort(folder: str | Path, workers: int = 8, fix: bool = False) -> tup
     problems = [(path, r) for path, r in zip(cells["path"], results) if isinstance(r, str)]
     if fix and problems:
         broken = {p for p, _ in problems}
-        frame = pd.concat([_read_quarantine(Path(folder)), pd.DataFrame(problems, columns=["path", "reason"])], ignore_index=True)
+        frame = pd.concat(
+            [_read_quarantine(Path(folder)), pd.DataFrame(problems, columns=["path", "reason"])], ignore_index=True
+        )
         kept = cells[~cells["path"].isin(broken)].reset_index(drop=True)
         fields = {k: v for k, v in cohort.meta.items() if k not in ("kind", "marrowlens_version", "created", "command")}
-        fields.update(n_cells=len(kept), n_quarantined=len(frame), counts=label_counts(kept), fingerprint=cohort_fingerprint(kept))
+        fields.update(
+            n_cells=len(kept), n_quarantined=len(frame), counts=label_counts(kept), fingerprint=cohort_fingerprint(kept)
+        )
         _commit(Path(folder), kept, frame, meta_record("cohort", **fields))
         cohort = load_cohort(folder)
     return cohort, problems

@@ -8,8 +8,8 @@ embedding store's meta.json, so query images at search time are normalised the s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 import numpy as np
 from PIL import Image
@@ -27,7 +27,7 @@ class ReinhardTarget:
         return {"method": "reinhard", **asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> "ReinhardTarget | None":
+    def from_dict(cls, data: dict | None) -> ReinhardTarget | None:
         if not data or data.get("method") != "reinhard":
             return None
         return cls(tuple(data["mean"]), tuple(data["std"]))
@@ -44,7 +44,9 @@ def fit_reinhard(images: Iterable[Image.Image]) -> ReinhardTarget:
     if not stats:
         raise ValueError("no images to fit a stain target on")
     means, stds = zip(*stats)
-    return ReinhardTarget(tuple(np.mean(means, axis=0).round(4).tolist()), tuple(np.mean(stds, axis=0).round(4).tolist()))
+    return ReinhardTarget(
+        tuple(np.mean(means, axis=0).round(4).tolist()), tuple(np.mean(stds, axis=0).round(4).tolist())
+    )
 
 
 class ReinhardNormalize:

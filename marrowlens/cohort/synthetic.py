@@ -32,7 +32,15 @@ from marrowlens.cohort.labels import MUTATIONS
 from marrowlens.cohort.manifest import CELLS_FILE, QUARANTINE_FILE, Cohort, IndexOptions, index_cohort
 from marrowlens.errors import MarrowLensError
 
-__all__ = ["GENERATOR_VERSION", "Patient", "draw_cell", "make_synthetic_cohort", "plan_cells", "plan_patients", "render_cells"]
+__all__ = [
+    "GENERATOR_VERSION",
+    "Patient",
+    "draw_cell",
+    "make_synthetic_cohort",
+    "plan_cells",
+    "plan_patients",
+    "render_cells",
+]
 
 GENERATOR_VERSION = 1
 LEUKAEMIC = tuple(m for m in MUTATIONS if m != "control")
@@ -128,7 +136,9 @@ def plan_cells(plan: list[Patient], cells_per_patient: int, seed: int = 0) -> pd
     return pd.DataFrame(rows)
 
 
-def render_cells(plan: list[Patient], cells_per_patient: int, image_size: int = 64, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+def render_cells(
+    plan: list[Patient], cells_per_patient: int, image_size: int = 64, seed: int = 0
+) -> tuple[pd.DataFrame, np.ndarray]:
     """A whole cohort in memory: (ground truth as :func:`plan_cells`, N x S x S x 3 uint8 images).
 
     The same pixels as the PNGs :func:`make_synthetic_cohort` writes; handy for tests and benches.
@@ -156,11 +166,15 @@ def _write_chunk(out: Path, seed: int, patient: Patient, cells: range, image_siz
     folder.mkdir(parents=True, exist_ok=True)
     with _one_blas_thread():
         for cell in cells:
-            Image.fromarray(_draw(seed, patient, cell, image_size)).save(out / cell_name(patient, cell), format="PNG", compress_level=1)
+            Image.fromarray(_draw(seed, patient, cell, image_size)).save(
+                out / cell_name(patient, cell), format="PNG", compress_level=1
+            )
     return len(cells)
 
 
-def _check_arguments(patients: int, cells_per_patient: int, image_size: int, seed: int, domains: int, workers: int) -> None:
+def _check_arguments(
+    patients: int, cells_per_patient: int, image_size: int, seed: int, domains: int, workers: int
+) -> None:
     checks = [
         (patients >= 1, f"--patients must be at least 1, not {patients}"),
         (cells_per_patient >= 1, f"--cells-per-patient must be at least 1, not {cells_per_patient}"),
@@ -181,9 +195,15 @@ def _prepare(out: Path, overwrite: bool) -> None:
     children = list(out.iterdir()) if out.is_dir() else []
     if children and not overwrite:
         raise MarrowLensError(f"{out} is not empty; pass --overwrite to replace the synthetic cohort in it")
-    foreign = sorted(c.name for c in children if c.name not in _OWN_FILES and not (c.name.startswith(".") and c.name.endswith(".tmp")))
+    foreign = sorted(
+        c.name
+        for c in children
+        if c.name not in _OWN_FILES and not (c.name.startswith(".") and c.name.endswith(".tmp"))
+    )
     if foreign:
-        raise MarrowLensError(f"refusing to overwrite {out}: it holds {foreign[0]!r}, which a synthetic cohort does not write")
+        raise MarrowLensError(
+            f"refusing to overwrite {out}: it holds {foreign[0]!r}, which a synthetic cohort does not write"
+        )
     for child in children:
         if child.is_dir():
             shutil.rmtree(child)
@@ -193,7 +213,11 @@ def _prepare(out: Path, overwrite: bool) -> None:
 
 
 def _jobs(plan: list[Patient], cells_per_patient: int) -> list[tuple[Patient, range]]:
-    return [(p, range(start, min(start + _CHUNK, cells_per_patient))) for p in plan for start in range(0, cells_per_patient, _CHUNK)]
+    return [
+        (p, range(start, min(start + _CHUNK, cells_per_patient)))
+        for p in plan
+        for start in range(0, cells_per_patient, _CHUNK)
+    ]
 
 
 def _draw_all(out: Path, plan: list[Patient], cells_per_patient: int, image_size: int, seed: int, workers: int) -> None:
@@ -231,7 +255,15 @@ def make_synthetic_cohort(
     plan = plan_patients(patients, seed, domains)
     _draw_all(out, plan, cells_per_patient, image_size, seed, workers)
     truth = pd.DataFrame(
-        [{"patient_id": p.patient_id, "mutation": p.mutation, "domain": p.domain_name, "blast_fraction": round(p.blast_fraction, 4)} for p in plan]
+        [
+            {
+                "patient_id": p.patient_id,
+                "mutation": p.mutation,
+                "domain": p.domain_name,
+                "blast_fraction": round(p.blast_fraction, 4),
+            }
+            for p in plan
+        ]
     )
     write_text_atomic(out / PATIENTS_FILE, truth.to_csv(index=False))
     write_text_atomic(out / LABELS_FILE, plan_cells(plan, cells_per_patient, seed).to_csv(index=False))

@@ -41,10 +41,16 @@ class Predictions:
     fold: np.ndarray
 
     @classmethod
-    def empty(cls, task: Task) -> "Predictions":
+    def empty(cls, task: Task) -> Predictions:
         n = len(task.rows)
-        return cls(task.rows.copy(), task.y.copy(), task.groups.copy(), np.zeros(n, dtype=bool),
-                   np.full((n, len(task.classes)), np.nan), np.full(n, -1))
+        return cls(
+            task.rows.copy(),
+            task.y.copy(),
+            task.groups.copy(),
+            np.zeros(n, dtype=bool),
+            np.full((n, len(task.classes)), np.nan),
+            np.full(n, -1),
+        )
 
 
 # ---------------------------------------------------------------- splits
@@ -57,7 +63,9 @@ def check_no_leak(groups: np.ndarray, train: np.ndarray, test: np.ndarray, what:
         raise AssertionError(f"patient leak in {what}: {len(shared)} patient(s) on both sides, e.g. {shared[0]!r}")
 
 
-def grouped_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def grouped_folds(
+    y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified, patient-grouped K folds; fewer patients than folds is a user error."""
     if n_splits < 2:
         raise MarrowLensError(f"--cv {n_splits}: use 0 to skip cross-validation or 2 or more folds")
@@ -123,10 +131,18 @@ def run_folds(
         _check_trained_rows(task, probe, test, f"fold {name}")
         kept, proba = probe.predict_rows(task.emb.vectors, task.rows[test])
         pred.kept[test], pred.proba[test], pred.fold[test] = kept, proba, i
-        info.append({"fold": name, "train_patients": int(len(np.unique(task.groups[train]))),
-                     "test_patients": int(len(np.unique(task.groups[test]))), "train_cells": int(len(probe.train_rows)),
-                     "test_cells": int(len(test)), "test_kept": int(kept.sum()), "head": probe.head.fitted_state(),
-                     **_quick(task, pred, test)})
+        info.append(
+            {
+                "fold": name,
+                "train_patients": len(np.unique(task.groups[train])),
+                "test_patients": len(np.unique(task.groups[test])),
+                "train_cells": len(probe.train_rows),
+                "test_cells": len(test),
+                "test_kept": int(kept.sum()),
+                "head": probe.head.fitted_state(),
+                **_quick(task, pred, test),
+            }
+        )
     return pred, info
 
 
@@ -140,12 +156,17 @@ def _quick(task: Task, pred: Predictions, test: np.ndarray) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
             balanced = float(balanced_accuracy_score(y, p))
-        out.update(accuracy=float(accuracy_score(y, p)), balanced_accuracy=balanced,
-                   macro_f1=float(f1_score(y, p, average="macro", zero_division=0)))
+        out.update(
+            accuracy=float(accuracy_score(y, p)),
+            balanced_accuracy=balanced,
+            macro_f1=float(f1_score(y, p, average="macro", zero_division=0)),
+        )
     if task.name == "mutation":
         table = aggregate_patients(pred.patients[test], pred.kept[test], pred.proba[test], task.classes, pred.y[test])
         determined = table[table["predicted"] != UNDETERMINED]
-        out["patient_accuracy"] = float((determined["predicted"] == determined["truth"]).mean()) if len(determined) else None
+        out["patient_accuracy"] = (
+            float((determined["predicted"] == determined["truth"]).mean()) if len(determined) else None
+        )
         out["undetermined_patients"] = int((table["predicted"] == UNDETERMINED).sum())
     return out
 
@@ -201,7 +222,7 @@ def summarize(task: Task, pred: Predictions, n_boot: int, seed: int = 0, ece_bin
         raise MarrowLensError("no evaluated cell was kept by the blast filter; nothing to report")
     y = np.searchsorted(task.classes, pred.y)
     cell = metrics_with_ci(y[kept], pred.proba[kept], pred.patients[kept], task.classes, n_boot, seed, ece_bins)
-    cell.update(n_evaluated=int(len(kept)), n_kept=int(kept.sum()))
+    cell.update(n_evaluated=len(kept), n_kept=int(kept.sum()))
     out: dict[str, Any] = {"cell": cell, "patient": None, "patients_table": None}
     if task.name == "mutation":
         table = aggregate_patients(pred.patients, kept, pred.proba, task.classes, pred.y)
@@ -215,11 +236,18 @@ def summarize(task: Task, pred: Predictions, n_boot: int, seed: int = 0, ece_bin
 def patient_metrics(table: pd.DataFrame, classes: list[str], n_boot: int, seed: int, ece_bins: int) -> dict[str, Any]:
     determined = table[table["predicted"] != UNDETERMINED]
     undetermined = table.loc[table["predicted"] == UNDETERMINED, "patient_id"].astype(str).tolist()
-    out: dict[str, Any] = {"n_patients": int(len(table)), "n_determined": int(len(determined)),
-                           "n_undetermined": len(undetermined), "undetermined": undetermined,
-                           "coverage": float(len(determined) / len(table)) if len(table) else 0.0,
-                           "kept_cells_per_patient": {"min": int(table["n_kept"].min()), "median": float(table["n_kept"].median()),
-                                                      "max": int(table["n_kept"].max())}}
+    out: dict[str, Any] = {
+        "n_patients": len(table),
+        "n_determined": len(determined),
+        "n_undetermined": len(undetermined),
+        "undetermined": undetermined,
+        "coverage": float(len(determined) / len(table)) if len(table) else 0.0,
+        "kept_cells_per_patient": {
+            "min": int(table["n_kept"].min()),
+            "median": float(table["n_kept"].median()),
+            "max": int(table["n_kept"].max()),
+        },
+    }
     if len(determined):
         y = np.searchsorted(classes, determined["truth"].astype(str).to_numpy())
         proba = determined[[f"p_{c}" for c in classes]].to_numpy()
@@ -229,16 +257,32 @@ def patient_metrics(table: pd.DataFrame, classes: list[str], n_boot: int, seed: 
     return out
 
 
-def blast_fractions(task: Task, pred: Predictions, n_boot: int, seed: int) -> tuple[dict[str, Any] | None, pd.DataFrame | None]:
+def blast_fractions(
+    task: Task, pred: Predictions, n_boot: int, seed: int
+) -> tuple[dict[str, Any] | None, pd.DataFrame | None]:
     """Per patient: true vs predicted blast fraction (mean P(blast) too); MAE with a bootstrap CI."""
     real = ~pd.Series(pred.patients).astype(str).str.startswith("cell:").to_numpy()
     if not real.any():
         return {"note": "no patient ids: blast fractions per patient cannot be formed"}, None
     b = task.classes.index(BLAST)
-    frame = pd.DataFrame({"patient_id": pred.patients[real], "true": pred.y[real] == BLAST,
-                          "predicted": pred.proba[real].argmax(axis=1) == b, "p_blast": pred.proba[real, b]})
-    table = frame.groupby("patient_id").agg(n_cells=("true", "size"), true_blast_fraction=("true", "mean"),
-                                            predicted_blast_fraction=("predicted", "mean"), mean_p_blast=("p_blast", "mean")).reset_index()
+    frame = pd.DataFrame(
+        {
+            "patient_id": pred.patients[real],
+            "true": pred.y[real] == BLAST,
+            "predicted": pred.proba[real].argmax(axis=1) == b,
+            "p_blast": pred.proba[real, b],
+        }
+    )
+    table = (
+        frame.groupby("patient_id")
+        .agg(
+            n_cells=("true", "size"),
+            true_blast_fraction=("true", "mean"),
+            predicted_blast_fraction=("predicted", "mean"),
+            mean_p_blast=("p_blast", "mean"),
+        )
+        .reset_index()
+    )
     error = np.abs(table["true_blast_fraction"] - table["predicted_blast_fraction"]).to_numpy()
     boot = None
     if n_boot > 0:
@@ -247,7 +291,8 @@ def blast_fractions(task: Task, pred: Predictions, n_boot: int, seed: int) -> tu
     pearson = None
     if len(table) > 2 and table["true_blast_fraction"].std() > 0 and table["predicted_blast_fraction"].std() > 0:
         pearson = float(np.corrcoef(table["true_blast_fraction"], table["predicted_blast_fraction"])[0, 1])
-    return {"n_patients": int(len(table)),
-            "blast_fraction_mae": {"value": float(error.mean()), "ci": interval(boot) if boot is not None else None},
-            "blast_fraction_pearson_r": pearson}, table
-
+    return {
+        "n_patients": len(table),
+        "blast_fraction_mae": {"value": float(error.mean()), "ci": interval(boot) if boot is not None else None},
+        "blast_fraction_pearson_r": pearson,
+    }, table

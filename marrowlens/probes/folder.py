@@ -22,7 +22,14 @@ import numpy as np
 import yaml
 from safetensors.torch import load_file, save_file
 
-from marrowlens.artifacts import atomic_path, read_meta, require_same_fingerprint, sha256_file, write_json_atomic, write_meta
+from marrowlens.artifacts import (
+    atomic_path,
+    read_meta,
+    require_same_fingerprint,
+    sha256_file,
+    write_json_atomic,
+    write_meta,
+)
 from marrowlens.config import ProbeConfig, dump_config, validate_config
 from marrowlens.embeddings import Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
@@ -55,19 +62,33 @@ def save_probe(folder: Path, probe: Probe, emb: Embeddings, extra: dict[str, Any
         "fingerprint": "sha256:" + sha256_file(folder / HEAD_FILE),
         "embeddings": {"folder": str(Path(emb.folder).resolve()), "fingerprint": emb.fingerprint},
         "model_fingerprint": emb.model_fingerprint,
-        "train": {"cells": int(len(probe.train_rows)), "class_counts": {str(k): int(v) for k, v in zip(labels, counts)}},
+        "train": {"cells": len(probe.train_rows), "class_counts": {str(k): int(v) for k, v in zip(labels, counts)}},
         "blast_filter": None,
         **probe.notes,
         **(extra or {}),
     }
     if probe.blast is not None:
-        blast_info = save_probe(folder / BLAST_DIR, probe.blast, emb) if probe.blast.source is None else copy_probe(probe.blast.source, folder / BLAST_DIR)
-        info["blast_filter"] = {"folder": BLAST_DIR, "copied_from": str(probe.blast.source) if probe.blast.source else None,
-                                "fingerprint": blast_info["fingerprint"], "threshold": probe.config.mutation.blast_threshold}
+        blast_info = (
+            save_probe(folder / BLAST_DIR, probe.blast, emb)
+            if probe.blast.source is None
+            else copy_probe(probe.blast.source, folder / BLAST_DIR)
+        )
+        info["blast_filter"] = {
+            "folder": BLAST_DIR,
+            "copied_from": str(probe.blast.source) if probe.blast.source else None,
+            "fingerprint": blast_info["fingerprint"],
+            "threshold": probe.config.mutation.blast_threshold,
+        }
     dump_config(probe.config, folder / CONFIG_FILE)
     write_json_atomic(folder / PROBE_FILE, info)
-    write_meta(folder, "probe", task=info["task"], fingerprint=info["fingerprint"],
-               embeddings=info["embeddings"], model={"fingerprint": info["model_fingerprint"]})
+    write_meta(
+        folder,
+        "probe",
+        task=info["task"],
+        fingerprint=info["fingerprint"],
+        embeddings=info["embeddings"],
+        model={"fingerprint": info["model_fingerprint"]},
+    )
     return info
 
 
@@ -94,7 +115,13 @@ def read_probe_info(folder: Path) -> dict[str, Any]:
 
 def require_same_model(info: dict[str, Any], folder: Path, emb: Embeddings) -> None:
     """A probe only applies to embeddings made by the model it was trained on."""
-    require_same_fingerprint("model fingerprint", info["model_fingerprint"], f"probe {folder}", emb.model_fingerprint, f"embeddings {emb.folder}")
+    require_same_fingerprint(
+        "model fingerprint",
+        info["model_fingerprint"],
+        f"probe {folder}",
+        emb.model_fingerprint,
+        f"embeddings {emb.folder}",
+    )
 
 
 def load_probe(folder: str | Path, emb: Embeddings) -> tuple[Probe, dict[str, Any]]:
@@ -106,9 +133,13 @@ def load_probe(folder: str | Path, emb: Embeddings) -> tuple[Probe, dict[str, An
     if not head_path.is_file():
         raise MarrowLensError(f"{folder} is incomplete: {HEAD_FILE} is missing")
     if "sha256:" + sha256_file(head_path) != info["fingerprint"]:
-        raise MarrowLensError(f"{head_path} does not match the fingerprint in {PROBE_FILE}: the probe was changed or damaged")
+        raise MarrowLensError(
+            f"{head_path} does not match the fingerprint in {PROBE_FILE}: the probe was changed or damaged"
+        )
     try:
-        config = validate_config(ProbeConfig, yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}, str(folder / CONFIG_FILE))
+        config = validate_config(
+            ProbeConfig, yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}, str(folder / CONFIG_FILE)
+        )
     except OSError as exc:
         raise MarrowLensError(f"{folder / CONFIG_FILE} is unreadable: {exc}") from exc
     kind = head_class(info["head"], str(folder / PROBE_FILE))
@@ -131,6 +162,10 @@ def training_vectors(info: dict[str, Any], folder: Path, emb: Embeddings) -> np.
     try:
         store = load_embeddings(where, check_finite=False)
     except MarrowLensError as exc:
-        raise MarrowLensError(f"k-NN probe {folder} needs its training embeddings {where}, which cannot be read ({exc})") from None
-    require_same_fingerprint("embedding fingerprint", expected, f"k-NN probe {folder}", store.fingerprint, f"its training store {where}")
+        raise MarrowLensError(
+            f"k-NN probe {folder} needs its training embeddings {where}, which cannot be read ({exc})"
+        ) from None
+    require_same_fingerprint(
+        "embedding fingerprint", expected, f"k-NN probe {folder}", store.fingerprint, f"its training store {where}"
+    )
     return store.vectors

@@ -26,7 +26,8 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
 
 import faiss
 import numpy as np
@@ -135,20 +136,27 @@ class Head:
         """Constructor parameters from a probe config."""
         raise NotImplementedError
 
-    def saved_tensors(self, train_rows: np.ndarray, train_labels: np.ndarray, classes: Sequence[str]) -> dict[str, torch.Tensor]:
+    def saved_tensors(
+        self, train_rows: np.ndarray, train_labels: np.ndarray, classes: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
         """What ``head.safetensors`` holds for this head (given the probe's training rows and labels)."""
         raise NotImplementedError
 
     @classmethod
-    def saved_training_set(cls, classes: Sequence[str], tensors: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    def saved_training_set(
+        cls, classes: Sequence[str], tensors: dict[str, torch.Tensor]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The training rows and labels a loaded probe carries: none for a head that keeps only weights."""
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=str)
 
     @classmethod
     def from_saved(
-        cls, params: dict[str, Any], classes: Sequence[str], tensors: dict[str, torch.Tensor],
+        cls,
+        params: dict[str, Any],
+        classes: Sequence[str],
+        tensors: dict[str, torch.Tensor],
         training_vectors: Callable[[], np.ndarray] | None = None,
-    ) -> "Head":
+    ) -> Head:
         """The fitted head from its saved parameters and tensors; ``training_vectors`` reads its training store if it needs one."""
         raise NotImplementedError
 
@@ -214,11 +222,11 @@ class LinearProbe(Head, ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fitting
 
-    def fit(self, X: Any, y: Sequence[Any], groups: Sequence[Any] | None = None) -> "LinearProbe":
+    def fit(self, X: Any, y: Sequence[Any], groups: Sequence[Any] | None = None) -> LinearProbe:
         with torch_threads(self.n_threads):
             return self._fit(X, y, groups)
 
-    def _fit(self, X: Any, y: Sequence[Any], groups: Sequence[Any] | None) -> "LinearProbe":
+    def _fit(self, X: Any, y: Sequence[Any], groups: Sequence[Any] | None) -> LinearProbe:
         self.classes_, codes = _encode(y)
         if len(self.classes_) < 2:
             raise ValueError("a probe needs at least two classes")
@@ -246,7 +254,9 @@ class LinearProbe(Head, ClassifierMixin, BaseEstimator):
             params = self._train(x_all, y_all, everything, [self.weight_decay_], self.max_epochs, generator)
         else:
             self.validation_ = f"{len(val)} cells held out"
-            params, best, val_losses = self._search(x_all, y_all, torch.from_numpy(train), torch.from_numpy(val), decays, generator)
+            params, best, val_losses = self._search(
+                x_all, y_all, torch.from_numpy(train), torch.from_numpy(val), decays, generator
+            )
             self.val_losses_ = [float(v) for v in val_losses]
             self.weight_decay_ = decays[best]
             self.best_epoch_ = self._best_epochs[best]
@@ -256,7 +266,9 @@ class LinearProbe(Head, ClassifierMixin, BaseEstimator):
         self.params_ = [p.detach()[0].contiguous() for p in params]
         return self
 
-    def _validation_split(self, codes: np.ndarray, groups: Sequence[Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    def _validation_split(
+        self, codes: np.ndarray, groups: Sequence[Any] | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Hold out whole patients, stratified, for early stopping.
 
         Of the folds whose training part has every class, the one whose held-out patients carry the
@@ -270,12 +282,16 @@ class LinearProbe(Head, ClassifierMixin, BaseEstimator):
         if n < 10 or n_groups < 2:
             return everything, None
         n_classes = int(codes.max()) + 1
-        splitter = StratifiedGroupKFold(n_splits=min(max(2, round(1 / self.val_fraction)), n_groups), shuffle=True,
-                                        random_state=self.random_state)
+        splitter = StratifiedGroupKFold(
+            n_splits=min(max(2, round(1 / self.val_fraction)), n_groups), shuffle=True, random_state=self.random_state
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "least populated class": fine for a hold-out
-            folds = [(train, val) for train, val in splitter.split(np.zeros(n), codes, group_array)
-                     if len(np.unique(codes[train])) == n_classes]
+            folds = [
+                (train, val)
+                for train, val in splitter.split(np.zeros(n), codes, group_array)
+                if len(np.unique(codes[train])) == n_classes
+            ]
         if not folds:
             return everything, None
         train, val = max(folds, key=lambda fold: np.bincount(codes[fold[1]], minlength=n_classes).min())
@@ -298,8 +314,12 @@ class LinearProbe(Head, ClassifierMixin, BaseEstimator):
         log_prior = torch.log(prior / prior.sum()).float()
         if self.hidden_dim:
             bound1, bound2 = 1 / math.sqrt(n_in), 1 / math.sqrt(self.hidden_dim)
-            shapes = [((n_models, n_in, self.hidden_dim), bound1), ((n_models, self.hidden_dim), bound1),
-                      ((n_models, self.hidden_dim, n_out), bound2), ((n_models, n_out), bound2)]
+            shapes = [
+                ((n_models, n_in, self.hidden_dim), bound1),
+                ((n_models, self.hidden_dim), bound1),
+                ((n_models, self.hidden_dim, n_out), bound2),
+                ((n_models, n_out), bound2),
+            ]
             params = [(torch.rand(shape, generator=generator) * 2 - 1) * bound for shape, bound in shapes]
         else:
             params = [torch.zeros(n_models, n_in, n_out), torch.zeros(n_models, n_out)]
@@ -325,8 +345,13 @@ class LinearProbe(Head, ClassifierMixin, BaseEstimator):
         """Per-model loss ``(models,)``; each model's gradient only reaches its own weights."""
         n_models, n_cells, n_classes = logits.shape
         losses = per_sample_loss(
-            self.loss, logits.reshape(-1, n_classes), target.repeat(n_models),
-            gce_q=self.gce_q, sce_alpha=self.sce_alpha, sce_beta=self.sce_beta, focal_gamma=self.focal_gamma,
+            self.loss,
+            logits.reshape(-1, n_classes),
+            target.repeat(n_models),
+            gce_q=self.gce_q,
+            sce_alpha=self.sce_alpha,
+            sce_beta=self.sce_beta,
+            focal_gamma=self.focal_gamma,
         ).view(n_models, n_cells)
         return weighted_mean(losses, target, self._class_weight_t)
 
@@ -368,7 +393,12 @@ class LinearProbe(Head, ClassifierMixin, BaseEstimator):
         best_params = [p.detach().clone() for p in params]
         self._best_epochs = [0] * len(decays)
         waited = torch.zeros(len(decays), dtype=torch.long)
-        bar = tqdm(range(self.max_epochs), desc="probe: weight-decay search", leave=False, disable=None if self.progress else True)
+        bar = tqdm(
+            range(self.max_epochs),
+            desc="probe: weight-decay search",
+            leave=False,
+            disable=None if self.progress else True,
+        )
         for epoch in bar:
             self._step_epoch(params, optimizer, decay_t, x, y, train, generator)
             with torch.no_grad():
@@ -417,15 +447,28 @@ class LinearProbe(Head, ClassifierMixin, BaseEstimator):
     def config_params(cls, config: ProbeConfig) -> dict[str, Any]:
         lin, loss = config.linear, config.loss
         return {
-            "hidden_dim": lin.hidden_dim, "loss": loss.name, "gce_q": loss.gce_q, "sce_alpha": loss.sce_alpha,
-            "sce_beta": loss.sce_beta, "focal_gamma": loss.focal_gamma, "class_weight": _class_weight(config),
-            "sampling": config.imbalance.sampling, "weight_decays": list(lin.weight_decays), "lr": lin.lr,
-            "batch_size": lin.batch_size, "max_epochs": lin.max_epochs, "patience": lin.patience,
-            "val_fraction": lin.val_fraction, "refit": lin.refit, "early_stopping": lin.early_stopping,
+            "hidden_dim": lin.hidden_dim,
+            "loss": loss.name,
+            "gce_q": loss.gce_q,
+            "sce_alpha": loss.sce_alpha,
+            "sce_beta": loss.sce_beta,
+            "focal_gamma": loss.focal_gamma,
+            "class_weight": _class_weight(config),
+            "sampling": config.imbalance.sampling,
+            "weight_decays": list(lin.weight_decays),
+            "lr": lin.lr,
+            "batch_size": lin.batch_size,
+            "max_epochs": lin.max_epochs,
+            "patience": lin.patience,
+            "val_fraction": lin.val_fraction,
+            "refit": lin.refit,
+            "early_stopping": lin.early_stopping,
             "random_state": config.seed,
         }
 
-    def saved_tensors(self, train_rows: np.ndarray, train_labels: np.ndarray, classes: Sequence[str]) -> dict[str, torch.Tensor]:
+    def saved_tensors(
+        self, train_rows: np.ndarray, train_labels: np.ndarray, classes: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
         return self.tensors()
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -442,9 +485,12 @@ class LinearProbe(Head, ClassifierMixin, BaseEstimator):
 
     @classmethod
     def from_saved(
-        cls, params: dict[str, Any], classes: Sequence[str], tensors: dict[str, torch.Tensor],
+        cls,
+        params: dict[str, Any],
+        classes: Sequence[str],
+        tensors: dict[str, torch.Tensor],
         training_vectors: Callable[[], np.ndarray] | None = None,
-    ) -> "LinearProbe":
+    ) -> LinearProbe:
         head = cls(**params)
         head.classes_ = np.asarray(classes, dtype=object)
         names = ["w1", "b1", "w2", "b2"] if head.hidden_dim else ["weight", "bias"]
@@ -466,13 +512,15 @@ class KNNProbe(Head, ClassifierMixin, BaseEstimator):
 
     name = "knn"
 
-    def __init__(self, k: int = 20, temperature: float = 0.07, class_weight: str | None = None, batch_size: int = 4096) -> None:
+    def __init__(
+        self, k: int = 20, temperature: float = 0.07, class_weight: str | None = None, batch_size: int = 4096
+    ) -> None:
         self.k = k
         self.temperature = temperature
         self.class_weight = class_weight
         self.batch_size = batch_size
 
-    def fit(self, X: Any, y: Sequence[Any], groups: Sequence[Any] | None = None) -> "KNNProbe":
+    def fit(self, X: Any, y: Sequence[Any], groups: Sequence[Any] | None = None) -> KNNProbe:
         self.classes_, codes = _encode(y)
         if not hasattr(X, "shape"):
             X = np.asarray(X, dtype=np.float32)
@@ -513,20 +561,30 @@ class KNNProbe(Head, ClassifierMixin, BaseEstimator):
     def config_params(cls, config: ProbeConfig) -> dict[str, Any]:
         return {"k": config.knn.k, "temperature": config.knn.temperature, "class_weight": _class_weight(config)}
 
-    def saved_tensors(self, train_rows: np.ndarray, train_labels: np.ndarray, classes: Sequence[str]) -> dict[str, torch.Tensor]:
+    def saved_tensors(
+        self, train_rows: np.ndarray, train_labels: np.ndarray, classes: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
         codes = np.array([list(classes).index(str(c)) for c in train_labels], dtype=np.int64)
-        return {"train_rows": torch.from_numpy(np.asarray(train_rows, dtype=np.int64)), "train_labels": torch.from_numpy(codes)}
+        return {
+            "train_rows": torch.from_numpy(np.asarray(train_rows, dtype=np.int64)),
+            "train_labels": torch.from_numpy(codes),
+        }
 
     @classmethod
-    def saved_training_set(cls, classes: Sequence[str], tensors: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    def saved_training_set(
+        cls, classes: Sequence[str], tensors: dict[str, torch.Tensor]
+    ) -> tuple[np.ndarray, np.ndarray]:
         codes = tensors["train_labels"].numpy()
         return tensors["train_rows"].numpy(), np.asarray(classes, dtype=object)[codes].astype(str)
 
     @classmethod
     def from_saved(
-        cls, params: dict[str, Any], classes: Sequence[str], tensors: dict[str, torch.Tensor],
+        cls,
+        params: dict[str, Any],
+        classes: Sequence[str],
+        tensors: dict[str, torch.Tensor],
         training_vectors: Callable[[], np.ndarray] | None = None,
-    ) -> "KNNProbe":
+    ) -> KNNProbe:
         if training_vectors is None:
             raise ValueError("a k-NN head is rebuilt from its training store: pass training_vectors")
         rows, labels = cls.saved_training_set(classes, tensors)
@@ -539,7 +597,9 @@ HEADS: dict[str, type[Head]] = {head.name: head for head in (LinearProbe, KNNPro
 def head_class(name: str, where: str = "the probe config") -> type[Head]:
     """The registered head called ``name``; an unknown one is a one-line error naming the known ones."""
     if name not in HEADS:
-        raise MarrowLensError(f"{where} names head {name!r}, which this version does not know (known: {', '.join(HEADS)})")
+        raise MarrowLensError(
+            f"{where} names head {name!r}, which this version does not know (known: {', '.join(HEADS)})"
+        )
     return HEADS[name]
 
 

@@ -11,7 +11,8 @@ check each resample against scikit-learn called with the same multiplicities as 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import (
@@ -67,17 +68,25 @@ def point_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[str], ece_
         balanced = float(balanced_accuracy_score(y, pred))
     precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     return {
-        "n": int(len(y)),
+        "n": len(y),
         "accuracy": float(accuracy_score(y, pred)),
         "balanced_accuracy": balanced,
         "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
         "roc_auc_ovr": roc_auc_ovr(y, proba),
         "ece": expected_calibration_error(y, proba, ece_bins),
         "per_class": {
-            str(name): {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            str(name): {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i, name in enumerate(classes)
         },
-        "confusion_matrix": {"labels": [str(c) for c in classes], "matrix": confusion_matrix(y, pred, labels=labels).tolist()},
+        "confusion_matrix": {
+            "labels": [str(c) for c in classes],
+            "matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+        },
     }
 
 
@@ -109,8 +118,14 @@ def metrics_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
         present = has_true | (predicted > 0)
         macro_f1 = (f1 * present).sum(axis=1) / present.sum(axis=1)
         accuracy = tp.sum(axis=1) / total
-    return {"accuracy": accuracy, "balanced_accuracy": balanced, "macro_f1": macro_f1,
-            "precision": precision, "recall": recall, "f1": f1}
+    return {
+        "accuracy": accuracy,
+        "balanced_accuracy": balanced,
+        "macro_f1": macro_f1,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+    }
 
 
 def _ece_from_bins(count: np.ndarray, confidence: np.ndarray, correct: np.ndarray) -> np.ndarray:
@@ -170,9 +185,14 @@ def bootstrap_metrics(
         order = np.argsort(proba[:, c], kind="stable")
         sorted_scores = proba[order, c]
         starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-        aucs.append(np.concatenate([
-            _weighted_auc(counts[i : i + chunk][:, g], positive, order, starts) for i in range(0, len(counts), chunk)
-        ]))
+        aucs.append(
+            np.concatenate(
+                [
+                    _weighted_auc(counts[i : i + chunk][:, g], positive, order, starts)
+                    for i in range(0, len(counts), chunk)
+                ]
+            )
+        )
     out["roc_auc_ovr"] = np.nanmean(np.vstack(aucs), axis=0) if aucs else np.full(len(counts), np.nan)
     return out
 
@@ -188,7 +208,13 @@ def interval(values: np.ndarray, level: float = CI_LEVEL) -> list[float] | None:
 
 
 def metrics_with_ci(
-    y: np.ndarray, proba: np.ndarray, groups: np.ndarray, classes: Sequence[str], n_boot: int, seed: int = 0, ece_bins: int = 15
+    y: np.ndarray,
+    proba: np.ndarray,
+    groups: np.ndarray,
+    classes: Sequence[str],
+    n_boot: int,
+    seed: int = 0,
+    ece_bins: int = 15,
 ) -> dict[str, Any]:
     """:func:`point_metrics` with ``{"value", "ci"}`` for every summary and per-class metric."""
     point = point_metrics(y, proba, classes, ece_bins)
@@ -199,6 +225,6 @@ def metrics_with_ci(
         entry = point["per_class"][str(name)]
         for metric in ("precision", "recall", "f1"):
             entry[metric] = {"value": entry[metric], "ci": interval(boot[metric][:, i]) if boot is not None else None}
-    point["n_groups"] = int(len(np.unique(groups)))
+    point["n_groups"] = len(np.unique(groups))
     point["bootstrap"] = {"resamples": n_boot, "unit": "patient", "level": CI_LEVEL}
     return point

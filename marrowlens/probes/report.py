@@ -8,6 +8,7 @@ against the predicted confidence.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,15 @@ def reliability_bins(y: np.ndarray, proba: np.ndarray, bins: int) -> list[dict[s
     for b in range(bins):
         inside = which == b
         if inside.any():
-            out.append({"low": b / bins, "high": (b + 1) / bins, "n": int(inside.sum()),
-                        "confidence": float(confidence[inside].mean()), "accuracy": float(correct[inside].mean())})
+            out.append(
+                {
+                    "low": b / bins,
+                    "high": (b + 1) / bins,
+                    "n": int(inside.sum()),
+                    "confidence": float(confidence[inside].mean()),
+                    "accuracy": float(correct[inside].mean()),
+                }
+            )
     return out
 
 
@@ -57,7 +65,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        return "nan" if value != value else f"{value:.{digits}f}"
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
     return str(value)
 
 
@@ -76,8 +84,13 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 def _level(title: str, block: dict[str, Any]) -> list[str]:
     lines = [f"### {title}", ""]
-    names = [("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"),
-             ("roc_auc_ovr", "ROC-AUC (one-vs-rest, macro)"), ("ece", "ECE (top-label)")]
+    names = [
+        ("accuracy", "accuracy"),
+        ("balanced_accuracy", "balanced accuracy"),
+        ("macro_f1", "macro-F1"),
+        ("roc_auc_ovr", "ROC-AUC (one-vs-rest, macro)"),
+        ("ece", "ECE (top-label)"),
+    ]
     lines += _table(["metric", "value", "95% CI"], [[label, *_with_ci(block.get(key))] for key, label in names])
     per_class = block.get("per_class") or {}
     if per_class:
@@ -92,42 +105,69 @@ def _level(title: str, block: dict[str, Any]) -> list[str]:
     cm = block.get("confusion_matrix")
     if cm:
         lines += ["Confusion matrix (rows: truth, columns: prediction):", ""]
-        lines += _table(["truth \\ predicted", *cm["labels"]], [[label, *row] for label, row in zip(cm["labels"], cm["matrix"])])
+        lines += _table(
+            ["truth \\ predicted", *cm["labels"]], [[label, *row] for label, row in zip(cm["labels"], cm["matrix"])]
+        )
     return lines
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Probe report: {report['task']}", ""]
     ev = report.get("evaluation", {})
-    lines += _table(["", ""], [
-        ["task", report["task"]], ["head", report.get("head")], ["loss", report.get("loss")],
-        ["classes", ", ".join(report.get("classes", []))], ["evaluation", ev.get("description")],
-        ["grouping", ev.get("grouping")], ["blast filter", ev.get("blast_filter")],
-        ["embeddings", report.get("embeddings", {}).get("fingerprint")], ["model", report.get("embeddings", {}).get("model_fingerprint")],
-    ])
+    lines += _table(
+        ["", ""],
+        [
+            ["task", report["task"]],
+            ["head", report.get("head")],
+            ["loss", report.get("loss")],
+            ["classes", ", ".join(report.get("classes", []))],
+            ["evaluation", ev.get("description")],
+            ["grouping", ev.get("grouping")],
+            ["blast filter", ev.get("blast_filter")],
+            ["embeddings", report.get("embeddings", {}).get("fingerprint")],
+            ["model", report.get("embeddings", {}).get("model_fingerprint")],
+        ],
+    )
     if report.get("cell") is None:
         lines += ["No evaluation was run.", ""]
     else:
         cell = report["cell"]
-        lines += ["## Cell level", "", f"{cell['n']} cells evaluated ({cell.get('n_kept', cell['n'])} kept of "
-                  f"{cell.get('n_evaluated', cell['n'])}), {cell['n_groups']} patients; intervals: "
-                  f"{cell['bootstrap']['resamples']} bootstrap resamples of patients.", ""]
+        lines += [
+            "## Cell level",
+            "",
+            (
+                f"{cell['n']} cells evaluated ({cell.get('n_kept', cell['n'])} kept of "
+                f"{cell.get('n_evaluated', cell['n'])}), {cell['n_groups']} patients; intervals: "
+                f"{cell['bootstrap']['resamples']} bootstrap resamples of patients."
+            ),
+            "",
+        ]
         lines += _level("Metrics", cell)
     patient = report.get("patient")
     if patient:
         lines += ["## Patient level", ""]
         if "accuracy" in patient:
-            lines += [f"{patient['n_patients']} patients: {patient['n_determined']} determined, {patient['n_undetermined']} "
-                      f"undetermined (no kept cell; coverage {_fmt(patient['coverage'])}). Patient prediction = argmax of the "
-                      "mean log-probability of its kept cells. Accuracy counting undetermined patients as wrong: "
-                      f"{_fmt(patient.get('accuracy_counting_undetermined_as_wrong'))}.", ""]
+            lines += [
+                (
+                    f"{patient['n_patients']} patients: {patient['n_determined']} determined, {patient['n_undetermined']} "
+                    f"undetermined (no kept cell; coverage {_fmt(patient['coverage'])}). Patient prediction = argmax of the "
+                    "mean log-probability of its kept cells. Accuracy counting undetermined patients as wrong: "
+                    f"{_fmt(patient.get('accuracy_counting_undetermined_as_wrong'))}."
+                ),
+                "",
+            ]
             if patient["undetermined"]:
                 lines += ["Undetermined: " + ", ".join(patient["undetermined"]), ""]
             lines += _level("Metrics", patient)
         elif "blast_fraction_mae" in patient:
             value, ci = _with_ci(patient["blast_fraction_mae"])
-            lines += [f"{patient['n_patients']} patients. Blast fraction (true vs predicted) mean absolute error: {value} {ci}; "
-                      f"Pearson r: {_fmt(patient.get('blast_fraction_pearson_r'))}.", ""]
+            lines += [
+                (
+                    f"{patient['n_patients']} patients. Blast fraction (true vs predicted) mean absolute error: {value} {ci}; "
+                    f"Pearson r: {_fmt(patient.get('blast_fraction_pearson_r'))}."
+                ),
+                "",
+            ]
         else:
             lines += [patient.get("note", ""), ""]
     if report.get("patients"):
@@ -139,7 +179,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         keys = list(dict.fromkeys(k for row in report["folds"] for k in row))
         lines += _table(keys, [[row.get(k) for k in keys] for row in report["folds"]])
     if report.get("leave_one_domain_out"):
-        lines += ["## Leave one domain out", "", "Trained on every other domain (without any patient of the held-out one).", ""]
+        lines += [
+            "## Leave one domain out",
+            "",
+            "Trained on every other domain (without any patient of the held-out one).",
+            "",
+        ]
         keys = list(dict.fromkeys(k for row in report["leave_one_domain_out"] for k in row))
         lines += _table(keys, [[row.get(k) for k in keys] for row in report["leave_one_domain_out"]])
     return "\n".join(lines)
@@ -158,10 +203,20 @@ def write_plots(folder: Path, report: dict[str, Any], patients: pd.DataFrame | N
     for level in ("cell", "patient"):
         block = report.get(level) or {}
         if block.get("confusion_matrix"):
-            written.append(_save(plt, _confusion(plt, block["confusion_matrix"], f"{report['task']}: {level} level"), folder / f"confusion_{level}.png"))
+            written.append(
+                _save(
+                    plt,
+                    _confusion(plt, block["confusion_matrix"], f"{report['task']}: {level} level"),
+                    folder / f"confusion_{level}.png",
+                )
+            )
     bins = (report.get("cell") or {}).get("calibration_bins")
     if bins:
-        written.append(_save(plt, _reliability(plt, bins, (report["cell"].get("ece") or {}).get("value")), folder / "calibration.png"))
+        written.append(
+            _save(
+                plt, _reliability(plt, bins, (report["cell"].get("ece") or {}).get("value")), folder / "calibration.png"
+            )
+        )
     if patients is not None and len(patients):
         written.append(_save(plt, _patients(plt, patients, report["task"]), folder / "patients.png"))
     return written
@@ -196,8 +251,14 @@ def _confusion(plt, cm: dict[str, Any], title: str):
 def _reliability(plt, bins: list[dict[str, float]], ece: float | None):
     figure, ax = plt.subplots(figsize=(4, 4))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
-    ax.bar([b["low"] for b in bins], [b["accuracy"] for b in bins], width=[b["high"] - b["low"] for b in bins],
-           align="edge", edgecolor="black", alpha=0.7)
+    ax.bar(
+        [b["low"] for b in bins],
+        [b["accuracy"] for b in bins],
+        width=[b["high"] - b["low"] for b in bins],
+        align="edge",
+        edgecolor="black",
+        alpha=0.7,
+    )
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
@@ -219,8 +280,13 @@ def _patients(plt, table: pd.DataFrame, task: str):
         for mask, label, colour in ((right, "correct", "tab:green"), (determined & ~right, "wrong", "tab:red")):
             ax.scatter(table.loc[mask, "kept_fraction"], table.loc[mask, "confidence"], s=18, color=colour, label=label)
         if (~determined).any():
-            ax.scatter(table.loc[~determined, "kept_fraction"], np.zeros(int((~determined).sum())), marker="x",
-                       color="grey", label="undetermined")
+            ax.scatter(
+                table.loc[~determined, "kept_fraction"],
+                np.zeros(int((~determined).sum())),
+                marker="x",
+                color="grey",
+                label="undetermined",
+            )
         ax.set_xlabel("blast fraction (cells kept by the blast filter)")
         ax.set_ylabel("confidence of the patient prediction")
         ax.legend(loc="lower right", fontsize=8)

@@ -14,12 +14,26 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from marrowlens.artifacts import prepare_out_dir, short, write_json_atomic, write_meta, write_parquet_atomic, write_text_atomic
+from marrowlens.artifacts import (
+    prepare_out_dir,
+    short,
+    write_json_atomic,
+    write_meta,
+    write_parquet_atomic,
+    write_text_atomic,
+)
 from marrowlens.cohort.manifest import patient_groups
 from marrowlens.config import ProbeConfig, load_config, shipped_probe_config, validate_config
 from marrowlens.embeddings import Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
-from marrowlens.probes.evaluate import Predictions, aggregate_patients, domain_folds, grouped_folds, run_folds, summarize
+from marrowlens.probes.evaluate import (
+    Predictions,
+    aggregate_patients,
+    domain_folds,
+    grouped_folds,
+    run_folds,
+    summarize,
+)
 from marrowlens.probes.folder import PROBE_FILE, load_probe, save_probe
 from marrowlens.probes.heads import head_class
 from marrowlens.probes.noise import NoiseSpec
@@ -65,15 +79,19 @@ def cv_folds(task: Task, config: ProbeConfig) -> list[tuple[int, np.ndarray, np.
     return [(i, train, test) for i, (train, test) in enumerate(folds)]
 
 
-def cross_validation_report(task: Task, config: ProbeConfig, folds: list | None = None) -> tuple[dict[str, Any], pd.DataFrame | None]:
+def cross_validation_report(
+    task: Task, config: ProbeConfig, folds: list | None = None
+) -> tuple[dict[str, Any], pd.DataFrame | None]:
     folds = cv_folds(task, config) if folds is None else folds
     pred, info = run_folds(task, folds, desc=f"{task.name} cv")
     report, patients = _summary(task, pred, config)
     report["folds"] = info
     report["evaluation"] = {
         "hyper_parameters": _selection_note(info, config),
-        "kind": "cross-validation", "description": f"{config.eval.cv}-fold patient-grouped CV (StratifiedGroupKFold, seed {config.seed})",
-        "folds": config.eval.cv, "grouping": "patient: no cell of a test patient is in training (checked)",
+        "kind": "cross-validation",
+        "description": f"{config.eval.cv}-fold patient-grouped CV (StratifiedGroupKFold, seed {config.seed})",
+        "folds": config.eval.cv,
+        "grouping": "patient: no cell of a test patient is in training (checked)",
         "blast_filter": _blast_note(task),
     }
     return report, patients
@@ -85,9 +103,11 @@ def _selection_note(info: list[dict[str, Any]], config: ProbeConfig) -> str | No
     if not decays:
         return None
     top = max(config.linear.weight_decays)
-    return (f"weight decay chosen inside each training fold by loss on held-out training patients: "
-            f"{', '.join(f'{w:g}' for w in decays)} (grid {', '.join(f'{w:g}' for w in config.linear.weight_decays)}; "
-            f"{decays.count(top)} of {len(decays)} folds chose its largest value)")
+    return (
+        f"weight decay chosen inside each training fold by loss on held-out training patients: "
+        f"{', '.join(f'{w:g}' for w in decays)} (grid {', '.join(f'{w:g}' for w in config.linear.weight_decays)}; "
+        f"{decays.count(top)} of {len(decays)} folds chose its largest value)"
+    )
 
 
 def _blast_note(task: Task) -> str | None:
@@ -101,7 +121,9 @@ def _blast_note(task: Task) -> str | None:
 def _summary(task: Task, pred: Predictions, config: ProbeConfig) -> tuple[dict[str, Any], pd.DataFrame | None]:
     summary = summarize(task, pred, config.eval.bootstrap, config.seed, config.eval.ece_bins)
     kept = pred.kept
-    summary["cell"]["calibration_bins"] = reliability_bins(np.searchsorted(task.classes, pred.y[kept]), pred.proba[kept], config.eval.ece_bins)
+    summary["cell"]["calibration_bins"] = reliability_bins(
+        np.searchsorted(task.classes, pred.y[kept]), pred.proba[kept], config.eval.ece_bins
+    )
     patients = summary.pop("patients_table")
     return summary, patients
 
@@ -113,10 +135,17 @@ def domain_report(task: Task) -> list[dict[str, Any]]:
 
 def _header(config: ProbeConfig, task: Task, emb: Embeddings) -> dict[str, Any]:
     return {
-        "task": config.task, "classes": task.classes, "head": config.head,
+        "task": config.task,
+        "classes": task.classes,
+        "head": config.head,
         "loss": config.loss.name if head_class(config.head).trains_with_loss else None,
-        "embeddings": {"folder": str(emb.folder), "fingerprint": emb.fingerprint, "model_fingerprint": emb.model_fingerprint},
-        "units": task.describe(), "config": config.model_dump(mode="json"),
+        "embeddings": {
+            "folder": str(emb.folder),
+            "fingerprint": emb.fingerprint,
+            "model_fingerprint": emb.model_fingerprint,
+        },
+        "units": task.describe(),
+        "config": config.model_dump(mode="json"),
     }
 
 
@@ -136,23 +165,41 @@ def _headline(report: dict[str, Any]) -> list[str]:
     lines = []
     cell = report.get("cell")
     if cell:
-        lines.append(f"cell level ({cell['n']} cells): "
-                     + measured(cell, (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"))))
+        lines.append(
+            f"cell level ({cell['n']} cells): "
+            + measured(
+                cell, (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"))
+            )
+        )
     patient = report.get("patient") or {}
     if "accuracy" in patient:
-        lines.append(f"patient level ({patient['n_determined']} of {patient['n_patients']} determined): "
-                     + measured(patient, (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"))))
+        lines.append(
+            f"patient level ({patient['n_determined']} of {patient['n_patients']} determined): "
+            + measured(patient, (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy")))
+        )
     elif "blast_fraction_mae" in patient:
-        lines.append(f"patient level ({patient['n_patients']} patients): " + show("blast-fraction MAE", patient["blast_fraction_mae"]))
+        lines.append(
+            f"patient level ({patient['n_patients']} patients): "
+            + show("blast-fraction MAE", patient["blast_fraction_mae"])
+        )
     for row in report.get("leave_one_domain_out") or []:
-        lines.append(f"held-out domain {row['held_out_domain']}: accuracy {row.get('accuracy', float('nan')):.3f}, macro-F1 {row.get('macro_f1', float('nan')):.3f}")
+        lines.append(
+            f"held-out domain {row['held_out_domain']}: accuracy {row.get('accuracy', float('nan')):.3f}, macro-F1 {row.get('macro_f1', float('nan')):.3f}"
+        )
     return lines
 
 
 # ---------------------------------------------------------------- commands
 
 
-def fit(task_name: str, embeddings: Path, out: Path, config: ProbeConfig, blast_probe: Path | None = None, overwrite: bool = False) -> Outcome:
+def fit(
+    task_name: str,
+    embeddings: Path,
+    out: Path,
+    config: ProbeConfig,
+    blast_probe: Path | None = None,
+    overwrite: bool = False,
+) -> Outcome:
     """Cross-validate (unless ``eval.cv`` is 0), then fit the final probe on every labelled cell."""
     if blast_probe is not None and config.task != "mutation":
         raise MarrowLensError(f"--blast-probe only applies to the mutation task, not {config.task}")
@@ -174,8 +221,14 @@ def fit(task_name: str, embeddings: Path, out: Path, config: ProbeConfig, blast_
     return Outcome([out / PROBE_FILE, out / "head.safetensors", *written], _headline(report))
 
 
-def evaluate(probe_dir: Path, embeddings: Path, out: Path | None = None, cv: int | None = None,
-             leave_one_domain_out: bool = False, bootstrap: int | None = None) -> Outcome:
+def evaluate(
+    probe_dir: Path,
+    embeddings: Path,
+    out: Path | None = None,
+    cv: int | None = None,
+    leave_one_domain_out: bool = False,
+    bootstrap: int | None = None,
+) -> Outcome:
     """CV of the probe's recipe on its own store, or the fitted probe as is on another store (same model)."""
     emb = _load_store(embeddings)
     probe, info = load_probe(probe_dir, emb)
@@ -195,10 +248,13 @@ def evaluate(probe_dir: Path, embeddings: Path, out: Path | None = None, cv: int
         pred.fold[:] = 0
         evaluation, patients = _summary(task, pred, config)
         report.update(evaluation)
-        report["evaluation"] = {"kind": "external", "description": f"the fitted probe as is, on embeddings {short(emb.fingerprint)} "
-                                f"(trained on {short(info['embeddings']['fingerprint'])}); no refitting",
-                                "grouping": "none needed: no cell of this store was used for training",
-                                "blast_filter": "the probe's own blast filter" if probe.blast is not None else None}
+        report["evaluation"] = {
+            "kind": "external",
+            "description": f"the fitted probe as is, on embeddings {short(emb.fingerprint)} "
+            f"(trained on {short(info['embeddings']['fingerprint'])}); no refitting",
+            "grouping": "none needed: no cell of this store was used for training",
+            "blast_filter": "the probe's own blast filter" if probe.blast is not None else None,
+        }
     else:
         report.update(cell=None, patient=None, evaluation={"kind": "none", "description": "skipped (--cv 0)"})
     if leave_one_domain_out:
@@ -228,10 +284,12 @@ def predict(probe_dir: Path, embeddings: Path, out: Path, overwrite: bool = Fals
         if path.exists() and not overwrite:
             raise MarrowLensError(f"{path} exists; pass --overwrite to replace it")
     emb = _load_store(embeddings)
-    probe, info = load_probe(probe_dir, emb)
+    probe, _info = load_probe(probe_dir, emb)
     kept, proba = _predict_blocks(probe, emb, np.arange(len(emb)))
     classes = probe.classes
-    cells = pd.DataFrame({"cell_id": emb.cells["cell_id"].to_numpy(), "patient_id": emb.cells["patient_id"].to_numpy(), "kept": kept})
+    cells = pd.DataFrame(
+        {"cell_id": emb.cells["cell_id"].to_numpy(), "patient_id": emb.cells["patient_id"].to_numpy(), "kept": kept}
+    )
     best = np.nan_to_num(proba, nan=-1).argmax(axis=1)
     cells["predicted"] = np.where(kept, np.asarray(classes, dtype=object)[best], None)
     cells["confidence"] = np.where(kept, np.nanmax(np.where(kept[:, None], proba, 0), axis=1), np.nan)
@@ -243,16 +301,28 @@ def predict(probe_dir: Path, embeddings: Path, out: Path, overwrite: bool = Fals
     write_parquet_atomic(out, cells)
     write_parquet_atomic(patients_out, patients)
     undetermined = int((patients["predicted"] == "undetermined").sum())
-    headline = [f"{int(kept.sum())} of {len(kept)} cells kept" if probe.blast is not None else f"{len(kept)} cells predicted",
-                f"{len(patients)} patients, {undetermined} undetermined (no kept cell)"]
+    headline = [
+        f"{int(kept.sum())} of {len(kept)} cells kept" if probe.blast is not None else f"{len(kept)} cells predicted",
+        f"{len(patients)} patients, {undetermined} undetermined (no kept cell)",
+    ]
     return Outcome([out, patients_out], headline)
 
 
-def noise_sweep(embeddings: Path, out: Path, config: ProbeConfig, rates: list[float], kind: str, losses: list[str],
-                blast_probe: Path | None = None, overwrite: bool = False) -> Outcome:
+def noise_sweep(
+    embeddings: Path,
+    out: Path,
+    config: ProbeConfig,
+    rates: list[float],
+    kind: str,
+    losses: list[str],
+    blast_probe: Path | None = None,
+    overwrite: bool = False,
+) -> Outcome:
     """Inject known noise into training labels only; CV every loss at every rate on the same folds."""
     if not head_class(config.head).trains_with_loss:
-        raise MarrowLensError(f"noise-sweep compares training losses, so it needs a head trained with one (--head linear), not {config.head}")
+        raise MarrowLensError(
+            f"noise-sweep compares training losses, so it needs a head trained with one (--head linear), not {config.head}"
+        )
     if config.eval.cv < 2:
         raise MarrowLensError("noise-sweep needs cross-validation: --cv 2 or more")
     for rate in rates:
@@ -275,9 +345,17 @@ def noise_sweep(embeddings: Path, out: Path, config: ProbeConfig, rates: list[fl
             pred, _ = run_folds(task, folds, noise, desc=f"{loss} noise {rate:g}")
             summary, _ = _summary(task, pred, loss_config)
             rows.append(_sweep_row(loss, rate, summary))
-    result = {"task": config.task, "kind": kind, "rates": rates, "losses": losses, "folds": config.eval.cv,
-              "embeddings": {"fingerprint": emb.fingerprint, "model_fingerprint": emb.model_fingerprint},
-              "blast_filter": _blast_note(task), "rows": rows, "config": config.model_dump(mode="json")}
+    result = {
+        "task": config.task,
+        "kind": kind,
+        "rates": rates,
+        "losses": losses,
+        "folds": config.eval.cv,
+        "embeddings": {"fingerprint": emb.fingerprint, "model_fingerprint": emb.model_fingerprint},
+        "blast_filter": _blast_note(task),
+        "rows": rows,
+        "config": config.model_dump(mode="json"),
+    }
     write_json_atomic(out / "sweep.json", result)
     write_text_atomic(out / "sweep.md", _sweep_markdown(result))
     written = [out / "sweep.json", out / "sweep.md", _sweep_plot(out, result)]
@@ -287,8 +365,16 @@ def noise_sweep(embeddings: Path, out: Path, config: ProbeConfig, rates: list[fl
 
 def _seed_blast_probe(config: ProbeConfig, emb: Embeddings) -> Probe:
     """Without --blast-probe, the store's own blast labels make one (refitted in every fold anyway)."""
-    blast_config = validate_config(ProbeConfig, {"task": "blast", "blast": config.blast.model_dump(), "seed": config.seed,
-                                                 "linear": config.linear.model_dump()}, "noise-sweep blast filter")
+    blast_config = validate_config(
+        ProbeConfig,
+        {
+            "task": "blast",
+            "blast": config.blast.model_dump(),
+            "seed": config.seed,
+            "linear": config.linear.model_dump(),
+        },
+        "noise-sweep blast filter",
+    )
     try:
         task = make_task(blast_config, emb)
     except MarrowLensError as exc:
@@ -302,12 +388,21 @@ def _value(entry: Any) -> float | None:
 
 def _sweep_row(loss: str, rate: float, summary: dict[str, Any]) -> dict[str, Any]:
     cell, patient = summary["cell"], summary.get("patient") or {}
-    row = {"loss": loss, "noise": rate, "cell_accuracy": _value(cell["accuracy"]),
-           "cell_balanced_accuracy": _value(cell["balanced_accuracy"]), "cell_macro_f1": _value(cell["macro_f1"]),
-           "cell_balanced_accuracy_ci": cell["balanced_accuracy"]["ci"]}
+    row = {
+        "loss": loss,
+        "noise": rate,
+        "cell_accuracy": _value(cell["accuracy"]),
+        "cell_balanced_accuracy": _value(cell["balanced_accuracy"]),
+        "cell_macro_f1": _value(cell["macro_f1"]),
+        "cell_balanced_accuracy_ci": cell["balanced_accuracy"]["ci"],
+    }
     if "accuracy" in patient:
-        row.update(patient_accuracy=_value(patient["accuracy"]), patient_accuracy_ci=patient["accuracy"]["ci"],
-                   patient_balanced_accuracy=_value(patient["balanced_accuracy"]), undetermined_patients=patient["n_undetermined"])
+        row.update(
+            patient_accuracy=_value(patient["accuracy"]),
+            patient_accuracy_ci=patient["accuracy"]["ci"],
+            patient_balanced_accuracy=_value(patient["balanced_accuracy"]),
+            undetermined_patients=patient["n_undetermined"],
+        )
     return row
 
 
@@ -321,11 +416,26 @@ def _sweep_line(row: dict[str, Any]) -> str:
 def _sweep_markdown(result: dict[str, Any]) -> str:
     from marrowlens.probes.report import _table
 
-    keys = ["loss", "noise", "cell_accuracy", "cell_balanced_accuracy", "cell_macro_f1", "patient_accuracy", "patient_balanced_accuracy", "undetermined_patients"]
+    keys = [
+        "loss",
+        "noise",
+        "cell_accuracy",
+        "cell_balanced_accuracy",
+        "cell_macro_f1",
+        "patient_accuracy",
+        "patient_balanced_accuracy",
+        "undetermined_patients",
+    ]
     keys = [k for k in keys if any(k in r for r in result["rows"])]
-    lines = [f"# Noise sweep: {result['task']} ({result['kind']} noise in training labels only)", "",
-             f"{result['folds']}-fold patient-grouped CV, the same folds and the same injected noise for every loss. "
-             f"Blast filter: {result['blast_filter'] or 'n/a'}.", ""]
+    lines = [
+        f"# Noise sweep: {result['task']} ({result['kind']} noise in training labels only)",
+        "",
+        (
+            f"{result['folds']}-fold patient-grouped CV, the same folds and the same injected noise for every loss. "
+            f"Blast filter: {result['blast_filter'] or 'n/a'}."
+        ),
+        "",
+    ]
     lines += _table(keys, [[r.get(k) for k in keys] for r in result["rows"]])
     return "\n".join(lines)
 
@@ -338,7 +448,11 @@ def _sweep_plot(out: Path, result: dict[str, Any]) -> Path:
 
     from marrowlens.probes.report import _save
 
-    metric = "patient_accuracy" if any(r.get("patient_accuracy") is not None for r in result["rows"]) else "cell_balanced_accuracy"
+    metric = (
+        "patient_accuracy"
+        if any(r.get("patient_accuracy") is not None for r in result["rows"])
+        else "cell_balanced_accuracy"
+    )
     figure, ax = plt.subplots(figsize=(5, 4))
     for loss in result["losses"]:
         rows = [r for r in result["rows"] if r["loss"] == loss]

@@ -82,7 +82,7 @@ class Probe:
     classes: list[str]
     train_rows: np.ndarray
     train_labels: np.ndarray
-    blast: "Probe | None" = None
+    blast: Probe | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None  # the folder it was loaded from, if any
 
@@ -115,15 +115,26 @@ def head_spec(config: ProbeConfig) -> tuple[str, dict[str, Any]]:
     return config.head, head_class(config.head).config_params(config)
 
 
-def fit_head(config: ProbeConfig, vectors: np.ndarray, rows: np.ndarray, labels: np.ndarray, groups: np.ndarray, classes: list[str]) -> Probe:
+def fit_head(
+    config: ProbeConfig,
+    vectors: np.ndarray,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    classes: list[str],
+) -> Probe:
     """Fit a fresh head on store rows; one class left is an error naming it."""
     present = sorted(set(labels))
     if len(present) < 2:
-        raise MarrowLensError(f"only class {str(present[0]) if present else '(none)'!r} has training cells; a probe needs two or more")
+        raise MarrowLensError(
+            f"only class {str(present[0]) if present else '(none)'!r} has training cells; a probe needs two or more"
+        )
     kind, params = head_spec(config)
     head = make_head(kind, params)
     head.fit(RowView(vectors, rows), labels, groups=groups)
-    return Probe(config=config, head=head, classes=classes, train_rows=np.asarray(rows), train_labels=np.asarray(labels))
+    return Probe(
+        config=config, head=head, classes=classes, train_rows=np.asarray(rows), train_labels=np.asarray(labels)
+    )
 
 
 # ---------------------------------------------------------------- tasks
@@ -144,7 +155,9 @@ class Task:
         self.groups = self.groups_all[self.rows]
         self.classes = sorted(set(self.y))
         if len(self.classes) < 2:
-            raise MarrowLensError(f"{emb.folder}: the {self.name} task needs two classes, found {self.classes or 'none'}")
+            raise MarrowLensError(
+                f"{emb.folder}: the {self.name} task needs two classes, found {self.classes or 'none'}"
+            )
 
     def labels(self) -> pd.Series:
         raise NotImplementedError
@@ -157,7 +170,7 @@ class Task:
         return fit_head(self.config, self.emb.vectors, rows, y, groups, self.classes)
 
     def describe(self) -> dict[str, Any]:
-        return {"cells": int(len(self.rows)), "patients": int(len(set(self.groups)))}
+        return {"cells": len(self.rows), "patients": len(set(self.groups))}
 
 
 class BlastTask(Task):
@@ -211,8 +224,14 @@ class MutationTask(Task):
             return self.blast
         held_out = np.setdiff1d(self.groups, self.groups[train])
         labelled = np.flatnonzero(pd.notna(self.blast_y) & ~np.isin(self.groups_all, held_out))
-        return fit_head(self.blast.config, self.emb.vectors, labelled, self.blast_y[labelled].astype(str),
-                        self.groups_all[labelled], [BLAST, NON_BLAST])
+        return fit_head(
+            self.blast.config,
+            self.emb.vectors,
+            labelled,
+            self.blast_y[labelled].astype(str),
+            self.groups_all[labelled],
+            [BLAST, NON_BLAST],
+        )
 
     def training_cells(self, train: np.ndarray, kept: np.ndarray) -> np.ndarray:
         """Which of the ``train`` units train the head: kept cells, and the chosen control cells."""
@@ -242,8 +261,13 @@ class MutationTask(Task):
             y = inject_noise(y, self.classes, noise, groups)
         probe = fit_head(self.config, self.emb.vectors, rows[chosen], y, groups, self.classes)
         probe.blast = blast
-        probe.notes = {"blast_filter": "refitted on the training patients' blast labels" if refit else "the given blast probe, as is",
-                       "kept_training_cells": int(kept.sum()), "training_cells": int(chosen.sum())}
+        probe.notes = {
+            "blast_filter": "refitted on the training patients' blast labels"
+            if refit
+            else "the given blast probe, as is",
+            "kept_training_cells": int(kept.sum()),
+            "training_cells": int(chosen.sum()),
+        }
         return probe
 
     def describe(self) -> dict[str, Any]:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-
 
 
 class BatchingEmbedder:
@@ -60,7 +59,7 @@ class BatchingEmbedder:
             try:
                 with torch.inference_mode():
                     vectors = self.model(torch.cat([t for t, _ in items]).to(device)).flatten(1).float().cpu().numpy()
-            except Exception as exc:  # hand the failure to every waiting request, keep serving
+            except Exception as exc:  # noqa: BLE001 - hand the failure to every waiting request, keep serving
                 for _, future in items:
                     future.set_exception(exc)
                 continue

@@ -141,7 +141,9 @@ class CellIndex:
         """Whether a search at ``effort`` already visits every vector."""
         return index_kind(self.kind).exhaustive(self.params, len(self), effort)
 
-    def search(self, queries: np.ndarray, k: int, selector: faiss.IDSelector | None = None, effort: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, selector: faiss.IDSelector | None = None, effort: int = 1
+    ) -> tuple[np.ndarray, np.ndarray]:
         """FAISS search of raw query vectors: (scores, rows); rows are -1 where fewer than k were found."""
         prepared = prepare_vectors(queries, self.metric)
         params = self.search_parameters(selector, effort)
@@ -214,7 +216,9 @@ def current_files(meta: dict[str, Any]) -> dict[str, str]:
     return meta.get("files") or _version_files(0)
 
 
-def _write(folder: Path, index: faiss.Index, cells: pd.DataFrame, meta_fields: dict[str, Any], version: int) -> dict[str, Any]:
+def _write(
+    folder: Path, index: faiss.Index, cells: pd.DataFrame, meta_fields: dict[str, Any], version: int
+) -> dict[str, Any]:
     """Write ``version``'s index and cells (each atomic), then meta.json naming them, then drop other versions.
 
     meta.json is the commit record and the pointer to the current files: until it is renamed into
@@ -289,7 +293,11 @@ def add_to_index(folder: str | Path, embeddings: str | Path) -> tuple[CellIndex,
     current = load_index(folder)
     store = load_embeddings(embeddings)
     require_same_fingerprint(
-        "backbone fingerprint", current.model_fingerprint, f"index {folder}", store.model_fingerprint, f"embeddings {embeddings}"
+        "backbone fingerprint",
+        current.model_fingerprint,
+        f"index {folder}",
+        store.model_fingerprint,
+        f"embeddings {embeddings}",
     )
     ours, theirs = _stain(current.meta), _stain(store.meta)
     if ours != theirs:
@@ -297,7 +305,9 @@ def add_to_index(folder: str | Path, embeddings: str | Path) -> tuple[CellIndex,
             f"stain normalisation mismatch: index {folder} was embedded with {ours or 'none'}, embeddings {embeddings} with {theirs or 'none'}"
         )
     if store.vectors.shape[1] != current.meta["dim"]:
-        raise MarrowLensError(f"embeddings {embeddings} have dimension {store.vectors.shape[1]}, the index {current.meta['dim']}")
+        raise MarrowLensError(
+            f"embeddings {embeddings} have dimension {store.vectors.shape[1]}, the index {current.meta['dim']}"
+        )
     if len(store) == 0:
         raise MarrowLensError(f"{embeddings} holds no vectors")
     _refuse_duplicate_ids(store.cells, f"embeddings {embeddings}")
@@ -312,7 +322,11 @@ def add_to_index(folder: str | Path, embeddings: str | Path) -> tuple[CellIndex,
     cells = store.cells.copy()
     cells["source"] = np.int32(len(current.meta["sources"]))
     merged = pd.concat([current.cells, cells], ignore_index=True)
-    fields = {k: v for k, v in current.meta.items() if k not in ("kind", "marrowlens_version", "created", "command", "version", "files")}
+    fields = {
+        k: v
+        for k, v in current.meta.items()
+        if k not in ("kind", "marrowlens_version", "created", "command", "version", "files")
+    }
     fields.update(count=len(merged), sources=[*current.meta["sources"], _source_record(store, first)])
     meta = _write(current.folder, current.index, merged, fields, version=current.meta.get("version", 0) + 1)
     return CellIndex(folder=current.folder, index=current.index, cells=merged, meta=meta), len(store)
@@ -359,9 +373,13 @@ def describe(index: CellIndex) -> list[str]:
         lines.append(f"  queries are stain-normalised ({_stain(meta)['method']}) like the cells")
     for source in meta["sources"]:
         root = source["cohort"].get("root") or "unknown (no thumbnails)"
-        lines.append(f"  source: {source['count']} cells from {source['embeddings']} ({short(source['fingerprint'])}), images in {root}")
+        lines.append(
+            f"  source: {source['count']} cells from {source['embeddings']} ({short(source['fingerprint'])}), images in {root}"
+        )
     cells = index.cells
-    lines.append(f"  patients: {cells['patient_id'].nunique()} (cells without one: {int(cells['patient_id'].isna().sum())})")
+    lines.append(
+        f"  patients: {cells['patient_id'].nunique()} (cells without one: {int(cells['patient_id'].isna().sum())})"
+    )
     for column in ("mutation", "cell_type", "is_blast"):
         if cells[column].notna().any():
             counts = cells[column].value_counts()

@@ -10,7 +10,8 @@ name in ``config.INDEX_KIND_NAMES``, the list the CLI and run configs offer).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import faiss
 import numpy as np
@@ -61,7 +62,9 @@ class IndexKind:
     def prepare(self, index: faiss.Index, params: dict[str, Any], draw: SampleDrawer) -> None:
         """Train / configure the fresh ``IDMap2`` index before vectors are added."""
 
-    def search_parameters(self, params: dict[str, Any], n: int, selector: faiss.IDSelector | None, effort: int) -> faiss.SearchParameters:
+    def search_parameters(
+        self, params: dict[str, Any], n: int, selector: faiss.IDSelector | None, effort: int
+    ) -> faiss.SearchParameters:
         """Per-call FAISS parameters at ``effort`` times the usual search effort."""
         return faiss.SearchParameters(sel=selector)
 
@@ -99,7 +102,9 @@ class HNSW(IndexKind):
     def prepare(self, index: faiss.Index, params: dict[str, Any], draw: SampleDrawer) -> None:
         faiss.downcast_index(index.index).hnsw.efConstruction = params["ef_construction"]
 
-    def search_parameters(self, params: dict[str, Any], n: int, selector: faiss.IDSelector | None, effort: int) -> faiss.SearchParameters:
+    def search_parameters(
+        self, params: dict[str, Any], n: int, selector: faiss.IDSelector | None, effort: int
+    ) -> faiss.SearchParameters:
         return faiss.SearchParametersHNSW(sel=selector, efSearch=min(n, params["ef_search"] * effort) or 1)
 
     def exhaustive(self, params: dict[str, Any], n: int, effort: int) -> bool:
@@ -147,7 +152,9 @@ class IVF(IndexKind):
             bar.update()
         faiss.downcast_index(index.index).make_direct_map()  # reconstruct(row) for query-by-cell
 
-    def search_parameters(self, params: dict[str, Any], n: int, selector: faiss.IDSelector | None, effort: int) -> faiss.SearchParameters:
+    def search_parameters(
+        self, params: dict[str, Any], n: int, selector: faiss.IDSelector | None, effort: int
+    ) -> faiss.SearchParameters:
         return faiss.SearchParametersIVF(sel=selector, nprobe=min(params["nlist"], params["nprobe"] * effort))
 
     def exhaustive(self, params: dict[str, Any], n: int, effort: int) -> bool:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
@@ -34,7 +35,20 @@ from marrowlens.ssl.embed import embed_images, preprocess, stain_target_of
 
 FILTER_COLUMNS = ("patient_id", "cell_type", "is_blast", "mutation", "domain", "split")
 VOTE_COLUMNS = ("cell_type", "is_blast", "mutation")
-NEIGHBOUR_COLUMNS = ["rank", "row", "cell_id", "patient_id", "cell_type", "is_blast", "mutation", "domain", "split", "path", "similarity", "distance"]
+NEIGHBOUR_COLUMNS = [
+    "rank",
+    "row",
+    "cell_id",
+    "patient_id",
+    "cell_type",
+    "is_blast",
+    "mutation",
+    "domain",
+    "split",
+    "path",
+    "similarity",
+    "distance",
+]
 MIN_ID_PREFIX = 6
 IDENTICAL_SIMILARITY = 1 - 1e-5  # a query image this close to an indexed cell is that cell
 
@@ -103,7 +117,9 @@ def load_query_images(paths: Sequence[str | Path]) -> list[Image.Image]:
     return images
 
 
-def _backbone_reference(model_meta: dict[str, Any], override: str | Path | None, index_dir: Path) -> tuple[str | Path, Path | None]:
+def _backbone_reference(
+    model_meta: dict[str, Any], override: str | Path | None, index_dir: Path
+) -> tuple[str | Path, Path | None]:
     """Where the index's backbone lives: (run folder or timm name, weights file or None)."""
     if override is not None:
         path = Path(override)
@@ -150,14 +166,18 @@ class Searcher:
             self._batcher = None
 
     @classmethod
-    def open(cls, index_dir: str | Path, model: str | Path | None = None) -> "Searcher":
+    def open(cls, index_dir: str | Path, model: str | Path | None = None) -> Searcher:
         """Load an index and its backbone; refuse a backbone whose fingerprint is not the index's."""
         index = load_index(index_dir)
         model_meta = index.meta["model"]
         reference, weights = _backbone_reference(model_meta, model, Path(index_dir))
         backbone, info = load_backbone(reference, weights=weights, image_size=model_meta["image_size"])
         require_same_fingerprint(
-            "backbone fingerprint", index.model_fingerprint, f"index {index_dir}", info.fingerprint, f"model {reference}"
+            "backbone fingerprint",
+            index.model_fingerprint,
+            f"index {index_dir}",
+            info.fingerprint,
+            f"model {reference}",
         )
         return cls(index=index, model=backbone, info=info)
 
@@ -189,7 +209,9 @@ class Searcher:
                 raise MarrowLensError(f"cell id prefix {cell_id!r} matches {len(rows)} indexed cells; give more of it")
         raise UnknownCellError(f"no indexed cell has id {cell_id!r}")
 
-    def search_images(self, images: Sequence[Image.Image], k: int, filters: dict[str, set[str]] | None = None) -> list[pd.DataFrame]:
+    def search_images(
+        self, images: Sequence[Image.Image], k: int, filters: dict[str, set[str]] | None = None
+    ) -> list[pd.DataFrame]:
         """Neighbours of query images. A query that is an indexed cell (its very vector comes back first)
         is left out of its own neighbours and vote, as a ``--cell-id`` query is; the table's
         ``attrs["query_cell"]`` then names that cell."""
@@ -210,13 +232,19 @@ class Searcher:
             return bool(hit["similarity"] >= IDENTICAL_SIMILARITY)
         return bool(hit["distance"] <= (1 - IDENTICAL_SIMILARITY) * max(1.0, float(np.linalg.norm(vector))))
 
-    def search_cells(self, rows: Sequence[int], k: int, filters: dict[str, set[str]] | None = None) -> list[pd.DataFrame]:
+    def search_cells(
+        self, rows: Sequence[int], k: int, filters: dict[str, set[str]] | None = None
+    ) -> list[pd.DataFrame]:
         """Neighbours of indexed cells, not counting the cell itself."""
         vectors = np.stack([self.index.vector(r) for r in rows])
         return self.search_vectors(vectors, k, filters, exclude=list(rows))
 
     def search_vectors(
-        self, vectors: np.ndarray, k: int, filters: dict[str, set[str]] | None = None, exclude: Sequence[int] | None = None,
+        self,
+        vectors: np.ndarray,
+        k: int,
+        filters: dict[str, set[str]] | None = None,
+        exclude: Sequence[int] | None = None,
         spare: int = 0,
     ) -> list[pd.DataFrame]:
         """The k nearest cells of each query vector that pass ``filters``, as one table per query
@@ -245,7 +273,9 @@ class Searcher:
             tables.append(self._table(keep))
         return tables
 
-    def _search_complete(self, vectors: np.ndarray, k: int, selector: faiss.IDSelector | None, effort: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_complete(
+        self, vectors: np.ndarray, k: int, selector: faiss.IDSelector | None, effort: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Search; queries that came back with fewer than k rows are asked again with 4x the effort."""
         scores, rows = self.index.search(vectors, k, selector, effort)
         while True:
@@ -264,7 +294,15 @@ class Searcher:
             similarity, distance = raw, 1.0 - raw
         else:
             similarity, distance = np.full(len(raw), np.nan), np.sqrt(np.maximum(raw, 0.0))
-        return pd.DataFrame({"rank": np.arange(1, len(rows) + 1), "row": rows, **columns, "similarity": similarity, "distance": distance})
+        return pd.DataFrame(
+            {
+                "rank": np.arange(1, len(rows) + 1),
+                "row": rows,
+                **columns,
+                "similarity": similarity,
+                "distance": distance,
+            }
+        )
 
 
 def query(
@@ -313,7 +351,10 @@ def format_table(table: pd.DataFrame) -> str:
 
 def format_vote(table: pd.DataFrame) -> str:
     """One line: the neighbours' labels, most common first."""
-    parts = [f"{column}: " + ", ".join(f"{label} {count}/{len(table)}" for label, count in counts) for column, counts in vote(table).items()]
+    parts = [
+        f"{column}: " + ", ".join(f"{label} {count}/{len(table)}" for label, count in counts)
+        for column, counts in vote(table).items()
+    ]
     return "k-NN vote: " + ("; ".join(parts) if parts else "the neighbours carry no labels")
 
 

@@ -116,7 +116,9 @@ def export_backbone(model: nn.Module, name: str, image_size: int, folder: Path) 
     return info
 
 
-def load_backbone(model_ref: str | Path, weights: Path | None = None, image_size: int | None = None, seed: int = 0) -> tuple[nn.Module, BackboneInfo]:
+def load_backbone(
+    model_ref: str | Path, weights: Path | None = None, image_size: int | None = None, seed: int = 0
+) -> tuple[nn.Module, BackboneInfo]:
     """Load a backbone in eval mode from a run folder, or build a timm model by name.
 
     A run folder must hold ``backbone.json`` and ``backbone.safetensors``, and the weights must
@@ -127,7 +129,9 @@ def load_backbone(model_ref: str | Path, weights: Path | None = None, image_size
     if folder.is_dir():
         info_path = folder / INFO_FILE
         if not info_path.is_file():
-            raise MarrowLensError(f"{folder} holds no trained backbone ({INFO_FILE} is missing; did pretraining finish?)")
+            raise MarrowLensError(
+                f"{folder} holds no trained backbone ({INFO_FILE} is missing; did pretraining finish?)"
+            )
         data = json.loads(info_path.read_text())
         info = BackboneInfo(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
         weights_path = folder / WEIGHTS_FILE
@@ -135,7 +139,9 @@ def load_backbone(model_ref: str | Path, weights: Path | None = None, image_size
             raise MarrowLensError(f"{folder} lacks {WEIGHTS_FILE}")
         actual = "sha256:" + sha256_file(weights_path)
         if actual != info.fingerprint:
-            raise MarrowLensError(f"{weights_path} does not match the fingerprint in {INFO_FILE} (modified or truncated)")
+            raise MarrowLensError(
+                f"{weights_path} does not match the fingerprint in {INFO_FILE} (modified or truncated)"
+            )
         model = create_backbone(info.timm_name, info.image_size)
         model.load_state_dict(load_file(str(weights_path)))
         return model.eval(), info

@@ -105,7 +105,9 @@ class SSLModule(pl.LightningModule):
         self._check_features, self._check_labels, self._check_query = [], [], []
         bank, bank_labels = features[~query], labels[~query]
         k = min(self.config.data.knn_k, len(bank))
-        predicted = knn_predict(features[query], bank.T, bank_labels, self.knn_classes, knn_k=k, knn_t=self.config.data.knn_t)[:, 0]
+        predicted = knn_predict(
+            features[query], bank.T, bank_labels, self.knn_classes, knn_k=k, knn_t=self.config.data.knn_t
+        )[:, 0]
         truth = labels[query].cpu().numpy()
         guess = predicted.cpu().numpy()
         self.log("val_knn_acc", float(np.mean(truth == guess)), prog_bar=True, sync_dist=False)

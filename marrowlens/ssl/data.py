@@ -9,8 +9,8 @@ have seen, whatever the number of workers or devices.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -143,7 +143,9 @@ class PretrainData(pl.LightningDataModule):
             seed=self.config.trainer.seed,
             drop_last=True,
         )
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True, **self._loader_kwargs())
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True, **self._loader_kwargs()
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.check_set is None:

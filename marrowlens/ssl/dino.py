@@ -32,7 +32,9 @@ class DINO(MomentumMethod):
         self.teacher_head = DINOProjectionHead(*head_args)
         self.teacher_head.load_state_dict(self.student_head.state_dict())
         deactivate_requires_grad(self.teacher_head)
-        self.criterion = DINOLoss(output_dim=dino.out_dim, student_temp=dino.student_temp, teacher_temp=dino.teacher_temp)
+        self.criterion = DINOLoss(
+            output_dim=dino.out_dim, student_temp=dino.student_temp, teacher_temp=dino.teacher_temp
+        )
 
     @classmethod
     def build_views(cls, config: PretrainConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> MultiViewTransform:
@@ -52,7 +54,11 @@ class DINO(MomentumMethod):
         dino = self.config.dino
         if dino.warmup_teacher_temp_epochs == 0:
             return dino.teacher_temp
-        return float(np.interp(self.current_epoch, [0, dino.warmup_teacher_temp_epochs], [dino.warmup_teacher_temp, dino.teacher_temp]))
+        return float(
+            np.interp(
+                self.current_epoch, [0, dino.warmup_teacher_temp_epochs], [dino.warmup_teacher_temp, dino.teacher_temp]
+            )
+        )
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         views, _ = batch
@@ -63,7 +69,9 @@ class DINO(MomentumMethod):
         if len(views) > 2:
             student_out.append(self.student_head(self.student_backbone(torch.cat(views[2:])).flatten(1)))
         student_out = torch.cat(student_out).chunk(len(views))
-        loss = self.criterion(teacher_out=list(teacher_out), student_out=list(student_out), teacher_temp=self.teacher_temperature())
+        loss = self.criterion(
+            teacher_out=list(teacher_out), student_out=list(student_out), teacher_temp=self.teacher_temperature()
+        )
         self.log_loss(loss, batch_size=len(views[0]))
         return loss
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -26,7 +27,7 @@ from marrowlens.cohort.images import ImageDecodeError, load_rgb, pad_to_square
 from marrowlens.cohort.manifest import Cohort, load_cohort
 from marrowlens.cohort.stain import METHODS as STAIN_METHODS
 from marrowlens.cohort.stain import ReinhardNormalize, ReinhardTarget, fit_reinhard
-from marrowlens.embeddings import EmbeddingWriter, Embeddings
+from marrowlens.embeddings import Embeddings, EmbeddingWriter
 from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
 from marrowlens.ssl.backbones import BackboneInfo, load_backbone
 
@@ -103,7 +104,9 @@ class _StoreWriter(BasePredictionWriter):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.writer = EmbeddingWriter(*self.args, create=False)
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         rows, vectors = prediction
         self.writer.write(rows, vectors)
 
@@ -112,7 +115,13 @@ class _StoreWriter(BasePredictionWriter):
             self.writer.close()
 
 
-def embed_images(model: nn.Module, info: BackboneInfo, images: Sequence[Image.Image], batch_size: int = 64, stain: ReinhardTarget | None = None) -> np.ndarray:
+def embed_images(
+    model: nn.Module,
+    info: BackboneInfo,
+    images: Sequence[Image.Image],
+    batch_size: int = 64,
+    stain: ReinhardTarget | None = None,
+) -> np.ndarray:
     """Embed in-memory images (search queries) with the same preprocessing as ``embed``."""
     transform = preprocess(info, stain)
     device = next(model.parameters()).device
@@ -159,26 +168,39 @@ def embed_cohort(
     cohort = load_cohort(cohort_dir)
     model, info = load_backbone(model_ref, weights=weights, image_size=image_size)
     stain = _fit_stain_target(cohort, info.image_size) if stain_normalize == "reinhard" else None
-    key = {"model": info.fingerprint, "cohort": cohort.meta["fingerprint"], "image_size": info.image_size,
-           "stain": stain.to_dict() if stain else None}
+    key = {
+        "model": info.fingerprint,
+        "cohort": cohort.meta["fingerprint"],
+        "image_size": info.image_size,
+        "stain": stain.to_dict() if stain else None,
+    }
     store = EmbeddingWriter(out, len(cohort.cells), info.num_features, key=key, create=True)
     pending = store.pending()
     store.close()
     if len(pending):
-        _predict(model, info, stain, cohort, pending, out, key, batch_size, devices, accelerator, precision, num_workers)
+        _predict(
+            model, info, stain, cohort, pending, out, key, batch_size, devices, accelerator, precision, num_workers
+        )
     if int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0:
         return None
     final = EmbeddingWriter(out, len(cohort.cells), info.num_features, key=key, create=False)
     meta = {
         "model": info.to_dict(),
         "cohort": {"folder": str(Path(cohort_dir).resolve()), "fingerprint": cohort.meta["fingerprint"]},
-        "preprocessing": {"pad_to_square": True, "image_size": info.image_size, "mean": info.mean, "std": info.std,
-                          "stain": stain.to_dict() if stain else None},
+        "preprocessing": {
+            "pad_to_square": True,
+            "image_size": info.image_size,
+            "mean": info.mean,
+            "std": info.std,
+            "stain": stain.to_dict() if stain else None,
+        },
     }
     return final.finish(cohort.cells, meta)
 
 
-def _predict(model, info, stain, cohort, pending, out, key, batch_size, devices, accelerator, precision, num_workers) -> None:
+def _predict(
+    model, info, stain, cohort, pending, out, key, batch_size, devices, accelerator, precision, num_workers
+) -> None:
     workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
     loader = DataLoader(
         CohortImages(cohort, pending, preprocess(info, stain)),
@@ -205,5 +227,3 @@ def _predict(model, info, stain, cohort, pending, out, key, batch_size, devices,
         raise Interrupted(f"embedding interrupted; run the same command again to resume ({out})") from exc
     except MarrowLensError as exc:  # a missing cell, maybe seen by a loader worker
         raise in_main_process(exc) from exc.__cause__
-
-

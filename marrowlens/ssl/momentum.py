@@ -20,7 +20,9 @@ from marrowlens.ssl.base import SSLModule
 class MomentumMethod(SSLModule):
     """Subclasses build their target modules (``frozen_copy`` helps) and list them in ``momentum_pairs``."""
 
-    def __init__(self, config: PretrainConfig, lr: float, knn_classes: int, momentum_start: float, momentum_end: float) -> None:
+    def __init__(
+        self, config: PretrainConfig, lr: float, knn_classes: int, momentum_start: float, momentum_end: float
+    ) -> None:
         super().__init__(config, lr, knn_classes)
         self.momentum_start, self.momentum_end = momentum_start, momentum_end
 

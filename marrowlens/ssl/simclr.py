@@ -14,5 +14,7 @@ class SimCLR(TwoViewMethod):
     def __init__(self, backbone: nn.Module, config: PretrainConfig, lr: float, knn_classes: int = 0) -> None:
         super().__init__(config, lr, knn_classes)
         self.backbone = backbone
-        self.projection_head = SimCLRProjectionHead(backbone.num_features, config.simclr.hidden_dim, config.simclr.out_dim)
+        self.projection_head = SimCLRProjectionHead(
+            backbone.num_features, config.simclr.hidden_dim, config.simclr.out_dim
+        )
         self.criterion = NTXentLoss(temperature=config.simclr.temperature, gather_distributed=True)

@@ -23,7 +23,13 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQ
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from marrowlens.artifacts import clean_stale_temporaries, read_meta, require_same_fingerprint, write_json_atomic, write_meta
+from marrowlens.artifacts import (
+    clean_stale_temporaries,
+    read_meta,
+    require_same_fingerprint,
+    write_json_atomic,
+    write_meta,
+)
 from marrowlens.cohort.manifest import load_cohort
 from marrowlens.config import PretrainConfig, dump_config, load_config
 from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
@@ -89,7 +95,7 @@ def is_launching_process() -> bool:
     for key in ("RANK", "SLURM_PROCID"):
         if key in os.environ:
             return int(os.environ[key]) == 0
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
 
 
 def resolve_config(config: PretrainConfig, out: Path, resume: bool) -> PretrainConfig:
@@ -106,8 +112,10 @@ def resolve_config(config: PretrainConfig, out: Path, resume: bool) -> PretrainC
                     f"{old[section][key]!r} in {out / CONFIG_FILE}"
                 )
     if config.trainer.max_epochs != saved.trainer.max_epochs and is_launching_process():
-        print(f"note: training now stops after {config.trainer.max_epochs} epochs, but the learning-rate schedule "
-              f"restored from {out / LAST_CKPT} stays the one planned for {saved.trainer.max_epochs} epochs")
+        print(
+            f"note: training now stops after {config.trainer.max_epochs} epochs, but the learning-rate schedule "
+            f"restored from {out / LAST_CKPT} stays the one planned for {saved.trainer.max_epochs} epochs"
+        )
     return config
 
 
@@ -116,8 +124,13 @@ def require_same_cohort(out: Path, cohort_dir: Path, fingerprint: str, resume: b
     path = out / COHORT_FILE
     if resume and path.is_file():
         started = json.loads(path.read_text())
-        require_same_fingerprint("cohort", started["fingerprint"], f"{out} (started on {started['folder']})",
-                                 fingerprint, f"--cohort {cohort_dir}")
+        require_same_fingerprint(
+            "cohort",
+            started["fingerprint"],
+            f"{out} (started on {started['folder']})",
+            fingerprint,
+            f"--cohort {cohort_dir}",
+        )
     elif launching:  # a new run, or one started before runs noted their cohort
         write_json_atomic(path, {"folder": str(Path(cohort_dir).resolve()), "fingerprint": fingerprint})
 
@@ -135,7 +148,9 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
         return
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise MarrowLensError(f"{out} is not empty; pass --resume to continue that run or --overwrite to start over")
+            raise MarrowLensError(
+                f"{out} is not empty; pass --resume to continue that run or --overwrite to start over"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -146,7 +161,9 @@ def build_trainer(config: PretrainConfig, out: Path, monitor: str | None, has_ba
     if importlib.util.find_spec("tensorboard") is not None:
         loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard"))
     devices = trainer_cfg.devices
-    on_gpu = trainer_cfg.accelerator in ("gpu", "cuda") or (trainer_cfg.accelerator == "auto" and torch.cuda.is_available())
+    on_gpu = trainer_cfg.accelerator in ("gpu", "cuda") or (
+        trainer_cfg.accelerator == "auto" and torch.cuda.is_available()
+    )
     several = trainer_cfg.nodes > 1 or devices == "auto" or (isinstance(devices, int) and devices > 1)
     return pl.Trainer(
         accelerator=trainer_cfg.accelerator,
@@ -161,7 +178,11 @@ def build_trainer(config: PretrainConfig, out: Path, monitor: str | None, has_ba
         log_every_n_steps=trainer_cfg.log_every_n_steps,
         use_distributed_sampler=False,
         # tqdm, not rich: its lines survive in non-terminal logs (SLURM, nohup)
-        callbacks=[*checkpoint_callbacks(out / LAST_CKPT.parent, monitor), LearningRateMonitor(logging_interval="step"), TQDMProgressBar()],
+        callbacks=[
+            *checkpoint_callbacks(out / LAST_CKPT.parent, monitor),
+            LearningRateMonitor(logging_interval="step"),
+            TQDMProgressBar(),
+        ],
         plugins=[AtomicCheckpointIO()],
         enable_model_summary=False,
         logger=loggers,
@@ -192,14 +213,18 @@ def how_to_continue(out: Path) -> str:
     """What continues an interrupted ``marrowlens pretrain``: --resume needs a finished epoch."""
     if (out / LAST_CKPT).is_file():
         return f"run the same command with --resume to continue from {out / LAST_CKPT}"
-    return f"no epoch had finished ({out / LAST_CKPT} does not exist): run the same command with --overwrite to start over"
+    return (
+        f"no epoch had finished ({out / LAST_CKPT} does not exist): run the same command with --overwrite to start over"
+    )
 
 
 def _has_batchnorm(module: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def pretrain(config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool = False, overwrite: bool = False) -> PretrainResult | None:
+def pretrain(
+    config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool = False, overwrite: bool = False
+) -> PretrainResult | None:
     """Train, checkpoint and export; returns the result on the main process (None elsewhere)."""
     out = Path(out)
     launching = is_launching_process()
@@ -213,7 +238,9 @@ def pretrain(config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool =
     mean, std = default_norm(config.model.backbone)
     method = METHODS[config.model.method]
     views = method.build_views(config, mean, std)
-    check_transform = preprocess(BackboneInfo(config.model.backbone, config.model.image_size, mean, std, backbone.num_features, "", ""))
+    check_transform = preprocess(
+        BackboneInfo(config.model.backbone, config.model.image_size, mean, std, backbone.num_features, "", "")
+    )
     has_check = check_subset(cohort.cells, config.data.val_cells, config.trainer.seed) is not None
     trainer = build_trainer(config, out, "val_knn_acc" if has_check else None, _has_batchnorm(backbone))
     world = trainer.world_size
@@ -228,8 +255,12 @@ def pretrain(config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool =
         if batch != config.data.batch_size:
             print(f"note: batch size lowered to {batch} per device: the cohort has only {len(cohort.cells)} cells")
         params = sum(p.numel() for p in backbone.parameters())
-        print(f"{config.model.method} with {config.model.backbone} ({params / 1e6:.1f} M parameters, {backbone.num_features} features) on {len(cohort.cells)} cells")
-        print(f"learning rate {lr:.4g} for a global batch of {global_batch} ({config.optim.lr_scaling} scaling of base_lr {config.optim.base_lr} per 256)")
+        print(
+            f"{config.model.method} with {config.model.backbone} ({params / 1e6:.1f} M parameters, {backbone.num_features} features) on {len(cohort.cells)} cells"
+        )
+        print(
+            f"learning rate {lr:.4g} for a global batch of {global_batch} ({config.optim.lr_scaling} scaling of base_lr {config.optim.base_lr} per 256)"
+        )
         if not resume:
             dump_config(config, out / CONFIG_FILE)
     knn_classes = len(data.subset.classes) if data.subset else 0

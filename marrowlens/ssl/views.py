@@ -98,16 +98,16 @@ def _adapt(view_transform: T.Compose, stain: StainJitter, work_side: int) -> Non
 def _common(config: PretrainConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> dict:
     """The settings every lightly transform takes from ``views:``."""
     views = config.views
-    return dict(
-        hf_prob=views.hflip_prob,
-        vf_prob=views.vflip_prob,
-        rr_prob=views.rotate90_prob,
-        cj_prob=views.color_jitter_prob,
-        cj_strength=views.color_jitter_strength,
-        cj_hue=views.hue,
-        random_gray_scale=views.grayscale_prob,
-        normalize={"mean": list(mean), "std": list(std)},
-    )
+    return {
+        "hf_prob": views.hflip_prob,
+        "vf_prob": views.vflip_prob,
+        "rr_prob": views.rotate90_prob,
+        "cj_prob": views.color_jitter_prob,
+        "cj_strength": views.color_jitter_strength,
+        "cj_hue": views.hue,
+        "random_gray_scale": views.grayscale_prob,
+        "normalize": {"mean": list(mean), "std": list(std)},
+    }
 
 
 def _for_cells(transform: MultiViewTransform, config: PretrainConfig) -> MultiViewTransform:
@@ -126,7 +126,10 @@ def two_global_views(config: PretrainConfig, mean: tuple[float, ...], std: tuple
     """Two views of the whole cell (lightly's SimCLR transform), for SimCLR, BYOL and VICReg."""
     views = config.views
     transform = SimCLRTransform(
-        input_size=config.model.image_size, min_scale=views.min_scale, gaussian_blur=views.blur_prob, **_common(config, mean, std)
+        input_size=config.model.image_size,
+        min_scale=views.min_scale,
+        gaussian_blur=views.blur_prob,
+        **_common(config, mean, std),
     )
     return _for_cells(transform, config)
 

@@ -110,7 +110,9 @@ class TestSizeLimit:
         buffer = io.BytesIO()
         Image.new("RGB", (600, 600)).save(buffer, format="PNG")
         forbid_decoding(monkeypatch)
-        with pytest.raises(ImageDecodeError, match=r"^too large \(600x600 px, limit 100000 px; see MARROWLENS_MAX_PIXELS\)$"):
+        with pytest.raises(
+            ImageDecodeError, match=r"^too large \(600x600 px, limit 100000 px; see MARROWLENS_MAX_PIXELS\)$"
+        ):
             decode_bytes(buffer.getvalue(), ".png")
 
     @pytest.mark.parametrize(
@@ -123,7 +125,9 @@ class TestSizeLimit:
             ((600, 600, 4), np.uint16, "600x600 px"),
         ],
     )
-    def test_tiff_refused_before_decoding(self, monkeypatch: pytest.MonkeyPatch, shape: tuple, dtype: type, shown: str) -> None:
+    def test_tiff_refused_before_decoding(
+        self, monkeypatch: pytest.MonkeyPatch, shape: tuple, dtype: type, shown: str
+    ) -> None:
         data = tiff_bytes(np.zeros(shape, dtype=dtype))
         forbid_decoding(monkeypatch)
         with pytest.raises(ImageDecodeError) as refused:

@@ -43,12 +43,16 @@ class TestMutationPatientLayout:
         assert "outside" in quarantine["control/stray.png"]
         assert cohort.meta["n_quarantined"] == 5
 
-    def test_a_tiff_bomb_is_quarantined_by_its_declared_size(self, mutation_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_a_tiff_bomb_is_quarantined_by_its_declared_size(
+        self, mutation_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         import numpy as np
         import tifffile
 
         monkeypatch.setenv("MARROWLENS_MAX_PIXELS", "100000")
-        tifffile.imwrite(mutation_tree / "NPM1" / "NPM1_p0" / "bomb.tif", np.zeros((600, 600, 3), np.float32), compression="zlib")
+        tifffile.imwrite(
+            mutation_tree / "NPM1" / "NPM1_p0" / "bomb.tif", np.zeros((600, 600, 3), np.float32), compression="zlib"
+        )
         cohort = index_cohort([mutation_tree], tmp_path / "cohort")
         assert len(cohort.cells) == 12
         reason = _quarantine(tmp_path / "cohort").set_index("path")["reason"]["NPM1/NPM1_p0/bomb.tif"]
@@ -58,10 +62,14 @@ class TestMutationPatientLayout:
         folder = mutation_tree / "NPM1" / "NPM1_p0"
         write_cell(folder / "grey.png", seed=4, mode="L")
         write_cell(folder / "rgba.png", seed=5, mode="RGBA")
-        Image.fromarray((pd.Series(range(30 * 17)).to_numpy().reshape(30, 17) * 100).astype("uint16")).save(folder / "g16.png")
+        Image.fromarray((pd.Series(range(30 * 17)).to_numpy().reshape(30, 17) * 100).astype("uint16")).save(
+            folder / "g16.png"
+        )
         cohort = index_cohort([mutation_tree], tmp_path / "cohort")
         assert len(cohort.cells) == 15
-        assert (cohort.cells[cohort.cells["path"].str.endswith("g16.png")][["width", "height"]].values == [[17, 30]]).all()
+        assert (
+            cohort.cells[cohort.cells["path"].str.endswith("g16.png")][["width", "height"]].values == [[17, 30]]
+        ).all()
 
     def test_unknown_mutation_is_an_error_listing_allowed(self, mutation_tree: Path, tmp_path: Path) -> None:
         (mutation_tree / "NPM1").rename(mutation_tree / "FLT3")
@@ -129,7 +137,10 @@ class TestOtherLayouts:
             write_cell(root / path, seed=patient, fmt="JPEG")
             rows.append({"path": path, "label": "Blast", "patient": f"Patient_{patient:02d}", "diagnosis": "AML"})
         pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
-        with pytest.raises(MarrowLensError, match=rf"^{root / 'images'} is the image folder of {root}, .*labels.csv.*: index {root} instead$"):
+        with pytest.raises(
+            MarrowLensError,
+            match=rf"^{root / 'images'} is the image folder of {root}, .*labels.csv.*: index {root} instead$",
+        ):
             index_cohort([root / "images"], tmp_path / "cohort")
         (root / "labels.csv").unlink()  # no labels.csv beside it: the folder is read as a layout, and
         with pytest.raises(MarrowLensError) as error:  # the unknown labels are listed, but only the first few
@@ -210,7 +221,9 @@ class TestReplacingACohort:
             index_cohort([mutation_tree], tmp_path / "cohort")
         assert not (tmp_path / "cohort" / "quarantine.csv").exists()
 
-    def test_interrupted_swap_never_shows_a_mixed_cohort(self, mutation_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_interrupted_swap_never_shows_a_mixed_cohort(
+        self, mutation_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         index_cohort([mutation_tree], tmp_path / "cohort")
         write_cell(mutation_tree / "NPM1" / "NPM1_p0" / "new.png", seed=99)
         real = os.replace
@@ -227,7 +240,11 @@ class TestReplacingACohort:
         with pytest.raises(MarrowLensError, match="meta.json is missing"):  # unfinished, not old meta + new quarantine
             load_cohort(tmp_path / "cohort")
         assert len(index_cohort([mutation_tree], tmp_path / "cohort").cells) == 13
-        assert sorted(p.name for p in (tmp_path / "cohort").iterdir()) == ["cells.parquet", "meta.json", "quarantine.csv"]
+        assert sorted(p.name for p in (tmp_path / "cohort").iterdir()) == [
+            "cells.parquet",
+            "meta.json",
+            "quarantine.csv",
+        ]
 
     def test_fix_writes_cells_quarantine_and_meta_together(self, mutation_tree: Path, tmp_path: Path) -> None:
         index_cohort([mutation_tree], tmp_path / "cohort")
@@ -240,16 +257,24 @@ class TestReplacingACohort:
 
 class TestDuplicateCells:
     def test_symlink_to_another_patients_cell(self, cli, mutation_tree: Path, tmp_path: Path) -> None:
-        (mutation_tree / "NPM1" / "NPM1_p0" / "link.png").symlink_to(mutation_tree / "control" / "control_p1" / "cell0.png")
+        (mutation_tree / "NPM1" / "NPM1_p0" / "link.png").symlink_to(
+            mutation_tree / "control" / "control_p1" / "cell0.png"
+        )
         code, output = cli("cohort", "index", mutation_tree, "--out", tmp_path / "cohort")
-        assert code == 2 and "NPM1/NPM1_p0/link.png and control/control_p1/cell0.png are the same image file" in output, output
+        assert (
+            code == 2 and "NPM1/NPM1_p0/link.png and control/control_p1/cell0.png are the same image file" in output
+        ), output
         assert not (tmp_path / "cohort" / "meta.json").exists()
 
     def test_csv_listing_one_file_under_two_spellings(self, tmp_path: Path) -> None:
         write_cell(tmp_path / "imgs" / "x.png", seed=1)
         write_cell(tmp_path / "imgs" / "y.png", seed=2)
-        pd.DataFrame({"path": ["imgs/x.png", "imgs/y.png", "./imgs/x.png"], "patient_id": ["a", "a", "b"]}).to_csv(tmp_path / "c.csv", index=False)
-        with pytest.raises(MarrowLensError, match=r"c.csv line 2 \(imgs/x.png\) and c.csv line 4 \(./imgs/x.png\) are the same image"):
+        pd.DataFrame({"path": ["imgs/x.png", "imgs/y.png", "./imgs/x.png"], "patient_id": ["a", "a", "b"]}).to_csv(
+            tmp_path / "c.csv", index=False
+        )
+        with pytest.raises(
+            MarrowLensError, match=r"c.csv line 2 \(imgs/x.png\) and c.csv line 4 \(./imgs/x.png\) are the same image"
+        ):
             index_cohort([tmp_path / "c.csv"], tmp_path / "cohort")
 
 

@@ -18,7 +18,9 @@ def test_reinhard_brings_differently_stained_copies_together(tmp_path) -> None:
     before = np.abs(np.asarray(pink, float) - np.asarray(blue, float)).mean()
     after = np.abs(np.asarray(normalize(pink), float) - np.asarray(normalize(blue), float)).mean()
     assert after < before / 3
-    assert np.abs(np.asarray(normalize(cell), float) - np.asarray(cell, float)).mean() < 3  # a no-op on the target itself
+    assert (
+        np.abs(np.asarray(normalize(cell), float) - np.asarray(cell, float)).mean() < 3
+    )  # a no-op on the target itself
 
 
 def test_target_round_trips_through_meta() -> None:

@@ -104,11 +104,19 @@ class TestDrawCell:
 
     @pytest.mark.parametrize("mutation", LEUKAEMIC)
     def test_subtype_changes_blasts(self, mutation: str) -> None:
-        changed = [not np.array_equal(draw_cell(rng(5, i), "myeloblast", mutation), draw_cell(rng(5, i), "myeloblast", "control")) for i in range(10)]
+        changed = [
+            not np.array_equal(
+                draw_cell(rng(5, i), "myeloblast", mutation), draw_cell(rng(5, i), "myeloblast", "control")
+            )
+            for i in range(10)
+        ]
         assert sum(changed) >= 5
 
     def test_domains_differ_in_colour(self) -> None:
-        means = [np.mean([draw_cell(rng(6, i), "neutrophil", stain=domain_stain(d)).mean((0, 1)) for i in range(10)], axis=0) for d in range(3)]
+        means = [
+            np.mean([draw_cell(rng(6, i), "neutrophil", stain=domain_stain(d)).mean((0, 1)) for i in range(10)], axis=0)
+            for d in range(3)
+        ]
         for a in range(3):
             for b in range(a + 1, 3):
                 assert np.abs(means[a] - means[b]).max() > 3
@@ -124,7 +132,9 @@ def _tree_bytes(folder: Path) -> dict[str, bytes]:
 
 class TestCohortOnDisk:
     def test_cohort_folder_and_ground_truth(self, tmp_path: Path) -> None:
-        cohort = make_synthetic_cohort(tmp_path / "c", patients=7, cells_per_patient=6, image_size=32, seed=4, domains=2)
+        cohort = make_synthetic_cohort(
+            tmp_path / "c", patients=7, cells_per_patient=6, image_size=32, seed=4, domains=2
+        )
         loaded = load_cohort(tmp_path / "c")
         cells = loaded.cells
         assert list(cells.columns) == COLUMNS and len(cells) == 42 and cells.equals(cohort.cells)
@@ -139,8 +149,14 @@ class TestCohortOnDisk:
             assert cells[column].astype(object).tolist() == truth[column].tolist(), column
         meta = json.loads((tmp_path / "c" / "meta.json").read_text())
         assert meta["kind"] == "cohort" and meta["n_cells"] == 42
-        assert {k: meta["synthetic"][k] for k in ("patients", "cells_per_patient", "image_size", "seed", "domains")} == {
-            "patients": 7, "cells_per_patient": 6, "image_size": 32, "seed": 4, "domains": 2,
+        assert {
+            k: meta["synthetic"][k] for k in ("patients", "cells_per_patient", "image_size", "seed", "domains")
+        } == {
+            "patients": 7,
+            "cells_per_patient": 6,
+            "image_size": 32,
+            "seed": 4,
+            "domains": 2,
         }
         assert meta["synthetic"]["generator_version"] >= 1
         patients = pd.read_csv(tmp_path / "c" / "patients.csv")
@@ -153,7 +169,7 @@ class TestCohortOnDisk:
             assert np.array_equal(np.asarray(Image.open(cohort.image_path(row.path))), image)
 
     def test_deterministic_and_independent_of_workers(self, tmp_path: Path) -> None:
-        args = dict(patients=5, cells_per_patient=5, image_size=32, seed=11)
+        args = {"patients": 5, "cells_per_patient": 5, "image_size": 32, "seed": 11}
         one = make_synthetic_cohort(tmp_path / "one", workers=1, **args)
         two = make_synthetic_cohort(tmp_path / "two", workers=2, **args)
         assert _tree_bytes(tmp_path / "one") == _tree_bytes(tmp_path / "two")
@@ -188,7 +204,15 @@ class TestCohortOnDisk:
         ],
     )
     def test_bad_arguments(self, tmp_path: Path, change: dict, message: str) -> None:
-        args = {"patients": 4, "cells_per_patient": 2, "image_size": 32, "seed": 0, "domains": 2, "workers": 1, **change}
+        args = {
+            "patients": 4,
+            "cells_per_patient": 2,
+            "image_size": 32,
+            "seed": 0,
+            "domains": 2,
+            "workers": 1,
+            **change,
+        }
         with pytest.raises(MarrowLensError, match=message):
             make_synthetic_cohort(tmp_path / "c", **args)
         assert not (tmp_path / "c").exists()
@@ -229,7 +253,9 @@ class TestSignal:
         """Hypergranular PML_RARA blasts carry more fine detail than agranular NPM1 blasts."""
         cells, images = _signal_cohort()
         grey = images.astype(np.float32).mean(-1)
-        detail = np.abs(grey[:, 1:-1, 1:-1] * 4 - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1] - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:])
+        detail = np.abs(
+            grey[:, 1:-1, 1:-1] * 4 - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1] - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:]
+        )
         centre = detail[:, 12:-12, 12:-12].mean((1, 2))
         blasts = cells["is_blast"].to_numpy()
         by_class = {m: centre[blasts & (cells["mutation"] == m).to_numpy()].mean() for m in ("PML_RARA", "NPM1")}
@@ -239,7 +265,20 @@ class TestSignal:
 class TestCli:
     def test_round_trip(self, cli, tmp_path: Path) -> None:
         out = tmp_path / "synth"
-        args = ("cohort", "synth", "--out", out, "--patients", 5, "--cells-per-patient", 4, "--image-size", 32, "--seed", 3)
+        args = (
+            "cohort",
+            "synth",
+            "--out",
+            out,
+            "--patients",
+            5,
+            "--cells-per-patient",
+            4,
+            "--image-size",
+            32,
+            "--seed",
+            3,
+        )
         code, output = cli(*args)
         assert code == 0, output
         assert "20 cells, 5 patients" in output and "labels.csv" in output and "cells.parquet" in output

@@ -9,8 +9,8 @@ blasts: exactly what the blast filter is for.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,8 +21,15 @@ NON_BLAST_TYPES = ("lymphocyte", "neutrophil", "monocyte")
 
 
 def model_meta(fingerprint: str = "sha256:" + "ab" * 32) -> dict:
-    return {"timm_name": "synthetic", "image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3,
-            "num_features": 0, "fingerprint": fingerprint, "source": "tests"}
+    return {
+        "timm_name": "synthetic",
+        "image_size": 32,
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+        "num_features": 0,
+        "fingerprint": fingerprint,
+        "source": "tests",
+    }
 
 
 def synthetic_cells(
@@ -47,12 +54,22 @@ def synthetic_cells(
                 fraction = blast_fraction
             for c in range(cells_per_patient):
                 blast = bool(rng.random() < fraction)
-                rows.append({
-                    "cell_id": f"{patient}_c{c}", "path": f"{mutation}/{patient}/c{c}.png", "patient_id": patient,
-                    "cell_type": "myeloblast" if blast else NON_BLAST_TYPES[int(rng.integers(len(NON_BLAST_TYPES)))],
-                    "is_blast": blast, "mutation": mutation, "domain": domains[(m * patients_per_class + p) % len(domains)],
-                    "split": None, "width": 32, "height": 32,
-                })
+                rows.append(
+                    {
+                        "cell_id": f"{patient}_c{c}",
+                        "path": f"{mutation}/{patient}/c{c}.png",
+                        "patient_id": patient,
+                        "cell_type": "myeloblast"
+                        if blast
+                        else NON_BLAST_TYPES[int(rng.integers(len(NON_BLAST_TYPES)))],
+                        "is_blast": blast,
+                        "mutation": mutation,
+                        "domain": domains[(m * patients_per_class + p) % len(domains)],
+                        "split": None,
+                        "width": 32,
+                        "height": 32,
+                    }
+                )
     cells = pd.DataFrame(rows)
     cells["is_blast"] = cells["is_blast"].astype("boolean")
     return cells
@@ -84,7 +101,10 @@ def make_store(
 ) -> Embeddings:
     cells = synthetic_cells(**kwargs) if cells is None else cells
     vectors = synthetic_vectors(cells) if vectors is None else vectors
-    meta = {"model": model_meta(model_fingerprint), "cohort": {"folder": "synthetic", "fingerprint": "sha256:" + "cd" * 32}}
+    meta = {
+        "model": model_meta(model_fingerprint),
+        "cohort": {"folder": "synthetic", "fingerprint": "sha256:" + "cd" * 32},
+    }
     return write_embeddings(folder, vectors, cells, meta)
 
 
@@ -101,8 +121,14 @@ def long_servedio(n: int, rng: np.random.Generator, gamma: float = 0.05) -> tupl
     return (base * sign[:, None]).astype(np.float32), np.where(sign > 0, "pos", "neg")
 
 
-def gaussian_classes(n: int, dim: int, rng: np.random.Generator, n_classes: int = 2, separation: float = 4.0,
-                     weights: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def gaussian_classes(
+    n: int,
+    dim: int,
+    rng: np.random.Generator,
+    n_classes: int = 2,
+    separation: float = 4.0,
+    weights: Sequence[float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian blobs, one per class, ``separation`` apart along their own axis."""
     y = rng.choice(n_classes, size=n, p=weights)
     X = rng.normal(0, 1, (n, dim))

@@ -29,10 +29,28 @@ def fitted(workspace: Path) -> Path:
     from tests.conftest import Cli
 
     cli = Cli()
-    code, out = cli("probe", "fit", "blast", "--embeddings", workspace / "emb", "--out", workspace / "blast", "--cv", "3", *FAST)
+    code, out = cli(
+        "probe", "fit", "blast", "--embeddings", workspace / "emb", "--out", workspace / "blast", "--cv", "3", *FAST
+    )
     assert code == 0, out
-    code, out = cli("probe", "fit", "mutation", "--embeddings", workspace / "emb", "--blast-probe", workspace / "blast",
-                    "--loss", "gce", "--class-weight", "balanced", "--out", workspace / "mutation", "--cv", "3", *FAST)
+    code, out = cli(
+        "probe",
+        "fit",
+        "mutation",
+        "--embeddings",
+        workspace / "emb",
+        "--blast-probe",
+        workspace / "blast",
+        "--loss",
+        "gce",
+        "--class-weight",
+        "balanced",
+        "--out",
+        workspace / "mutation",
+        "--cv",
+        "3",
+        *FAST,
+    )
     assert code == 0, out
     return workspace
 
@@ -70,8 +88,17 @@ class TestRoundTrip:
     def test_fit_writes_the_probe_folder_and_a_full_report(self, fitted: Path) -> None:
         for name in ("blast", "mutation"):
             folder = fitted / name
-            for file in ("probe.json", "head.safetensors", "config.yaml", "meta.json", "report.json", "report.md",
-                         "confusion_cell.png", "calibration.png", "patients.png"):
+            for file in (
+                "probe.json",
+                "head.safetensors",
+                "config.yaml",
+                "meta.json",
+                "report.json",
+                "report.md",
+                "confusion_cell.png",
+                "calibration.png",
+                "patients.png",
+            ):
                 assert (folder / file).is_file(), (name, file)
         blast = _report(fitted / "blast")
         _check_level(blast["cell"], ["blast", "non_blast"])
@@ -88,14 +115,29 @@ class TestRoundTrip:
         assert mutation["patient"]["accuracy"]["value"] >= 0.8
         probe = json.loads((fitted / "mutation" / "probe.json").read_text())
         assert probe["loss"] == "gce" and probe["head_params"]["class_weight"] == "balanced"
-        assert probe["blast_filter"]["threshold"] == 0.5 and (fitted / "mutation" / "blast_filter" / "head.safetensors").is_file()
+        assert (
+            probe["blast_filter"]["threshold"] == 0.5
+            and (fitted / "mutation" / "blast_filter" / "head.safetensors").is_file()
+        )
         markdown = (fitted / "mutation" / "report.md").read_text()
         for text in ("## Cell level", "## Patient level", "95% CI", "Confusion matrix", "refitted in every fold"):
             assert text in markdown
 
     def test_eval_repeats_the_cv_and_can_leave_domains_out(self, cli, fitted: Path, tmp_path: Path) -> None:
-        code, out = cli("probe", "eval", fitted / "mutation", "--embeddings", fitted / "emb", "--cv", "2",
-                        "--bootstrap", "20", "--leave-one-domain-out", "--out", tmp_path / "eval")
+        code, out = cli(
+            "probe",
+            "eval",
+            fitted / "mutation",
+            "--embeddings",
+            fitted / "emb",
+            "--cv",
+            "2",
+            "--bootstrap",
+            "20",
+            "--leave-one-domain-out",
+            "--out",
+            tmp_path / "eval",
+        )
         assert code == 0, out
         assert "held-out domain centre_a" in out and "wrote" in out
         patient_line = next(line for line in out.splitlines() if line.startswith("patient level"))
@@ -127,10 +169,24 @@ class TestRoundTrip:
         assert len(folders) == 1 and _report(folders[0])["evaluation"]["kind"] == "external"
 
     def test_knn_head_round_trip_on_a_new_cohort(self, cli, fitted: Path, tmp_path: Path) -> None:
-        code, out = cli("probe", "fit", "blast", "--embeddings", fitted / "emb", "--head", "knn", "--cv", "0", "--out", tmp_path / "knn")
+        code, out = cli(
+            "probe",
+            "fit",
+            "blast",
+            "--embeddings",
+            fitted / "emb",
+            "--head",
+            "knn",
+            "--cv",
+            "0",
+            "--out",
+            tmp_path / "knn",
+        )
         assert code == 0, out
         make_store(tmp_path / "new", patients_per_class=2, seed=4)
-        code, out = cli("probe", "predict", tmp_path / "knn", "--embeddings", tmp_path / "new", "--out", tmp_path / "p.parquet")
+        code, out = cli(
+            "probe", "predict", tmp_path / "knn", "--embeddings", tmp_path / "new", "--out", tmp_path / "p.parquet"
+        )
         assert code == 0, out
         cells = pd.read_parquet(tmp_path / "p.parquet")
         truth = np.where(pd.read_parquet(tmp_path / "new" / "cells.parquet")["is_blast"], "blast", "non_blast")
@@ -139,28 +195,80 @@ class TestRoundTrip:
     def test_knn_probe_whose_training_store_is_gone(self, cli, tmp_path: Path) -> None:
         make_store(tmp_path / "train")
         make_store(tmp_path / "new", seed=3)
-        code, out = cli("probe", "fit", "blast", "--embeddings", tmp_path / "train", "--head", "knn", "--cv", "0", "--out", tmp_path / "knn")
+        code, out = cli(
+            "probe",
+            "fit",
+            "blast",
+            "--embeddings",
+            tmp_path / "train",
+            "--head",
+            "knn",
+            "--cv",
+            "0",
+            "--out",
+            tmp_path / "knn",
+        )
         assert code == 0, out
         (tmp_path / "train").rename(tmp_path / "moved")
-        code, out = cli("probe", "predict", tmp_path / "knn", "--embeddings", tmp_path / "new", "--out", tmp_path / "p.parquet")
+        code, out = cli(
+            "probe", "predict", tmp_path / "knn", "--embeddings", tmp_path / "new", "--out", tmp_path / "p.parquet"
+        )
         assert code == 2 and "needs its training embeddings" in out and str(tmp_path / "train") in out
 
     def test_cell_type_task(self, cli, fitted: Path, tmp_path: Path) -> None:
-        code, out = cli("probe", "fit", "cell_type", "--embeddings", fitted / "emb", "--cv", "2", "--out", tmp_path / "ct",
-                        "--set", "cell_type.mapping={lymphocyte: lymphocyte, neutrophil: granulocyte, monocyte: monocyte}", *FAST)
+        code, out = cli(
+            "probe",
+            "fit",
+            "cell_type",
+            "--embeddings",
+            fitted / "emb",
+            "--cv",
+            "2",
+            "--out",
+            tmp_path / "ct",
+            "--set",
+            "cell_type.mapping={lymphocyte: lymphocyte, neutrophil: granulocyte, monocyte: monocyte}",
+            *FAST,
+        )
         assert code == 0, out
         report = _report(tmp_path / "ct")
         assert report["classes"] == ["granulocyte", "lymphocyte", "monocyte"]
         assert report["cell"]["macro_f1"]["value"] > 0.8
 
     def test_noise_sweep_tabulates_every_loss_and_rate(self, cli, fitted: Path, tmp_path: Path) -> None:
-        code, out = cli("probe", "noise-sweep", "--embeddings", fitted / "emb", "--task", "mutation", "--noise", "0,0.4",
-                        "--kind", "bag", "--losses", "ce,gce", "--cv", "2", "--out", tmp_path / "sweep", *FAST)
+        code, out = cli(
+            "probe",
+            "noise-sweep",
+            "--embeddings",
+            fitted / "emb",
+            "--task",
+            "mutation",
+            "--noise",
+            "0,0.4",
+            "--kind",
+            "bag",
+            "--losses",
+            "ce,gce",
+            "--cv",
+            "2",
+            "--out",
+            tmp_path / "sweep",
+            *FAST,
+        )
         assert code == 0, out
         result = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-        assert [(r["loss"], r["noise"]) for r in result["rows"]] == [("ce", 0.0), ("ce", 0.4), ("gce", 0.0), ("gce", 0.4)]
-        assert all(r["patient_accuracy"] is not None and r["cell_balanced_accuracy"] is not None for r in result["rows"])
-        assert (tmp_path / "sweep" / "sweep.png").is_file() and "| loss |" in (tmp_path / "sweep" / "sweep.md").read_text()
+        assert [(r["loss"], r["noise"]) for r in result["rows"]] == [
+            ("ce", 0.0),
+            ("ce", 0.4),
+            ("gce", 0.0),
+            ("gce", 0.4),
+        ]
+        assert all(
+            r["patient_accuracy"] is not None and r["cell_balanced_accuracy"] is not None for r in result["rows"]
+        )
+        assert (tmp_path / "sweep" / "sweep.png").is_file() and "| loss |" in (
+            tmp_path / "sweep" / "sweep.md"
+        ).read_text()
 
 
 class TestBadInput:
@@ -176,7 +284,17 @@ class TestBadInput:
         make_store(tmp_path / "e", mutations=("NPM1", "CBFB_MYH11"), blast_fraction={"CBFB_MYH11": 0.0})
         code, out = cli("probe", "fit", "blast", "--embeddings", tmp_path / "e", "--cv", "0", "--out", tmp_path / "b")
         assert code == 0, out
-        code, out = cli("probe", "fit", "mutation", "--embeddings", tmp_path / "e", "--blast-probe", tmp_path / "b", "--out", tmp_path / "m")
+        code, out = cli(
+            "probe",
+            "fit",
+            "mutation",
+            "--embeddings",
+            tmp_path / "e",
+            "--blast-probe",
+            tmp_path / "b",
+            "--out",
+            tmp_path / "m",
+        )
         assert code == 2 and "'CBFB_MYH11' has no cells after the blast filter" in out
 
     def test_fewer_patients_than_folds(self, cli, fitted: Path, tmp_path: Path) -> None:
@@ -185,11 +303,25 @@ class TestBadInput:
 
     def test_probe_from_another_model_is_refused_naming_both(self, cli, fitted: Path, tmp_path: Path) -> None:
         make_store(tmp_path / "other", model_fingerprint="sha256:" + "ef" * 32)
-        for args in (("probe", "eval", fitted / "blast", "--embeddings", tmp_path / "other"),
-                     ("probe", "predict", fitted / "blast", "--embeddings", tmp_path / "other", "--out", tmp_path / "x.parquet"),
-                     ("probe", "fit", "mutation", "--embeddings", tmp_path / "other", "--blast-probe", fitted / "blast", "--out", tmp_path / "m")):
+        for args in (
+            ("probe", "eval", fitted / "blast", "--embeddings", tmp_path / "other"),
+            ("probe", "predict", fitted / "blast", "--embeddings", tmp_path / "other", "--out", tmp_path / "x.parquet"),
+            (
+                "probe",
+                "fit",
+                "mutation",
+                "--embeddings",
+                tmp_path / "other",
+                "--blast-probe",
+                fitted / "blast",
+                "--out",
+                tmp_path / "m",
+            ),
+        ):
             code, out = cli(*args)
-            assert code == 2 and "model fingerprint mismatch" in out and "abababababab" in out and "efefefefefef" in out, out
+            assert (
+                code == 2 and "model fingerprint mismatch" in out and "abababababab" in out and "efefefefefef" in out
+            ), out
 
     def test_nan_vectors(self, cli, tmp_path: Path) -> None:
         make_store(tmp_path / "e")
@@ -200,18 +332,31 @@ class TestBadInput:
         code, out = cli("probe", "fit", "blast", "--embeddings", tmp_path / "e", "--out", tmp_path / "p")
         assert code == 2 and "row 7" in out and "NaN or inf" in out
 
-    @pytest.mark.parametrize("args, message", [
-        (("probe", "fit", "blasts"), "unknown probe task 'blasts'"),
-        (("probe", "fit", "blast", "--set", "loss.name=mae"), "loss.name"),
-        (("probe", "fit", "mutation"), "needs a blast probe"),
-        (("probe", "fit", "cell_type", "--blast-probe", "x"), "only applies to the mutation task"),
-    ])
+    @pytest.mark.parametrize(
+        "args, message",
+        [
+            (("probe", "fit", "blasts"), "unknown probe task 'blasts'"),
+            (("probe", "fit", "blast", "--set", "loss.name=mae"), "loss.name"),
+            (("probe", "fit", "mutation"), "needs a blast probe"),
+            (("probe", "fit", "cell_type", "--blast-probe", "x"), "only applies to the mutation task"),
+        ],
+    )
     def test_bad_arguments(self, cli, fitted: Path, tmp_path: Path, args, message: str) -> None:
         code, out = cli(*args, "--embeddings", fitted / "emb", "--out", tmp_path / "p")
         assert code == 2 and message in out
 
     def test_a_blast_probe_must_be_a_blast_probe(self, cli, fitted: Path, tmp_path: Path) -> None:
-        code, out = cli("probe", "fit", "mutation", "--embeddings", fitted / "emb", "--blast-probe", fitted / "mutation", "--out", tmp_path / "m")
+        code, out = cli(
+            "probe",
+            "fit",
+            "mutation",
+            "--embeddings",
+            fitted / "emb",
+            "--blast-probe",
+            fitted / "mutation",
+            "--out",
+            tmp_path / "m",
+        )
         assert code == 2 and "not a blast probe" in out
 
     def test_existing_probe_needs_overwrite(self, cli, fitted: Path) -> None:
@@ -226,6 +371,8 @@ class TestHelp:
         assert code == 0 and "Example: marrowlens probe" in out
 
     def test_real_process_prints_one_line_and_exits_2(self, fitted: Path, tmp_path: Path) -> None:
-        result = run_cli_subprocess("probe", "fit", "blast", "--embeddings", fitted / "emb", "--cv", "99", "--out", tmp_path / "p")
+        result = run_cli_subprocess(
+            "probe", "fit", "blast", "--embeddings", fitted / "emb", "--cv", "99", "--out", tmp_path / "p"
+        )
         assert result.returncode == 2
         assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: ")

@@ -58,9 +58,13 @@ class TestGroupedFolds:
 
 
 class TestMutationFoldsNeverLeak:
-    @settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
     @given(n_splits=st.integers(2, 4), seed=st.integers(0, 100))
-    def test_every_head_and_refitted_blast_filter_trains_on_training_patients_only(self, tmp_path_factory, monkeypatch, n_splits, seed) -> None:
+    def test_every_head_and_refitted_blast_filter_trains_on_training_patients_only(
+        self, tmp_path_factory, monkeypatch, n_splits, seed
+    ) -> None:
         emb = make_store(tmp_path_factory.mktemp("emb"), patients_per_class=4, cells_per_patient=12, seed=seed)
         seen: list[np.ndarray] = []
         real_fit_head = tasks_module.fit_head
@@ -70,7 +74,9 @@ class TestMutationFoldsNeverLeak:
             return real_fit_head(config, vectors, rows, labels, groups, classes)
 
         monkeypatch.setattr(tasks_module, "fit_head", spy)
-        blast = make_task(ProbeConfig.model_validate({"task": "blast", **FAST}), emb).fit(np.arange(len(emb)), final=True)
+        blast = make_task(ProbeConfig.model_validate({"task": "blast", **FAST}), emb).fit(
+            np.arange(len(emb)), final=True
+        )
         task = make_task(ProbeConfig.model_validate({"task": "mutation", "seed": seed, **FAST}), emb, blast)
         folds = grouped_folds(task.y, task.groups, n_splits, seed)
         for i, (train, test) in enumerate(folds):
@@ -113,7 +119,9 @@ class TestAggregatePatients:
         patients = np.array(["p1", "p1", "p1", "p2", "p2", "p3"])
         kept = np.array([True, True, False, True, False, False])
         proba = np.array([[0.9, 0.1], [0.4, 0.6], [np.nan, np.nan], [0.2, 0.8], [np.nan, np.nan], [np.nan, np.nan]])
-        table = aggregate_patients(patients, kept, proba, ["a", "b"], truth=np.array(["a", "a", "a", "b", "b", "a"])).set_index("patient_id")
+        table = aggregate_patients(
+            patients, kept, proba, ["a", "b"], truth=np.array(["a", "a", "a", "b", "b", "a"])
+        ).set_index("patient_id")
         geo = np.sqrt([0.9 * 0.4, 0.1 * 0.6])
         assert table.loc["p1", "p_a"] == pytest.approx(geo[0] / geo.sum())
         assert table.loc["p1", "predicted"] == "a"

@@ -129,14 +129,20 @@ class TestLinearProbe:
             X, y = long_servedio(1000, rng)
             Xt, yt = long_servedio(4000, rng)
             noisy = inject_noise(y, ["neg", "pos"], NoiseSpec(0.2, "symmetric", seed), np.arange(len(y)))
-            accuracy = {loss: (LinearProbe(loss=loss, random_state=seed).fit(X, noisy).predict(Xt) == yt).mean() for loss in ("ce", robust)}
+            accuracy = {
+                loss: (LinearProbe(loss=loss, random_state=seed).fit(X, noisy).predict(Xt) == yt).mean()
+                for loss in ("ce", robust)
+            }
             assert accuracy["ce"] < 0.9 and accuracy[robust] >= accuracy["ce"], accuracy
             gaps.append(accuracy[robust] - accuracy["ce"])
         assert np.mean(gaps) > 0.15, gaps
 
 
 class TestImbalance:
-    @pytest.mark.parametrize("params", [{"class_weight": "balanced"}, {"sampling": "balanced"}, {"loss": "focal", "class_weight": "balanced"}])
+    @pytest.mark.parametrize(
+        "params",
+        [{"class_weight": "balanced"}, {"sampling": "balanced"}, {"loss": "focal", "class_weight": "balanced"}],
+    )
     def test_rare_class_recall_improves(self, params: dict) -> None:
         rng = np.random.default_rng(7)
         X, y = gaussian_classes(2000, 4, rng, separation=1.5, weights=[0.95, 0.05])

@@ -49,13 +49,20 @@ class TestAgainstReferenceMaths:
         log_label = np.where(onehot > 0, 0.0, RCE_LOG_ZERO)  # log(1) = 0, log(0) clamped to A = -4
         reverse = -(p * log_label).sum(axis=1)
         ce = -np.log(p[np.arange(len(y)), y])
-        np.testing.assert_allclose(symmetric_cross_entropy(logits, target, alpha, beta).numpy(), alpha * ce + beta * reverse, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            symmetric_cross_entropy(logits, target, alpha, beta).numpy(),
+            alpha * ce + beta * reverse,
+            rtol=1e-9,
+            atol=1e-12,
+        )
 
     @pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0])
     def test_focal(self, batch, gamma: float) -> None:
         logits, target, p, y = batch
         py = p[np.arange(len(y)), y]
-        np.testing.assert_allclose(focal_loss(logits, target, gamma).numpy(), -((1 - py) ** gamma) * np.log(py), rtol=1e-9)
+        np.testing.assert_allclose(
+            focal_loss(logits, target, gamma).numpy(), -((1 - py) ** gamma) * np.log(py), rtol=1e-9
+        )
 
     def test_focal_with_gamma_zero_is_cross_entropy(self, batch) -> None:
         logits, target, _, _ = batch

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +21,19 @@ from marrowlens.probes.tasks import Probe, fit_head
 from tests.probes.helpers import make_store
 
 # probe.json as the release before the registry wrote it (keys, and the head's name under "head").
-OLD_PROBE_KEYS = {"task", "classes", "head", "head_params", "fitted", "loss", "fingerprint", "embeddings", "model_fingerprint", "train", "blast_filter"}
+OLD_PROBE_KEYS = {
+    "task",
+    "classes",
+    "head",
+    "head_params",
+    "fitted",
+    "loss",
+    "fingerprint",
+    "embeddings",
+    "model_fingerprint",
+    "train",
+    "blast_filter",
+}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +93,7 @@ class CentroidHead(Head):
     def config_params(cls, config: ProbeConfig) -> dict[str, Any]:
         return {}
 
-    def fit(self, X: Any, y: Sequence[Any], groups: Any = None) -> "CentroidHead":
+    def fit(self, X: Any, y: Sequence[Any], groups: Any = None) -> CentroidHead:
         self.classes_ = np.unique(np.asarray(y, dtype=str))
         x = as_rows(X)
         self.means_ = np.stack([x[np.asarray(y) == c].mean(0) for c in self.classes_])
@@ -94,22 +107,37 @@ class CentroidHead(Head):
     def fitted_state(self) -> dict[str, Any]:
         return {"classes": len(self.classes_)}
 
-    def saved_tensors(self, train_rows: np.ndarray, train_labels: np.ndarray, classes: Sequence[str]) -> dict[str, torch.Tensor]:
+    def saved_tensors(
+        self, train_rows: np.ndarray, train_labels: np.ndarray, classes: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
         return {"means": torch.from_numpy(self.means_)}
 
     @classmethod
-    def from_saved(cls, params: dict[str, Any], classes: Sequence[str], tensors: dict[str, torch.Tensor],
-                   training_vectors: Callable[[], np.ndarray] | None = None) -> "CentroidHead":
+    def from_saved(
+        cls,
+        params: dict[str, Any],
+        classes: Sequence[str],
+        tensors: dict[str, torch.Tensor],
+        training_vectors: Callable[[], np.ndarray] | None = None,
+    ) -> CentroidHead:
         head = cls()
         head.classes_, head.means_ = np.asarray(classes, dtype=object), tensors["means"].numpy()
         return head
 
 
-def test_a_registered_head_needs_no_other_change(emb: Embeddings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_registered_head_needs_no_other_change(
+    emb: Embeddings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(heads_module.HEADS, "centroid", CentroidHead)
     labels = np.where(emb.cells["is_blast"].to_numpy(dtype=bool), "blast", "non_blast")
     head = make_head("centroid", {}).fit(emb.vectors, labels)
-    probe = Probe(config=ProbeConfig(), head=head, classes=["blast", "non_blast"], train_rows=np.arange(len(labels)), train_labels=labels)
+    probe = Probe(
+        config=ProbeConfig(),
+        head=head,
+        classes=["blast", "non_blast"],
+        train_rows=np.arange(len(labels)),
+        train_labels=labels,
+    )
     info = save_probe(tmp_path / "p", probe, emb)
     assert info["head"] == "centroid" and info["loss"] is None and info["fitted"] == {"classes": 2}
     loaded, _ = load_probe(tmp_path / "p", emb)

@@ -44,7 +44,9 @@ class TestLabels:
 
     def test_blast_labels_from_mapped_cell_types(self) -> None:
         cells = synthetic_cells(patients_per_class=1, cells_per_patient=30)
-        chosen = config("blast", blast={"source": "cell_type", "blast_types": ["myeloblast"], "non_blast_types": ["lymphocyte"]})
+        chosen = config(
+            "blast", blast={"source": "cell_type", "blast_types": ["myeloblast"], "non_blast_types": ["lymphocyte"]}
+        )
         labels = blast_labels(cells, chosen.blast, "x")
         assert set(labels[cells["cell_type"] == "myeloblast"]) == {BLAST}
         assert set(labels[cells["cell_type"] == "lymphocyte"]) == {NON_BLAST}
@@ -56,17 +58,26 @@ class TestLabels:
 
             load_config(ProbeConfig, None, ["blast.source=cell_type"])
 
-    @pytest.mark.parametrize("column, task", [("is_blast", "blast"), ("mutation", "mutation"), ("cell_type", "cell_type")])
+    @pytest.mark.parametrize(
+        "column, task", [("is_blast", "blast"), ("mutation", "mutation"), ("cell_type", "cell_type")]
+    )
     def test_missing_label_column_names_it(self, tmp_path, column: str, task: str, blast_probe) -> None:
         cells = synthetic_cells()
         cells[column] = None
-        bare = make_store(tmp_path / "bare", cells=cells, vectors=np.zeros((len(cells), 16), dtype=np.float32) + np.arange(16, dtype=np.float32))
+        bare = make_store(
+            tmp_path / "bare",
+            cells=cells,
+            vectors=np.zeros((len(cells), 16), dtype=np.float32) + np.arange(16, dtype=np.float32),
+        )
         with pytest.raises(MarrowLensError, match=f"no {column} labels"):
             make_task(config(task), bare, blast_probe)
 
     def test_cell_type_mapping_drops_unmapped_and_rare_types(self, tmp_path) -> None:
         store = make_store(tmp_path / "e", cells_per_patient=30)
-        mapped = config("cell_type", cell_type={"mapping": {"lymphocyte": "lymph", "neutrophil": "granulocyte", "monocyte": "granulocyte"}})
+        mapped = config(
+            "cell_type",
+            cell_type={"mapping": {"lymphocyte": "lymph", "neutrophil": "granulocyte", "monocyte": "granulocyte"}},
+        )
         task = make_task(mapped, store)
         assert task.classes == ["granulocyte", "lymph"]
         kept_types = set(store.cells["cell_type"].to_numpy()[task.rows])
@@ -80,7 +91,11 @@ class TestMutationTask:
     def test_blast_filter_removes_non_blasts_before_the_mutation_head(self, emb, blast_probe, monkeypatch) -> None:
         calls = []
         real = tasks_module.fit_head
-        monkeypatch.setattr(tasks_module, "fit_head", lambda c, v, rows, labels, g, k: calls.append((rows, labels)) or real(c, v, rows, labels, g, k))
+        monkeypatch.setattr(
+            tasks_module,
+            "fit_head",
+            lambda c, v, rows, labels, g, k: calls.append((rows, labels)) or real(c, v, rows, labels, g, k),
+        )
         task = make_task(config("mutation"), emb, blast_probe)
         task.fit(np.arange(len(task.rows)), final=True)
         rows, labels = calls[-1]

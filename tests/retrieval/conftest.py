@@ -21,8 +21,13 @@ MUTATIONS = ("NPM1", "control")
 
 def model_meta(fingerprint: str = "random:test_resnet:seed0", dim: int = 16) -> dict:
     return {
-        "timm_name": "test_resnet", "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
-        "num_features": dim, "fingerprint": fingerprint, "source": "random init",
+        "timm_name": "test_resnet",
+        "image_size": 32,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "num_features": dim,
+        "fingerprint": fingerprint,
+        "source": "random init",
     }
 
 
@@ -49,9 +54,19 @@ def random_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
 
 
-def make_store(folder: Path, n: int = 300, dim: int = 16, seed: int = 0, prefix: str = "c", fingerprint: str = "random:test_resnet:seed0", vectors: np.ndarray | None = None):
+def make_store(
+    folder: Path,
+    n: int = 300,
+    dim: int = 16,
+    seed: int = 0,
+    prefix: str = "c",
+    fingerprint: str = "random:test_resnet:seed0",
+    vectors: np.ndarray | None = None,
+):
     vectors = random_vectors(n, dim, seed) if vectors is None else vectors
-    return write_embeddings(folder, vectors, random_cells(len(vectors), prefix), {"model": model_meta(fingerprint, vectors.shape[1])})
+    return write_embeddings(
+        folder, vectors, random_cells(len(vectors), prefix), {"model": model_meta(fingerprint, vectors.shape[1])}
+    )
 
 
 @dataclass
@@ -80,7 +95,21 @@ def image_index(tmp_path_factory: pytest.TempPathFactory) -> ImageIndex:
     cli = Cli()
     for args in (
         ("cohort", "index", root, "--out", base / "cohort", "--workers", "2"),
-        ("embed", "--model", "test_resnet", "--image-size", "32", "--cohort", base / "cohort", "--out", base / "emb", "--num-workers", "0", "--accelerator", "cpu"),
+        (
+            "embed",
+            "--model",
+            "test_resnet",
+            "--image-size",
+            "32",
+            "--cohort",
+            base / "cohort",
+            "--out",
+            base / "emb",
+            "--num-workers",
+            "0",
+            "--accelerator",
+            "cpu",
+        ),
         ("index", "build", "--embeddings", base / "emb", "--out", base / "idx"),
     ):
         code, output = cli(*args)

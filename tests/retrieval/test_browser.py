@@ -21,8 +21,14 @@ from tests.retrieval.conftest import ImageIndex
 
 CHROMIUM = Path(os.environ.get("MARROWLENS_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 K = 6
 
@@ -44,8 +50,22 @@ def server(image_index: ImageIndex):
 
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "marrowlens", "serve", "--index", str(image_index.idx), "--port", str(port), "-k", str(K)],
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "marrowlens",
+            "serve",
+            "--index",
+            str(image_index.idx),
+            "--port",
+            str(port),
+            "-k",
+            str(K),
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -75,7 +95,10 @@ def test_upload_shows_k_neighbour_thumbnails(server: str, image_index: ImageInde
     }}"""
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
+            str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            args=CHROMIUM_ARGS,
+            headless=True,
             viewport={"width": 1200, "height": 900},
         )
         try:
@@ -91,7 +114,11 @@ def test_upload_shows_k_neighbour_thumbnails(server: str, image_index: ImageInde
             assert len(captions) == K and "#1" in captions[0] and "patient" in captions[0]
             assert not any("sim 1.000" in caption for caption in captions)  # the query cell is not its own neighbour
             note = page.inner_text("#self-note")
-            assert note.startswith("This image is indexed cell") and "patient NPM1_p1" in note and "left out of its own neighbours and vote" in note
+            assert (
+                note.startswith("This image is indexed cell")
+                and "patient NPM1_p1" in note
+                and "left out of its own neighbours and vote" in note
+            )
             assert "mutation" in page.inner_text("#vote") and f"/{K}" in page.inner_text("#vote")
             assert page.inner_text("#status").startswith(f"{K} neighbours in")
             page.screenshot(path=str(tmp_path / "retrieval-page.png"), full_page=True)
@@ -99,11 +126,13 @@ def test_upload_shows_k_neighbour_thumbnails(server: str, image_index: ImageInde
             second = page.locator("#grid .card").nth(1)
             clicked = second.get_attribute("data-cell-id")
             second.click()
-            page.wait_for_function(f"() => !document.querySelector('#grid .card[data-cell-id=\"{clicked}\"]')", timeout=60_000)
+            page.wait_for_function(
+                f"() => !document.querySelector('#grid .card[data-cell-id=\"{clicked}\"]')", timeout=60_000
+            )
             page.wait_for_function(all_loaded, timeout=60_000)
             assert "patient" in page.inner_text("#query-caption")
             assert page.inner_text("#self-note").startswith(f"The query is indexed cell {clicked[:12]}")
 
-            assert all(url.startswith(server) or url.startswith("blob:") for url in requests), requests
+            assert all(url.startswith((server, "blob:")) for url in requests), requests
         finally:
             context.close()

@@ -20,7 +20,9 @@ def cell_id_of_path(index: Path, path: str) -> str:
 
 
 class TestHelp:
-    @pytest.mark.parametrize("command", [["index", "build"], ["index", "add"], ["index", "info"], ["search"], ["serve"]])
+    @pytest.mark.parametrize(
+        "command", [["index", "build"], ["index", "add"], ["index", "info"], ["search"], ["serve"]]
+    )
     def test_help_has_an_example(self, cli, command: list[str]) -> None:
         code, output = cli(*command, "--help")
         assert code == 0 and "Example: marrowlens " + command[0] in output
@@ -28,7 +30,18 @@ class TestHelp:
 
 class TestBuildAndInfo:
     def test_build_prints_what_it_wrote(self, cli, image_index: ImageIndex, tmp_path: Path) -> None:
-        code, output = cli("index", "build", "--embeddings", image_index.emb, "--out", tmp_path / "idx", "--kind", "hnsw", "--set", "ef_search=20")
+        code, output = cli(
+            "index",
+            "build",
+            "--embeddings",
+            image_index.emb,
+            "--out",
+            tmp_path / "idx",
+            "--kind",
+            "hnsw",
+            "--set",
+            "ef_search=20",
+        )
         assert code == 0, output
         assert f"wrote {tmp_path / 'idx' / 'index.faiss'}: 24 cells, hnsw index (IDMap2,HNSW32, cosine)" in output
         meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
@@ -66,16 +79,23 @@ class TestSearch:
         assert code == 0, output
         lines = output.splitlines()
         assert lines[0] == f"query {image_index.image('NPM1', 1, 2)}:"
-        assert lines[1].startswith("  (this image is indexed cell ") and "left out of its own neighbours and vote" in lines[1]
+        assert (
+            lines[1].startswith("  (this image is indexed cell ")
+            and "left out of its own neighbours and vote" in lines[1]
+        )
         assert lines[2].split() == ["rank", "cell", "patient", "cell_type", "blast", "mutation", "similarity", "path"]
         ranks = [line.split() for line in lines[3:7]]
         assert [r[0] for r in ranks] == ["1", "2", "3", "4"]
-        assert "NPM1/NPM1_p1/cell2.png" not in output.split("similarity")[1] and all(float(r[6]) < 0.99999 for r in ranks)
+        assert "NPM1/NPM1_p1/cell2.png" not in output.split("similarity")[1] and all(
+            float(r[6]) < 0.99999 for r in ranks
+        )
         assert len(lines) == 8 and lines[7].startswith("k-NN vote: mutation: ") and "/4" in lines[7]
 
     def test_json_for_several_images(self, cli, image_index: ImageIndex) -> None:
         images = [image_index.image("control", 0, 1), image_index.image("NPM1", 0, 3)]
-        code, output = cli("search", "--index", image_index.idx, "--image", images[0], "--image", images[1], "-k", "3", "--json")
+        code, output = cli(
+            "search", "--index", image_index.idx, "--image", images[0], "--image", images[1], "-k", "3", "--json"
+        )
         assert code == 0
         results = json.loads(output)
         assert [r["query"] for r in results] == [str(p) for p in images]
@@ -93,13 +113,26 @@ class TestSearch:
         assert result["query_cell"] is None and len(result["neighbours"]) == 24
 
     def test_filter(self, cli, image_index: ImageIndex) -> None:
-        code, output = cli("search", "--index", image_index.idx, "--image", image_index.image("NPM1", 0, 0), "-k", "12", "--filter", "mutation=control", "--json")
+        code, output = cli(
+            "search",
+            "--index",
+            image_index.idx,
+            "--image",
+            image_index.image("NPM1", 0, 0),
+            "-k",
+            "12",
+            "--filter",
+            "mutation=control",
+            "--json",
+        )
         assert code == 0
         neighbours = json.loads(output)[0]["neighbours"]
         assert len(neighbours) == 12 and {n["mutation"] for n in neighbours} == {"control"}
 
     def test_by_cell_id_prefix_leaves_the_cell_out(self, cli, image_index: ImageIndex) -> None:
-        code, output = cli("search", "--index", image_index.idx, "--image", image_index.image("NPM1", 0, 0), "-k", "1", "--json")
+        code, output = cli(
+            "search", "--index", image_index.idx, "--image", image_index.image("NPM1", 0, 0), "-k", "1", "--json"
+        )
         cell_id = json.loads(output)[0]["query_cell"]
         code, output = cli("search", "--index", image_index.idx, "--cell-id", cell_id[:10], "-k", "5", "--json")
         assert code == 0, output
@@ -129,7 +162,9 @@ class TestSearch:
         "content, reason",
         [(b"", "empty file"), (b"plain text, not pixels", "not an image"), (None, "file not found")],
     )
-    def test_undecodable_query_image(self, cli, image_index: ImageIndex, tmp_path: Path, content: bytes | None, reason: str) -> None:
+    def test_undecodable_query_image(
+        self, cli, image_index: ImageIndex, tmp_path: Path, content: bytes | None, reason: str
+    ) -> None:
         path = tmp_path / "query.png"
         if content is not None:
             path.write_bytes(content)
@@ -145,12 +180,17 @@ class TestSearch:
     def test_another_backbone_is_refused_naming_both(self, cli, image_index: ImageIndex) -> None:
         code, output = cli("search", "--index", image_index.idx, "--image", image_index.image(), "--model", "test_vit")
         assert code == 2
-        assert f"backbone fingerprint mismatch: index {image_index.idx} has random:test_resnet:seed0 but model test_vit has random:test_vit:seed0" in output
+        assert (
+            f"backbone fingerprint mismatch: index {image_index.idx} has random:test_resnet:seed0 but model test_vit has random:test_vit:seed0"
+            in output
+        )
 
     def test_error_is_one_line_with_status_2_from_a_real_process(self, image_index: ImageIndex) -> None:
         result = run_cli_subprocess("search", "--index", image_index.idx, "--image", image_index.image(), "-k", "99")
         assert result.returncode == 2
-        assert result.stderr.strip().splitlines() == ["error: k=99 is larger than the index allows: only 24 cells are in the index"]
+        assert result.stderr.strip().splitlines() == [
+            "error: k=99 is larger than the index allows: only 24 cells are in the index"
+        ]
 
 
 class TestRunFolderBackbone:
@@ -165,14 +205,28 @@ class TestRunFolderBackbone:
         export_backbone(model, "test_resnet", 32, base / "run")
         cli = Cli()
         for args in (
-            ("embed", "--model", base / "run", "--cohort", image_index.cohort, "--out", base / "emb", "--num-workers", "0", "--accelerator", "cpu"),
+            (
+                "embed",
+                "--model",
+                base / "run",
+                "--cohort",
+                image_index.cohort,
+                "--out",
+                base / "emb",
+                "--num-workers",
+                "0",
+                "--accelerator",
+                "cpu",
+            ),
             ("index", "build", "--embeddings", base / "emb", "--out", base / "idx"),
         ):
             code, output = cli(*args)
             assert code == 0, output
         return base / "run", base / "idx"
 
-    def test_moved_run_folder_needs_model_and_is_still_checked(self, cli, image_index: ImageIndex, run_index: tuple[Path, Path], tmp_path: Path) -> None:
+    def test_moved_run_folder_needs_model_and_is_still_checked(
+        self, cli, image_index: ImageIndex, run_index: tuple[Path, Path], tmp_path: Path
+    ) -> None:
         run, idx = run_index
         query = image_index.image("control", 1, 4)
         code, output = cli("search", "--index", idx, "--image", query, "-k", "2", "--json")
@@ -184,7 +238,9 @@ class TestRunFolderBackbone:
             assert code == 2 and "no longer exists; pass --model with where it is now" in output
             code, output = cli("search", "--index", idx, "--image", query, "-k", "2", "--model", moved)
             assert code == 0 and f"indexed cell {cell_id_of_path(idx, 'control/control_p1/cell4.png')[:12]}" in output
-            code, output = cli("search", "--index", idx, "--image", query, "--model", "test_resnet")  # same arch, other weights
+            code, output = cli(
+                "search", "--index", idx, "--image", query, "--model", "test_resnet"
+            )  # same arch, other weights
             assert code == 2 and "backbone fingerprint mismatch" in output
         finally:
             shutil.move(moved, run)
@@ -198,22 +254,51 @@ class TestAdd:
             write_cell(root / "NPM1" / "NPM1_p9" / f"new{cell}.png", seed=900 + cell, size=40)
         for args in (
             ("cohort", "index", root, "--out", tmp_path / "cohort2"),
-            ("embed", "--model", "test_resnet", "--image-size", "32", "--cohort", tmp_path / "cohort2", "--out", tmp_path / "emb2", "--num-workers", "0", "--accelerator", "cpu"),
+            (
+                "embed",
+                "--model",
+                "test_resnet",
+                "--image-size",
+                "32",
+                "--cohort",
+                tmp_path / "cohort2",
+                "--out",
+                tmp_path / "emb2",
+                "--num-workers",
+                "0",
+                "--accelerator",
+                "cpu",
+            ),
         ):
             code, output = cli(*args)
             assert code == 0, output
         code, output = cli("index", "add", tmp_path / "idx", "--embeddings", tmp_path / "emb2")
         assert code == 0, output
         assert f"wrote {tmp_path / 'idx' / 'index.1.faiss'}: added 4 cells, 28 in all" in output
-        code, output = cli("search", "--index", tmp_path / "idx", "--image", root / "NPM1" / "NPM1_p9" / "new2.png", "-k", "1", "--json")
+        code, output = cli(
+            "search",
+            "--index",
+            tmp_path / "idx",
+            "--image",
+            root / "NPM1" / "NPM1_p9" / "new2.png",
+            "-k",
+            "1",
+            "--json",
+        )
         assert json.loads(output)[0]["query_cell"] == cell_id_of_path(tmp_path / "idx", "NPM1/NPM1_p9/new2.png")
         code, output = cli("index", "add", tmp_path / "idx", "--embeddings", tmp_path / "emb2")
         assert code == 2 and "4 cell(s) of" in output and "are already in index" in output
 
-    def test_add_refuses_a_store_of_another_backbone(self, cli, image_index: ImageIndex, tmp_path: Path, run_index_emb: Path) -> None:
+    def test_add_refuses_a_store_of_another_backbone(
+        self, cli, image_index: ImageIndex, tmp_path: Path, run_index_emb: Path
+    ) -> None:
         shutil.copytree(image_index.idx, tmp_path / "idx")
         code, output = cli("index", "add", tmp_path / "idx", "--embeddings", run_index_emb)
-        assert code == 2 and "backbone fingerprint mismatch: index" in output and "random:test_resnet:seed0 but embeddings" in output
+        assert (
+            code == 2
+            and "backbone fingerprint mismatch: index" in output
+            and "random:test_resnet:seed0 but embeddings" in output
+        )
 
 
 @pytest.fixture
@@ -228,17 +313,36 @@ def run_index_emb(tmp_path: Path) -> Path:
 class TestStainNormalisation:
     """Cells embedded with Reinhard normalisation: queries must be normalised to the same target."""
 
-    def test_query_gets_the_stores_normalisation_and_add_refuses_a_mismatch(self, cli, image_index: ImageIndex, tmp_path: Path) -> None:
+    def test_query_gets_the_stores_normalisation_and_add_refuses_a_mismatch(
+        self, cli, image_index: ImageIndex, tmp_path: Path
+    ) -> None:
         code, output = cli(
-            "embed", "--model", "test_resnet", "--image-size", "32", "--cohort", image_index.cohort, "--out", tmp_path / "emb",
-            "--num-workers", "0", "--accelerator", "cpu", "--stain-normalize", "reinhard",
+            "embed",
+            "--model",
+            "test_resnet",
+            "--image-size",
+            "32",
+            "--cohort",
+            image_index.cohort,
+            "--out",
+            tmp_path / "emb",
+            "--num-workers",
+            "0",
+            "--accelerator",
+            "cpu",
+            "--stain-normalize",
+            "reinhard",
         )
         assert code == 0, output
         code, output = cli("index", "build", "--embeddings", tmp_path / "emb", "--out", tmp_path / "idx")
         assert code == 0, output
-        assert json.loads((tmp_path / "idx" / "meta.json").read_text())["preprocessing"]["stain"]["method"] == "reinhard"
+        assert (
+            json.loads((tmp_path / "idx" / "meta.json").read_text())["preprocessing"]["stain"]["method"] == "reinhard"
+        )
         assert "queries are stain-normalised (reinhard) like the cells" in cli("index", "info", tmp_path / "idx")[1]
-        code, output = cli("search", "--index", tmp_path / "idx", "--image", image_index.image("control", 0, 5), "-k", "1", "--json")
+        code, output = cli(
+            "search", "--index", tmp_path / "idx", "--image", image_index.image("control", 0, 5), "-k", "1", "--json"
+        )
         assert json.loads(output)[0]["query_cell"] == cell_id_of_path(tmp_path / "idx", "control/control_p0/cell5.png")
         code, output = cli("index", "add", tmp_path / "idx", "--embeddings", image_index.emb)
         assert code == 2 and "stain normalisation mismatch" in output and "with none" in output

@@ -139,7 +139,9 @@ class TestRecall:
         build_index(tmp_path / "emb", tmp_path / "idx", kind="ivfpq", overrides=["pq_m=4", "pq_nbits=4"])
         index, _ = add_to_index(tmp_path / "idx", tmp_path / "emb2")
         assert index.meta["factory"] == "IDMap2,IVF10,PQ4x4" and len(index) == 420
-        vectors = np.concatenate([np.load(tmp_path / "emb" / "vectors.npy"), np.load(tmp_path / "emb2" / "vectors.npy")])
+        vectors = np.concatenate(
+            [np.load(tmp_path / "emb" / "vectors.npy"), np.load(tmp_path / "emb2" / "vectors.npy")]
+        )
         found = index.search(vectors, 3)[1]
         assert np.mean([row in hits for row, hits in enumerate(found)]) >= 0.9
         unit = vectors[405] / np.linalg.norm(vectors[405])
@@ -149,7 +151,10 @@ class TestRecall:
         queries = random_vectors(100, 32, seed=78)
         truth = flat.search(queries, 10)[1]
         recalls = [
-            recall_at_10(build_index(store, tmp_path / f"p{p}", kind="ivf", overrides=[f"nprobe={p}"]).search(queries, 10)[1], truth)
+            recall_at_10(
+                build_index(store, tmp_path / f"p{p}", kind="ivf", overrides=[f"nprobe={p}"]).search(queries, 10)[1],
+                truth,
+            )
             for p in (1, 4, 51)
         ]
         assert recalls[0] <= recalls[1] <= recalls[2] == 1.0  # nprobe = nlist is exhaustive
@@ -182,7 +187,9 @@ class TestParams:
             ("cube", [], "unknown index kind"),
         ],
     )
-    def test_bad_parameters_are_one_line_errors(self, store: Path, tmp_path: Path, kind: str, overrides: list[str], message: str) -> None:
+    def test_bad_parameters_are_one_line_errors(
+        self, store: Path, tmp_path: Path, kind: str, overrides: list[str], message: str
+    ) -> None:
         with pytest.raises(MarrowLensError, match=message):
             build_index(store, tmp_path / "idx", kind=kind, overrides=overrides)
         assert not (tmp_path / "idx" / "meta.json").exists()
@@ -242,12 +249,17 @@ class TestAdd:
     def test_refuses_another_model_naming_both(self, store: Path, tmp_path: Path) -> None:
         build_index(store, tmp_path / "idx")
         make_store(tmp_path / "emb2", n=20, dim=32, prefix="x", fingerprint="sha256:" + "ab" * 32)
-        with pytest.raises(MarrowLensError, match=r"backbone fingerprint mismatch: index .*idx has random:test_resnet:seed0.* but embeddings .*emb2 has abababab"):
+        with pytest.raises(
+            MarrowLensError,
+            match=r"backbone fingerprint mismatch: index .*idx has random:test_resnet:seed0.* but embeddings .*emb2 has abababab",
+        ):
             add_to_index(tmp_path / "idx", tmp_path / "emb2")
 
     def test_refuses_cells_already_indexed_and_loses_nothing(self, store: Path, tmp_path: Path) -> None:
         build_index(store, tmp_path / "idx")
-        before = {name: (tmp_path / "idx" / name).read_bytes() for name in ("index.faiss", "cells.parquet", "meta.json")}
+        before = {
+            name: (tmp_path / "idx" / name).read_bytes() for name in ("index.faiss", "cells.parquet", "meta.json")
+        }
         make_store(tmp_path / "emb2", n=20, dim=32, seed=3, prefix="c")  # same ids c000000..
         with pytest.raises(MarrowLensError, match="20 cell\\(s\\) of .* are already in index"):
             add_to_index(tmp_path / "idx", tmp_path / "emb2")
@@ -281,7 +293,9 @@ class TestAddIsOldOrNew:
         return tmp_path
 
     @pytest.mark.parametrize("step", ["meta.json", "index.1.faiss"])
-    def test_a_killed_add_leaves_the_old_index_searchable(self, small: Path, monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+    def test_a_killed_add_leaves_the_old_index_searchable(
+        self, small: Path, monkeypatch: pytest.MonkeyPatch, step: str
+    ) -> None:
         real = os.replace
 
         def killed(src, dst):

@@ -12,7 +12,15 @@ import pytest
 from marrowlens.errors import MarrowLensError
 from marrowlens.retrieval.batching import BatchingEmbedder
 from marrowlens.retrieval.index import build_index
-from marrowlens.retrieval.search import Searcher, UnknownCellError, filter_mask, format_table, format_vote, parse_filters, vote
+from marrowlens.retrieval.search import (
+    Searcher,
+    UnknownCellError,
+    filter_mask,
+    format_table,
+    format_vote,
+    parse_filters,
+    vote,
+)
 from marrowlens.ssl.backbones import load_backbone
 from marrowlens.ssl.embed import embed_images, preprocess
 from tests.conftest import write_cell
@@ -42,7 +50,15 @@ class TestParseFilters:
             "is_blast": {"true"},
         }
 
-    @pytest.mark.parametrize("text, message", [("mutation", "not of the form"), ("=NPM1", "not of the form"), ("mutation=", "not of the form"), ("path=x", "cannot filter on 'path'")])
+    @pytest.mark.parametrize(
+        "text, message",
+        [
+            ("mutation", "not of the form"),
+            ("=NPM1", "not of the form"),
+            ("mutation=", "not of the form"),
+            ("path=x", "cannot filter on 'path'"),
+        ],
+    )
     def test_malformed(self, text: str, message: str) -> None:
         with pytest.raises(MarrowLensError, match=message):
             parse_filters([text])
@@ -64,7 +80,9 @@ class TestFilterMask:
         assert filter_mask(self.cells, filters).tolist() == expected
 
     def test_unknown_value_lists_the_known_ones(self) -> None:
-        with pytest.raises(MarrowLensError, match=r"no indexed cell has mutation=NPM2 \(values in the index: NPM1, control\)"):
+        with pytest.raises(
+            MarrowLensError, match=r"no indexed cell has mutation=NPM2 \(values in the index: NPM1, control\)"
+        ):
             filter_mask(self.cells, {"mutation": {"NPM2"}})
 
     def test_missing_labels_never_match(self) -> None:
@@ -87,7 +105,10 @@ class TestSearch:
         vectors = np.load(Path(searcher.index.meta["sources"][0]["embeddings"]) / "vectors.npy")
         normed = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
         allowed = np.flatnonzero((np.arange(1200) % 5 == 0) & (np.arange(1200) % 2 == 0) & (np.arange(1200) % 3 == 0))
-        for query, table in zip(queries, searcher.search_vectors(queries, 5, {"patient_id": {"P0"}, "mutation": {"NPM1"}, "is_blast": {"true"}})):
+        for query, table in zip(
+            queries,
+            searcher.search_vectors(queries, 5, {"patient_id": {"P0"}, "mutation": {"NPM1"}, "is_blast": {"true"}}),
+        ):
             truth = allowed[np.argsort(-(normed[allowed] @ (query / np.linalg.norm(query))))[:5]]
             assert set(table["row"]) == set(truth)
 
@@ -98,12 +119,16 @@ class TestSearch:
         np.testing.assert_allclose(table["distance"], 1 - table["similarity"])
 
     def test_k_larger_than_the_index(self, searcher: Searcher) -> None:
-        with pytest.raises(MarrowLensError, match="k=1201 is larger than the index allows: only 1200 cells are in the index"):
+        with pytest.raises(
+            MarrowLensError, match="k=1201 is larger than the index allows: only 1200 cells are in the index"
+        ):
             searcher.search_vectors(random_vectors(1, 16), 1201)
 
     def test_k_larger_than_the_filtered_cells(self, searcher: Searcher) -> None:
         with pytest.raises(MarrowLensError, match="only 40 cells match the filter"):
-            searcher.search_vectors(random_vectors(1, 16), 41, {"patient_id": {"P0"}, "mutation": {"NPM1"}, "is_blast": {"true"}})
+            searcher.search_vectors(
+                random_vectors(1, 16), 41, {"patient_id": {"P0"}, "mutation": {"NPM1"}, "is_blast": {"true"}}
+            )
 
     def test_k_must_be_positive(self, searcher: Searcher) -> None:
         with pytest.raises(MarrowLensError, match="at least 1"):
@@ -154,9 +179,15 @@ class TestCellIds:
 class TestVoteAndFormat:
     table = pd.DataFrame(
         {
-            "rank": [1, 2, 3], "row": [0, 1, 2], "cell_id": ["a" * 40, "b" * 40, "c" * 40], "patient_id": ["P1", None, "P2"],
-            "cell_type": ["myeloblast", "myeloblast", None], "is_blast": pd.array([True, True, False], dtype="boolean"),
-            "mutation": ["NPM1", "control", "NPM1"], "path": ["a.png", "b.png", "c.png"], "similarity": [0.9, 0.8, 0.7],
+            "rank": [1, 2, 3],
+            "row": [0, 1, 2],
+            "cell_id": ["a" * 40, "b" * 40, "c" * 40],
+            "patient_id": ["P1", None, "P2"],
+            "cell_type": ["myeloblast", "myeloblast", None],
+            "is_blast": pd.array([True, True, False], dtype="boolean"),
+            "mutation": ["NPM1", "control", "NPM1"],
+            "path": ["a.png", "b.png", "c.png"],
+            "similarity": [0.9, 0.8, 0.7],
             "distance": [0.1, 0.2, 0.3],
         }
     )
@@ -170,9 +201,21 @@ class TestVoteAndFormat:
 
     def test_text_table_and_vote_line(self) -> None:
         text = format_table(self.table)
-        assert text.splitlines()[0].split() == ["rank", "cell", "patient", "cell_type", "blast", "mutation", "similarity", "path"]
+        assert text.splitlines()[0].split() == [
+            "rank",
+            "cell",
+            "patient",
+            "cell_type",
+            "blast",
+            "mutation",
+            "similarity",
+            "path",
+        ]
         assert "aaaaaaaaaaaa " in text and "0.9000" in text and " - " in text
-        assert format_vote(self.table) == "k-NN vote: cell_type: myeloblast 2/3; is_blast: blast 2/3, non-blast 1/3; mutation: NPM1 2/3, control 1/3"
+        assert (
+            format_vote(self.table)
+            == "k-NN vote: cell_type: myeloblast 2/3; is_blast: blast 2/3, non-blast 1/3; mutation: NPM1 2/3, control 1/3"
+        )
 
 
 class TestBatchingEmbedder:

@@ -16,7 +16,6 @@ from marrowlens.retrieval.web import create_app
 from tests.conftest import write_cell
 from tests.retrieval.conftest import ImageIndex
 
-
 LOCAL = "http://127.0.0.1:8765"  # a real loopback Host header, as a browser on this machine sends
 
 
@@ -65,22 +64,33 @@ class TestPage:
 
 
 class TestSearch:
-    def test_upload_of_an_indexed_cell_names_it_and_leaves_it_out(self, client: TestClient, image_index: ImageIndex) -> None:
+    def test_upload_of_an_indexed_cell_names_it_and_leaves_it_out(
+        self, client: TestClient, image_index: ImageIndex
+    ) -> None:
         response = upload(client, image_index.image("control", 1, 3), k=6)
         assert response.status_code == 200, response.text
         result = response.json()
         itself = result["query"]["cell"]
         assert result["query"]["kind"] == "upload" and result["query"]["filename"] == "cell.png"
-        assert itself["path"] == "control/control_p1/cell3.png" and itself["patient_id"] == "control_p1" and itself["mutation"] == "control"
+        assert (
+            itself["path"] == "control/control_p1/cell3.png"
+            and itself["patient_id"] == "control_p1"
+            and itself["mutation"] == "control"
+        )
         assert result["k"] == 6 and len(result["neighbours"]) == 6 and result["metric"] == "cosine"
         assert itself["cell_id"] not in {n["cell_id"] for n in result["neighbours"]}
         first = result["neighbours"][0]
-        assert first["rank"] == 1 and first["similarity"] < 0.99999 and first["thumbnail"] == f"/thumbs/{first['cell_id']}"
+        assert (
+            first["rank"] == 1 and first["similarity"] < 0.99999 and first["thumbnail"] == f"/thumbs/{first['cell_id']}"
+        )
         assert sum(entry["count"] for entry in result["vote"]["mutation"]) == 6
 
     def test_upload_of_a_new_cell_names_no_indexed_cell(self, client: TestClient, tmp_path: Path) -> None:
         result = upload(client, write_cell(tmp_path / "new.png", seed=4242, size=40), k=3).json()
-        assert result["query"] == {"kind": "upload", "filename": "cell.png", "cell": None} and len(result["neighbours"]) == 3
+        assert (
+            result["query"] == {"kind": "upload", "filename": "cell.png", "cell": None}
+            and len(result["neighbours"]) == 3
+        )
 
     def test_default_k(self, client: TestClient, image_index: ImageIndex) -> None:
         assert len(upload(client, image_index.image()).json()["neighbours"]) == 5
@@ -106,7 +116,9 @@ class TestSearch:
             ({"filter": "path=/etc/passwd"}, 400, "cannot filter on 'path'"),
         ],
     )
-    def test_bad_requests(self, client: TestClient, image_index: ImageIndex, form: dict, status: int, detail: str | None) -> None:
+    def test_bad_requests(
+        self, client: TestClient, image_index: ImageIndex, form: dict, status: int, detail: str | None
+    ) -> None:
         response = upload(client, image_index.image(), **form)
         assert response.status_code == status
         if detail:
@@ -136,7 +148,9 @@ class TestBadUploads:
             (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "no_suffix"),
         ],
     )
-    def test_undecodable_upload_is_400_with_the_decoder_reason(self, client: TestClient, data: bytes, name: str) -> None:
+    def test_undecodable_upload_is_400_with_the_decoder_reason(
+        self, client: TestClient, data: bytes, name: str
+    ) -> None:
         with pytest.raises(ImageDecodeError) as reason:
             decode_bytes(data, Path(name).suffix)
         response = upload(client, data=data, name=name)
@@ -149,7 +163,9 @@ class TestBadUploads:
         response = upload(client, data=buffer.getvalue())
         assert response.status_code == 400 and "too small" in response.json()["detail"]
 
-    def test_decompression_bomb_is_refused_before_decoding(self, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_decompression_bomb_is_refused_before_decoding(
+        self, client: TestClient, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """A small zlib TIFF declaring far more float pixels than the limit: 400, never decoded."""
         import numpy as np
         import tifffile
@@ -160,7 +176,9 @@ class TestBadUploads:
         monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda *args, **kwargs: pytest.fail("the bomb was decoded"))
         response = upload(client, data=buffer.getvalue(), name="bomb.tif")
         assert response.status_code == 400
-        assert response.json()["detail"].startswith("the upload is not a usable image: too large (600x600 px, limit 100000 px")
+        assert response.json()["detail"].startswith(
+            "the upload is not a usable image: too large (600x600 px, limit 100000 px"
+        )
 
     def test_oversized_upload_is_413(self, client: TestClient, tmp_path: Path) -> None:
         big = write_cell(tmp_path / "big.png", seed=3, size=64).read_bytes() + b"\x00" * 200_000  # cap is 0.05 MB
@@ -174,7 +192,9 @@ class TestBadUploads:
             for _ in range(40):
                 yield b"\x00" * 4096
 
-        response = client.post("/api/search", content=body(), headers={"content-type": "multipart/form-data; boundary=x"})
+        response = client.post(
+            "/api/search", content=body(), headers={"content-type": "multipart/form-data; boundary=x"}
+        )
         assert response.status_code == 413
 
     def test_server_still_answers_after_bad_uploads(self, client: TestClient, image_index: ImageIndex) -> None:
@@ -185,8 +205,19 @@ class TestBadUploads:
 class TestHosts:
     """DNS rebinding: a page on attacker.example rebound to 127.0.0.1 sends its own name as Host."""
 
-    @pytest.mark.parametrize("host", ["attacker.example:8765", "attacker.example", "127.0.0.1.attacker.example", "localhost.attacker.example:8765", ""])
-    def test_foreign_host_gets_400_and_no_cell_data(self, client: TestClient, image_index: ImageIndex, host: str) -> None:
+    @pytest.mark.parametrize(
+        "host",
+        [
+            "attacker.example:8765",
+            "attacker.example",
+            "127.0.0.1.attacker.example",
+            "localhost.attacker.example:8765",
+            "",
+        ],
+    )
+    def test_foreign_host_gets_400_and_no_cell_data(
+        self, client: TestClient, image_index: ImageIndex, host: str
+    ) -> None:
         cell_id = upload(client, image_index.image()).json()["neighbours"][0]["cell_id"]
         for response in (
             client.get(f"/api/cells/{cell_id}", headers={"Host": host}),
@@ -198,29 +229,39 @@ class TestHosts:
             assert response.headers["x-content-type-options"] == "nosniff"
 
     @pytest.mark.parametrize("host", ["127.0.0.1:8765", "localhost:8765", "LOCALHOST", "[::1]:8765", "127.0.0.1"])
-    def test_loopback_names_are_answered_with_nosniff(self, client: TestClient, image_index: ImageIndex, host: str) -> None:
+    def test_loopback_names_are_answered_with_nosniff(
+        self, client: TestClient, image_index: ImageIndex, host: str
+    ) -> None:
         cell_id = upload(client, image_index.image()).json()["neighbours"][0]["cell_id"]
         response = client.get(f"/api/cells/{cell_id}", headers={"Host": host})
         assert response.status_code == 200 and response.json()["patient_id"] == "NPM1_p0"
         assert response.headers["x-content-type-options"] == "nosniff"
         assert "access-control-allow-origin" not in response.headers
 
-    @pytest.mark.parametrize("path", ["/", "/static/app.js", "/api/cells/ffffffffffff", "/thumbs/nothing", "/openapi.json"])
+    @pytest.mark.parametrize(
+        "path", ["/", "/static/app.js", "/api/cells/ffffffffffff", "/thumbs/nothing", "/openapi.json"]
+    )
     def test_every_response_says_nosniff(self, client: TestClient, path: str) -> None:
         assert client.get(path).headers["x-content-type-options"] == "nosniff"
 
     def test_cross_origin_requests_get_no_cors_headers(self, client: TestClient) -> None:
-        response = client.options("/api/search", headers={"Origin": "http://attacker.example", "Access-Control-Request-Method": "POST"})
+        response = client.options(
+            "/api/search", headers={"Origin": "http://attacker.example", "Access-Control-Request-Method": "POST"}
+        )
         assert "access-control-allow-origin" not in response.headers
 
-    def test_serve_trusts_its_host_and_allowed_names(self, image_index: ImageIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_serve_trusts_its_host_and_allowed_names(
+        self, image_index: ImageIndex, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         import uvicorn
 
         from tests.conftest import Cli
 
         served = {}
         monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app, **kwargs))
-        code, output = Cli()("serve", "--index", image_index.idx, "--host", "10.1.2.3", "--allow-host", "cells.lab.example")
+        code, output = Cli()(
+            "serve", "--index", image_index.idx, "--host", "10.1.2.3", "--allow-host", "cells.lab.example"
+        )
         assert code == 0, output
         assert served["host"] == "10.1.2.3" and "clients must address it as 10.1.2.3" in output
         with TestClient(served["app"], base_url="http://10.1.2.3:8000") as client:
@@ -234,7 +275,9 @@ class TestCellsAndThumbnails:
     def test_cell_record(self, client: TestClient, image_index: ImageIndex) -> None:
         neighbour = upload(client, image_index.image("NPM1", 1, 5)).json()["query"]["cell"]
         cell = client.get(f"/api/cells/{neighbour['cell_id']}").json()
-        assert cell["path"] == "NPM1/NPM1_p1/cell5.png" and cell["patient_id"] == "NPM1_p1" and cell["mutation"] == "NPM1"
+        assert (
+            cell["path"] == "NPM1/NPM1_p1/cell5.png" and cell["patient_id"] == "NPM1_p1" and cell["mutation"] == "NPM1"
+        )
         assert client.get(f"/api/cells/{neighbour['cell_id'][:8]}").json()["cell_id"] == neighbour["cell_id"]
 
     def test_thumbnail_is_a_small_jpeg(self, client: TestClient, image_index: ImageIndex) -> None:
@@ -274,7 +317,9 @@ class TestAdmission:
 
     LIMIT = 2
 
-    def test_overflow_gets_503_with_retry_after_then_service_resumes(self, image_index: ImageIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_overflow_gets_503_with_retry_after_then_service_resumes(
+        self, image_index: ImageIndex, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         from marrowlens.retrieval.search import Searcher
 
         searcher = Searcher.open(image_index.idx)
@@ -290,8 +335,13 @@ class TestAdmission:
         cell_id = str(searcher.index.cells["cell_id"].iloc[0])
         with local_client(create_app(image_index.idx, searcher=searcher, max_queue=self.LIMIT)) as client:
             with ThreadPoolExecutor(max_workers=self.LIMIT) as pool:
-                admitted = [pool.submit(client.post, "/api/search", data={"cell_id": cell_id, "k": "3"}) for _ in range(self.LIMIT)]
-                assert all(entered.acquire(timeout=20) for _ in range(self.LIMIT)), "the admitted searches never started"
+                admitted = [
+                    pool.submit(client.post, "/api/search", data={"cell_id": cell_id, "k": "3"})
+                    for _ in range(self.LIMIT)
+                ]
+                assert all(entered.acquire(timeout=20) for _ in range(self.LIMIT)), (
+                    "the admitted searches never started"
+                )
                 overflow = [client.post("/api/search", data={"cell_id": cell_id}), upload(client, image_index.image())]
                 other_endpoint = client.get(f"/api/cells/{cell_id}")
                 release.set()
@@ -301,7 +351,9 @@ class TestAdmission:
                 assert response.status_code == 503 and response.headers["retry-after"] == "1"
                 assert response.json()["detail"] == "the server is busy (2 searches in progress); retry in a second"
             assert other_endpoint.status_code == 200  # only searches are limited
-            assert all(upload(client, image_index.image(cell=cell)).status_code == 200 for cell in range(self.LIMIT + 1))
+            assert all(
+                upload(client, image_index.image(cell=cell)).status_code == 200 for cell in range(self.LIMIT + 1)
+            )
 
     def test_serve_passes_its_limit(self, image_index: ImageIndex, monkeypatch: pytest.MonkeyPatch) -> None:
         import uvicorn
@@ -337,7 +389,11 @@ def test_missing_images_give_404_thumbnails_but_search_works(image_index: ImageI
 
     shutil.copytree(image_index.idx, tmp_path / "idx")
     meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
-    meta["sources"][0]["cohort"] = {"folder": str(tmp_path / "gone"), "fingerprint": None, "root": str(tmp_path / "gone")}
+    meta["sources"][0]["cohort"] = {
+        "folder": str(tmp_path / "gone"),
+        "fingerprint": None,
+        "root": str(tmp_path / "gone"),
+    }
     (tmp_path / "idx" / "meta.json").write_text(json.dumps(meta))
     with local_client(create_app(tmp_path / "idx")) as client:
         neighbour = upload(client, image_index.image(), k=1).json()["neighbours"][0]
@@ -350,7 +406,9 @@ def test_model_is_loaded_once_at_start_up(image_index: ImageIndex, monkeypatch: 
 
     calls = []
     original = Searcher.open
-    monkeypatch.setattr(Searcher, "open", classmethod(lambda cls, *args, **kwargs: calls.append(args) or original(*args, **kwargs)))
+    monkeypatch.setattr(
+        Searcher, "open", classmethod(lambda cls, *args, **kwargs: calls.append(args) or original(*args, **kwargs))
+    )
     app = create_app(image_index.idx)
     assert calls == []  # creating the app loads nothing; start-up does
     with local_client(app) as client:

@@ -11,7 +11,13 @@ from PIL import Image
 
 from marrowlens.cohort.manifest import index_cohort
 
-TINY = ["model.image_size=32", "data.batch_size=8", "data.num_workers=0", "data.val_cells=64", "trainer.log_every_n_steps=1"]
+TINY = [
+    "model.image_size=32",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.val_cells=64",
+    "trainer.log_every_n_steps=1",
+]
 
 
 def _blob(path: Path, seed: int, big: bool) -> None:
@@ -36,7 +42,9 @@ def labelled_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
             big = cell % 2 == 0
             relative = f"images/P{patient}/c{cell}.png"
             _blob(root / relative, seed=patient * 100 + cell, big=big)
-            rows.append({"path": relative, "patient_id": f"P{patient}", "cell_type": "myeloblast" if big else "lymphocyte"})
+            rows.append(
+                {"path": relative, "patient_id": f"P{patient}", "cell_type": "myeloblast" if big else "lymphocyte"}
+            )
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
     index_cohort([root / "labels.csv"], root / "cohort")
     return root / "cohort"

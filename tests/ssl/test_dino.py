@@ -3,6 +3,7 @@ the momentum and teacher-temperature schedules, the frozen last layer, the expor
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +16,13 @@ from tests.ssl.conftest import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # steps run without a Trainer
 
-HEADS = ["dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.out_dim=64", "dino.local_crop_size=16", "dino.n_local_views=2"]
+HEADS = [
+    "dino.hidden_dim=32",
+    "dino.bottleneck_dim=16",
+    "dino.out_dim=64",
+    "dino.local_crop_size=16",
+    "dino.n_local_views=2",
+]
 
 
 def _dino(*extra: str) -> DINO:
@@ -47,7 +54,7 @@ def test_momentum_goes_from_start_to_end_over_the_run() -> None:
         module.trainer = SimpleNamespace(global_step=step, estimated_stepping_batches=10)
         momenta.append(module.momentum())
     assert momenta[0] == pytest.approx(0.9) and momenta[-1] == pytest.approx(1.0)
-    assert all(a <= b for a, b in zip(momenta, momenta[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(momenta))
 
 
 def test_teacher_moves_towards_the_student_before_each_batch() -> None:

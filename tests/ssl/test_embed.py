@@ -12,28 +12,46 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from marrowlens.cohort.images import load_rgb
 from marrowlens.config import PretrainConfig, load_config
 from marrowlens.embeddings import EmbeddingWriter, load_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.ssl import train
 from marrowlens.ssl.backbones import load_backbone
 from marrowlens.ssl.embed import embed_cohort, embed_images
-from marrowlens.cohort.images import load_rgb
 from tests.conftest import REPO_ROOT
 from tests.ssl.conftest import TINY
 
 
 @pytest.fixture(scope="module")
 def run_dir(labelled_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = load_config(PretrainConfig, REPO_ROOT / "configs/pretrain/tiny_cpu.yaml", [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=1"])
+    config = load_config(
+        PretrainConfig,
+        REPO_ROOT / "configs/pretrain/tiny_cpu.yaml",
+        [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=1"],
+    )
     out = tmp_path_factory.mktemp("run") / "simclr"
     train.pretrain(config, labelled_cohort, out)
     return out
 
 
 class TestEmbedCli:
-    def test_store_is_aligned_and_fingerprinted(self, cli, run_dir: Path, labelled_cohort: Path, tmp_path: Path) -> None:
-        code, output = cli("embed", "--model", run_dir, "--cohort", labelled_cohort, "--out", tmp_path / "emb", "--batch-size", "5", "--num-workers", "0")
+    def test_store_is_aligned_and_fingerprinted(
+        self, cli, run_dir: Path, labelled_cohort: Path, tmp_path: Path
+    ) -> None:
+        code, output = cli(
+            "embed",
+            "--model",
+            run_dir,
+            "--cohort",
+            labelled_cohort,
+            "--out",
+            tmp_path / "emb",
+            "--batch-size",
+            "5",
+            "--num-workers",
+            "0",
+        )
         assert code == 0, output
         store = load_embeddings(tmp_path / "emb")
         cohort_cells = pd.read_parquet(labelled_cohort / "cells.parquet")
@@ -53,13 +71,37 @@ class TestEmbedCli:
         torch.manual_seed(5)
         model = timm.create_model("test_resnet", num_classes=0)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
-        code, output = cli("embed", "--model", "test_resnet", "--weights", tmp_path / "w.safetensors", "--image-size", "32",
-                           "--cohort", labelled_cohort, "--out", tmp_path / "emb", "--num-workers", "0")
+        code, output = cli(
+            "embed",
+            "--model",
+            "test_resnet",
+            "--weights",
+            tmp_path / "w.safetensors",
+            "--image-size",
+            "32",
+            "--cohort",
+            labelled_cohort,
+            "--out",
+            tmp_path / "emb",
+            "--num-workers",
+            "0",
+        )
         assert code == 0, output
         store = load_embeddings(tmp_path / "emb")
         assert store.meta["model"]["fingerprint"].startswith("sha256:")
-        code, output = cli("embed", "--model", "test_vit", "--weights", tmp_path / "w.safetensors", "--image-size", "32",
-                           "--cohort", labelled_cohort, "--out", tmp_path / "emb2")
+        code, output = cli(
+            "embed",
+            "--model",
+            "test_vit",
+            "--weights",
+            tmp_path / "w.safetensors",
+            "--image-size",
+            "32",
+            "--cohort",
+            labelled_cohort,
+            "--out",
+            tmp_path / "emb2",
+        )
         assert code == 2 and "do not fit test_vit" in output
 
     def test_random_baseline_is_reproducible(self, labelled_cohort: Path, tmp_path: Path) -> None:
@@ -68,7 +110,9 @@ class TestEmbedCli:
         assert first.fingerprint == second.fingerprint and first.model_fingerprint == "random:test_resnet:seed0"
 
 
-def test_interrupted_embedding_resumes_only_missing_rows(run_dir: Path, labelled_cohort: Path, tmp_path: Path, monkeypatch) -> None:
+def test_interrupted_embedding_resumes_only_missing_rows(
+    run_dir: Path, labelled_cohort: Path, tmp_path: Path, monkeypatch
+) -> None:
     whole = embed_cohort(run_dir, labelled_cohort, tmp_path / "whole", batch_size=4, num_workers=0)
     original_write = EmbeddingWriter.write
     calls = {"n": 0}
@@ -85,7 +129,11 @@ def test_interrupted_embedding_resumes_only_missing_rows(run_dir: Path, labelled
     monkeypatch.setattr(EmbeddingWriter, "write", original_write)
     assert not (tmp_path / "cut" / "meta.json").exists()
     written = []
-    monkeypatch.setattr(EmbeddingWriter, "write", lambda self, rows, vectors: (written.extend(rows), original_write(self, rows, vectors)))
+    monkeypatch.setattr(
+        EmbeddingWriter,
+        "write",
+        lambda self, rows, vectors: (written.extend(rows), original_write(self, rows, vectors)),
+    )
     resumed = embed_cohort(run_dir, labelled_cohort, tmp_path / "cut", batch_size=4, num_workers=0)
     assert len(written) == 32 - 8
     assert resumed.fingerprint == whole.fingerprint
@@ -106,8 +154,21 @@ def test_fingerprint_guard_on_a_tampered_run(run_dir: Path, labelled_cohort: Pat
 
 
 def test_stain_normalised_store_records_its_target(cli, labelled_cohort: Path, tmp_path: Path) -> None:
-    code, output = cli("embed", "--model", "test_resnet", "--image-size", "32", "--cohort", labelled_cohort,
-                       "--out", tmp_path / "emb", "--num-workers", "0", "--stain-normalize", "reinhard")
+    code, output = cli(
+        "embed",
+        "--model",
+        "test_resnet",
+        "--image-size",
+        "32",
+        "--cohort",
+        labelled_cohort,
+        "--out",
+        tmp_path / "emb",
+        "--num-workers",
+        "0",
+        "--stain-normalize",
+        "reinhard",
+    )
     assert code == 0, output
     store = load_embeddings(tmp_path / "emb")
     stain = store.meta["preprocessing"]["stain"]
@@ -115,14 +176,39 @@ def test_stain_normalised_store_records_its_target(cli, labelled_cohort: Path, t
     plain = embed_cohort("test_resnet", labelled_cohort, tmp_path / "plain", image_size=32, num_workers=0)
     assert plain.meta["preprocessing"]["stain"] is None
     assert not np.allclose(np.asarray(plain.vectors), np.asarray(store.vectors))
-    code, output = cli("embed", "--model", "test_resnet", "--cohort", labelled_cohort, "--out", tmp_path / "x", "--stain-normalize", "macenko")
+    code, output = cli(
+        "embed",
+        "--model",
+        "test_resnet",
+        "--cohort",
+        labelled_cohort,
+        "--out",
+        tmp_path / "x",
+        "--stain-normalize",
+        "macenko",
+    )
     assert code == 2 and "unknown stain normalisation" in output
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_a_deleted_image_is_named_in_one_line(cli, cohort_missing_a_cell: tuple[Path, Path], tmp_path: Path, workers: int) -> None:
+def test_a_deleted_image_is_named_in_one_line(
+    cli, cohort_missing_a_cell: tuple[Path, Path], tmp_path: Path, workers: int
+) -> None:
     folder, gone = cohort_missing_a_cell
-    code, output = cli("embed", "--model", "test_resnet", "--image-size", "32", "--cohort", folder, "--out", tmp_path / "emb",
-                       "--batch-size", "4", "--num-workers", str(workers))
+    code, output = cli(
+        "embed",
+        "--model",
+        "test_resnet",
+        "--image-size",
+        "32",
+        "--cohort",
+        folder,
+        "--out",
+        tmp_path / "emb",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        str(workers),
+    )
     assert code == 2 and "\n" not in output.strip(), output
     assert str(gone) in output and f"marrowlens cohort check {folder} --fix" in output

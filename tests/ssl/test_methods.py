@@ -20,9 +20,19 @@ from tests.ssl.conftest import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # steps run without a Trainer
 
-SMALL_HEADS = ["simclr.hidden_dim=32", "simclr.out_dim=16", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.out_dim=64",
-               "dino.n_local_views=2", "dino.local_crop_size=16", "byol.hidden_dim=32", "byol.out_dim=16",
-               "vicreg.hidden_dim=32", "vicreg.out_dim=32"]
+SMALL_HEADS = [
+    "simclr.hidden_dim=32",
+    "simclr.out_dim=16",
+    "dino.hidden_dim=32",
+    "dino.bottleneck_dim=16",
+    "dino.out_dim=64",
+    "dino.n_local_views=2",
+    "dino.local_crop_size=16",
+    "byol.hidden_dim=32",
+    "byol.out_dim=16",
+    "vicreg.hidden_dim=32",
+    "vicreg.out_dim=32",
+]
 
 
 def _config(method: str, *extra: str) -> PretrainConfig:
@@ -107,10 +117,26 @@ def test_pretrains_from_the_cli_and_embeds(cli, labelled_cohort: Path, tmp_path:
     from tests.ssl.test_train import CONFIG, _sets
 
     run = tmp_path / "run"
-    code, output = cli("pretrain", "--config", CONFIG, "--cohort", labelled_cohort, "--out", run, "--method", method,
-                       "--backbone", "test_resnet", "--max-epochs", "2", *_sets())
+    code, output = cli(
+        "pretrain",
+        "--config",
+        CONFIG,
+        "--cohort",
+        labelled_cohort,
+        "--out",
+        run,
+        "--method",
+        method,
+        "--backbone",
+        "test_resnet",
+        "--max-epochs",
+        "2",
+        *_sets(),
+    )
     assert code == 0, output
     assert f"{method} with test_resnet" in output and (run / "backbone.safetensors").is_file()
-    code, output = cli("embed", "--model", run, "--cohort", labelled_cohort, "--out", tmp_path / "emb", "--num-workers", "0")
+    code, output = cli(
+        "embed", "--model", run, "--cohort", labelled_cohort, "--out", tmp_path / "emb", "--num-workers", "0"
+    )
     assert code == 0, output
     assert (tmp_path / "emb").is_dir() and any((tmp_path / "emb").iterdir())

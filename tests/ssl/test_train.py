@@ -40,10 +40,26 @@ def _max_difference(a: Path, b: Path) -> float:
 
 class TestPretrainCli:
     @pytest.mark.parametrize("method, backbone", [("simclr", "test_resnet"), ("dino", "test_vit")])
-    def test_writes_a_loadable_backbone(self, cli, labelled_cohort: Path, tmp_path: Path, method: str, backbone: str) -> None:
+    def test_writes_a_loadable_backbone(
+        self, cli, labelled_cohort: Path, tmp_path: Path, method: str, backbone: str
+    ) -> None:
         out = tmp_path / "run"
-        code, output = cli("pretrain", "--config", CONFIG, "--cohort", labelled_cohort, "--out", out,
-                           "--method", method, "--backbone", backbone, "--max-epochs", "1", *_sets())
+        code, output = cli(
+            "pretrain",
+            "--config",
+            CONFIG,
+            "--cohort",
+            labelled_cohort,
+            "--out",
+            out,
+            "--method",
+            method,
+            "--backbone",
+            backbone,
+            "--max-epochs",
+            "1",
+            *_sets(),
+        )
         assert code == 0, output
         assert "backbone.safetensors" in output and "learning rate" in output
         info = json.loads((out / "backbone.json").read_text())
@@ -61,20 +77,51 @@ class TestPretrainCli:
         assert resolved.model.backbone == backbone and resolved.trainer.max_epochs == 1
 
     def test_lr_scales_with_the_global_batch(self, cli, labelled_cohort: Path, tmp_path: Path) -> None:
-        code, output = cli("pretrain", "--config", CONFIG, "--cohort", labelled_cohort, "--out", tmp_path / "r",
-                           "--backbone", "test_resnet", "--max-epochs", "1", *_sets("optim.base_lr=0.4", "trainer.accumulate_grad_batches=2"))
+        code, output = cli(
+            "pretrain",
+            "--config",
+            CONFIG,
+            "--cohort",
+            labelled_cohort,
+            "--out",
+            tmp_path / "r",
+            "--backbone",
+            "test_resnet",
+            "--max-epochs",
+            "1",
+            *_sets("optim.base_lr=0.4", "trainer.accumulate_grad_batches=2"),
+        )
         assert code == 0, output
         assert "learning rate 0.025 for a global batch of 16" in output  # 0.4 * 8 * 2 / 256
 
     def test_loss_goes_down(self, labelled_cohort: Path, tmp_path: Path) -> None:
-        config = load_config(PretrainConfig, CONFIG, [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=8", "optim.base_lr=1.0", "data.val_cells=0"])
+        config = load_config(
+            PretrainConfig,
+            CONFIG,
+            [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=8", "optim.base_lr=1.0", "data.val_cells=0"],
+        )
         train.pretrain(config, labelled_cohort, tmp_path / "r")
-        losses = pd.read_csv(next((tmp_path / "r" / "logs").glob("version_*/metrics.csv")))["train_loss_epoch"].dropna().to_numpy()
+        losses = (
+            pd.read_csv(next((tmp_path / "r" / "logs").glob("version_*/metrics.csv")))["train_loss_epoch"]
+            .dropna()
+            .to_numpy()
+        )
         assert len(losses) == 8
         assert losses[-2:].mean() < losses[:2].mean() - 0.05
 
     def test_refusals(self, cli, labelled_cohort: Path, tmp_path: Path) -> None:
-        base = ("pretrain", "--config", CONFIG, "--cohort", labelled_cohort, "--backbone", "test_resnet", "--max-epochs", "1", *_sets())
+        base = (
+            "pretrain",
+            "--config",
+            CONFIG,
+            "--cohort",
+            labelled_cohort,
+            "--backbone",
+            "test_resnet",
+            "--max-epochs",
+            "1",
+            *_sets(),
+        )
         code, output = cli(*base, "--out", tmp_path / "none", "--resume")
         assert code == 2 and "nothing to resume" in output
         (tmp_path / "busy").mkdir()
@@ -91,8 +138,14 @@ class TestPretrainCli:
 
 
 @pytest.mark.parametrize("method, backbone", [("simclr", "test_resnet"), ("dino", "test_vit")])
-def test_resume_after_ctrl_c_matches_an_uninterrupted_run(labelled_cohort: Path, tmp_path: Path, monkeypatch, method: str, backbone: str) -> None:
-    config = load_config(PretrainConfig, CONFIG, [*TINY, f"model.method={method}", f"model.backbone={backbone}", "trainer.max_epochs=3", "data.num_workers=1"])
+def test_resume_after_ctrl_c_matches_an_uninterrupted_run(
+    labelled_cohort: Path, tmp_path: Path, monkeypatch, method: str, backbone: str
+) -> None:
+    config = load_config(
+        PretrainConfig,
+        CONFIG,
+        [*TINY, f"model.method={method}", f"model.backbone={backbone}", "trainer.max_epochs=3", "data.num_workers=1"],
+    )
     train.pretrain(config, labelled_cohort, tmp_path / "whole")
     build = train.build_trainer
 
@@ -120,12 +173,26 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(labelled_cohort: Path,
 @pytest.mark.slow
 def test_kill_and_resume_from_the_cli(labelled_cohort: Path, tmp_path: Path) -> None:
     """SIGKILL mid-run (no clean-up at all), then --resume: same weights as a run never killed."""
-    args = ["pretrain", "--config", CONFIG, "--cohort", labelled_cohort, "--backbone", "test_resnet", "--max-epochs", "6",
-            *_sets("trainer.limit_train_batches=4", "data.val_cells=0")]
+    args = [
+        "pretrain",
+        "--config",
+        CONFIG,
+        "--cohort",
+        labelled_cohort,
+        "--backbone",
+        "test_resnet",
+        "--max-epochs",
+        "6",
+        *_sets("trainer.limit_train_batches=4", "data.val_cells=0"),
+    ]
     assert run_cli_subprocess(*args, "--out", tmp_path / "whole").returncode == 0
     env = {"PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "marrowlens", *map(str, args), "--out", str(tmp_path / "cut")],
-                               env={**__import__("os").environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "marrowlens", *map(str, args), "--out", str(tmp_path / "cut")],
+        env={**__import__("os").environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists() and time.time() < deadline:
@@ -140,8 +207,24 @@ def test_kill_and_resume_from_the_cli(labelled_cohort: Path, tmp_path: Path) -> 
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu(labelled_cohort: Path, tmp_path: Path) -> None:
     """The multi-GPU path (DDP, gathered negatives) on two CPU processes with gloo."""
-    result = run_cli_subprocess("pretrain", "--config", CONFIG, "--cohort", labelled_cohort, "--out", tmp_path / "ddp",
-                                "--backbone", "test_resnet", "--devices", "2", "--strategy", "ddp", "--max-epochs", "2", *_sets("data.batch_size=4"))
+    result = run_cli_subprocess(
+        "pretrain",
+        "--config",
+        CONFIG,
+        "--cohort",
+        labelled_cohort,
+        "--out",
+        tmp_path / "ddp",
+        "--backbone",
+        "test_resnet",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        "--max-epochs",
+        "2",
+        *_sets("data.batch_size=4"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((tmp_path / "ddp" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["global_batch"] == 8
@@ -156,8 +239,16 @@ def test_shipped_configs_run_on_cpu_with_small_settings(labelled_cohort: Path, t
     config = load_config(
         PretrainConfig,
         REPO_ROOT / "configs" / "pretrain" / f"{name}.yaml",
-        [*TINY, f"model.backbone={tiny_backbone}", "trainer.accelerator=cpu", "trainer.max_epochs=1",
-         "trainer.precision=bf16-mixed", "dino.out_dim=256", "dino.local_crop_size=16", "data.val_cells=0"],
+        [
+            *TINY,
+            f"model.backbone={tiny_backbone}",
+            "trainer.accelerator=cpu",
+            "trainer.max_epochs=1",
+            "trainer.precision=bf16-mixed",
+            "dino.out_dim=256",
+            "dino.local_crop_size=16",
+            "data.val_cells=0",
+        ],
     )
     result = train.pretrain(config, labelled_cohort, tmp_path / name)
     assert torch.isfinite(torch.tensor(result.metrics["train_loss_epoch"]))
@@ -168,10 +259,14 @@ def test_resume_may_change_only_resumable_settings_and_says_what_a_new_max_epoch
     saved = load_config(PretrainConfig, CONFIG, ["trainer.max_epochs=40"])
     dump_config(saved, tmp_path / train.CONFIG_FILE)
     with pytest.raises(MarrowLensError, match="optim.base_lr"):
-        train.resolve_config(load_config(PretrainConfig, CONFIG, ["trainer.max_epochs=40", "optim.base_lr=0.5"]), tmp_path, resume=True)
+        train.resolve_config(
+            load_config(PretrainConfig, CONFIG, ["trainer.max_epochs=40", "optim.base_lr=0.5"]), tmp_path, resume=True
+        )
     same = train.resolve_config(load_config(PretrainConfig, CONFIG, ["trainer.max_epochs=40"]), tmp_path, resume=True)
     assert same.trainer.max_epochs == 40 and "schedule" not in capsys.readouterr().out
-    shorter = train.resolve_config(load_config(PretrainConfig, CONFIG, ["trainer.max_epochs=16"]), tmp_path, resume=True)
+    shorter = train.resolve_config(
+        load_config(PretrainConfig, CONFIG, ["trainer.max_epochs=16"]), tmp_path, resume=True
+    )
     assert shorter.trainer.max_epochs == 16
     assert "planned for 40 epochs" in capsys.readouterr().out
 
@@ -207,7 +302,9 @@ def _with_callbacks(monkeypatch, *callbacks: pl.Callback) -> None:
     monkeypatch.setattr(train, "build_trainer", patched)
 
 
-def test_last_checkpoint_is_the_latest_epoch_even_when_the_metric_gets_worse(labelled_cohort: Path, tmp_path: Path, monkeypatch) -> None:
+def test_last_checkpoint_is_the_latest_epoch_even_when_the_metric_gets_worse(
+    labelled_cohort: Path, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.setattr(SSLModule, "on_validation_epoch_end", _worsening_knn)
     config = load_config(PretrainConfig, CONFIG, [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=3"])
     spy = _CheckpointSpy(tmp_path / "r" / "checkpoints")
@@ -218,7 +315,9 @@ def test_last_checkpoint_is_the_latest_epoch_even_when_the_metric_gets_worse(lab
     assert not list((tmp_path / "r" / "checkpoints").glob("*.partial"))
 
 
-def test_resume_after_a_non_improving_epoch_continues_from_it(labelled_cohort: Path, tmp_path: Path, monkeypatch) -> None:
+def test_resume_after_a_non_improving_epoch_continues_from_it(
+    labelled_cohort: Path, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.setattr(SSLModule, "on_validation_epoch_end", _worsening_knn)
     config = load_config(PretrainConfig, CONFIG, [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=3"])
     _with_callbacks(monkeypatch, InterruptAtEpoch(2))  # epoch 1 finished without improving
@@ -236,9 +335,16 @@ def test_resume_after_a_non_improving_epoch_continues_from_it(labelled_cohort: P
     assert _max_difference(tmp_path / "whole", tmp_path / "r") < 1e-5
 
 
-@pytest.mark.parametrize("epoch, hint", [(0, "no epoch had finished.*--overwrite to start over"), (1, "--resume to continue from .*last.ckpt")])
-def test_an_interrupted_pretraining_says_what_continues_it(labelled_cohort: Path, tmp_path: Path, monkeypatch, epoch: int, hint: str) -> None:
-    config = load_config(PretrainConfig, CONFIG, [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=2", "data.val_cells=0"])
+@pytest.mark.parametrize(
+    "epoch, hint",
+    [(0, "no epoch had finished.*--overwrite to start over"), (1, "--resume to continue from .*last.ckpt")],
+)
+def test_an_interrupted_pretraining_says_what_continues_it(
+    labelled_cohort: Path, tmp_path: Path, monkeypatch, epoch: int, hint: str
+) -> None:
+    config = load_config(
+        PretrainConfig, CONFIG, [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=2", "data.val_cells=0"]
+    )
     _with_callbacks(monkeypatch, InterruptAtEpoch(epoch))
     with pytest.raises(Interrupted, match=hint):
         train.pretrain(config, labelled_cohort, tmp_path / "r")
@@ -249,7 +355,16 @@ def test_an_interrupted_pretraining_says_what_continues_it(labelled_cohort: Path
 
 def test_resume_on_another_cohort_is_refused(cli, labelled_cohort: Path, tmp_path: Path) -> None:
     other = make_synthetic_cohort(tmp_path / "other", patients=4, cells_per_patient=8, image_size=32, seed=1)
-    base = ("pretrain", "--config", CONFIG, "--backbone", "test_resnet", "--out", tmp_path / "r", *_sets("data.val_cells=0"))
+    base = (
+        "pretrain",
+        "--config",
+        CONFIG,
+        "--backbone",
+        "test_resnet",
+        "--out",
+        tmp_path / "r",
+        *_sets("data.val_cells=0"),
+    )
     code, output = cli(*base, "--cohort", labelled_cohort, "--max-epochs", "1")
     assert code == 0, output
     started = json.loads((tmp_path / "r" / train.COHORT_FILE).read_text())
@@ -260,15 +375,32 @@ def test_resume_on_another_cohort_is_refused(cli, labelled_cohort: Path, tmp_pat
     assert (tmp_path / "r" / "meta.json").read_text() == meta_before
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("trainer.limit_train_batches=0", "trainer.limit_train_batches"),
-    ("trainer.limit_train_batches=-3", "trainer.limit_train_batches"),
-    ("trainer.devices=0", "trainer.devices"),
-    ("trainer.limit_train_batches=0.1", "trains 0 steps: 32 cells on 1 device.* 4 full batches of 8 .*keeps 0"),
-])
-def test_settings_that_train_no_step_are_one_line_errors(cli, labelled_cohort: Path, tmp_path: Path, setting: str, message: str) -> None:
-    code, output = cli("pretrain", "--config", CONFIG, "--cohort", labelled_cohort, "--out", tmp_path / "r", "--backbone", "test_resnet",
-                       "--max-epochs", "1", *_sets(setting))
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("trainer.limit_train_batches=0", "trainer.limit_train_batches"),
+        ("trainer.limit_train_batches=-3", "trainer.limit_train_batches"),
+        ("trainer.devices=0", "trainer.devices"),
+        ("trainer.limit_train_batches=0.1", "trains 0 steps: 32 cells on 1 device.* 4 full batches of 8 .*keeps 0"),
+    ],
+)
+def test_settings_that_train_no_step_are_one_line_errors(
+    cli, labelled_cohort: Path, tmp_path: Path, setting: str, message: str
+) -> None:
+    code, output = cli(
+        "pretrain",
+        "--config",
+        CONFIG,
+        "--cohort",
+        labelled_cohort,
+        "--out",
+        tmp_path / "r",
+        "--backbone",
+        "test_resnet",
+        "--max-epochs",
+        "1",
+        *_sets(setting),
+    )
     assert code == 2 and re.search(message, output) and "\n" not in output.strip(), output
     assert not (tmp_path / "r" / "backbone.safetensors").exists()
 
@@ -281,17 +413,33 @@ def test_planned_steps_count_full_batches_after_the_limit_and_accumulation() -> 
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_a_deleted_image_is_named_in_one_line(cli, cohort_missing_a_cell: tuple[Path, Path], tmp_path: Path, workers: int) -> None:
+def test_a_deleted_image_is_named_in_one_line(
+    cli, cohort_missing_a_cell: tuple[Path, Path], tmp_path: Path, workers: int
+) -> None:
     folder, gone = cohort_missing_a_cell
-    code, output = cli("pretrain", "--config", CONFIG, "--cohort", folder, "--out", tmp_path / "r", "--backbone", "test_resnet",
-                       "--max-epochs", "1", *_sets(f"data.num_workers={workers}"))
+    code, output = cli(
+        "pretrain",
+        "--config",
+        CONFIG,
+        "--cohort",
+        folder,
+        "--out",
+        tmp_path / "r",
+        "--backbone",
+        "test_resnet",
+        "--max-epochs",
+        "1",
+        *_sets(f"data.num_workers={workers}"),
+    )
     assert code == 2 and "\n" not in output.strip(), output
     assert str(gone) in output and f"marrowlens cohort check {folder} --fix" in output
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 @pytest.mark.parametrize("command", ["pretrain", "embed"])
-def test_a_corrupt_weights_file_is_named_in_one_line(cli, labelled_cohort: Path, tmp_path: Path, command: str, suffix: str) -> None:
+def test_a_corrupt_weights_file_is_named_in_one_line(
+    cli, labelled_cohort: Path, tmp_path: Path, command: str, suffix: str
+) -> None:
     weights = tmp_path / f"garbage{suffix}"
     weights.write_bytes(bytes(range(256)) * 4)
     if command == "pretrain":
@@ -307,7 +455,9 @@ def _ctrl_c(*args, **kwargs):
 
 
 @pytest.mark.parametrize("command", ["pretrain", "embed"])
-def test_ctrl_c_exits_130_through_main(labelled_cohort: Path, tmp_path: Path, monkeypatch, capsys, command: str) -> None:
+def test_ctrl_c_exits_130_through_main(
+    labelled_cohort: Path, tmp_path: Path, monkeypatch, capsys, command: str
+) -> None:
     from marrowlens import cli
     from marrowlens.ssl import embed
     from marrowlens.ssl.simclr import SimCLR
@@ -318,7 +468,9 @@ def test_ctrl_c_exits_130_through_main(labelled_cohort: Path, tmp_path: Path, mo
     else:
         monkeypatch.setattr(embed._Embedder, "predict_step", _ctrl_c)
         args = ["embed", "--model", "test_resnet", "--image-size", "32", "--num-workers", "0"]
-    monkeypatch.setattr(sys, "argv", ["marrowlens", *map(str, args), "--cohort", str(labelled_cohort), "--out", str(tmp_path / "out")])
+    monkeypatch.setattr(
+        sys, "argv", ["marrowlens", *map(str, args), "--cohort", str(labelled_cohort), "--out", str(tmp_path / "out")]
+    )
     with pytest.raises(SystemExit) as exited:
         cli.main()
     assert exited.value.code == 130
@@ -332,7 +484,11 @@ def test_resume_cleans_what_a_killed_run_left_half_written(tmp_path: Path) -> No
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     keep = [out / train.CONFIG_FILE, out / train.LAST_CKPT, out / "checkpoints" / "best-epoch=0.ckpt"]
-    stale = [out / "checkpoints" / "last.ckpt.partial", out / ".meta.json.k2j4h5g1.tmp", out / "checkpoints" / ".last.ckpt.abcd1234.tmp"]
+    stale = [
+        out / "checkpoints" / "last.ckpt.partial",
+        out / ".meta.json.k2j4h5g1.tmp",
+        out / "checkpoints" / ".last.ckpt.abcd1234.tmp",
+    ]
     for path in keep + stale:
         path.write_bytes(b"x")
         os.utime(path, (1_000_000_000, 1_000_000_000))  # written by a run long gone

@@ -48,12 +48,18 @@ class TestStainJitter:
 
 @pytest.mark.parametrize(
     "method, expected",
-    [("simclr", [(3, 32, 32)] * 2), ("dino", [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3), ("byol", [(3, 32, 32)] * 2),
-     ("vicreg", [(3, 32, 32)] * 2)],
+    [
+        ("simclr", [(3, 32, 32)] * 2),
+        ("dino", [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3),
+        ("byol", [(3, 32, 32)] * 2),
+        ("vicreg", [(3, 32, 32)] * 2),
+    ],
 )
 def test_views_per_method(method: str, expected: list[tuple[int, ...]]) -> None:
     config = load_config(
-        PretrainConfig, None, [f"model.method={method}", "model.image_size=32", "dino.local_crop_size=16", "dino.n_local_views=3"]
+        PretrainConfig,
+        None,
+        [f"model.method={method}", "model.image_size=32", "dino.local_crop_size=16", "dino.n_local_views=3"],
     )
     views = METHODS[method].build_views(config, (0.5,) * 3, (0.5,) * 3)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 40, 3), dtype=np.uint8))

@@ -33,9 +33,10 @@ from __future__ import annotations
 import functools
 import io
 import time
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal, Sequence
+from typing import Any, Literal
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -242,10 +243,13 @@ def create_app(
     def docs() -> HTMLResponse:
         """The interactive API docs, working offline."""
         return get_swagger_ui_html(
-            openapi_url=app.openapi_url, title=f"{app.title} - API docs",
-            swagger_js_url="/docs-assets/swagger-ui-bundle.js", swagger_css_url="/docs-assets/swagger-ui.css",
+            openapi_url=app.openapi_url,
+            title=f"{app.title} - API docs",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
             swagger_favicon_url="/docs-assets/favicon-32x32.png",
         )
+
     templates = Jinja2Templates(directory=HERE / "templates")
 
     @app.exception_handler(UnknownCellError)
@@ -261,7 +265,9 @@ def create_app(
 
     def cell_model(searcher: Searcher, row: int) -> Cell:
         record = cell_record(searcher.index.cells, row)
-        return Cell(**{k: v for k, v in record.items() if k in Cell.model_fields}, thumbnail=thumb_url(record["cell_id"]))
+        return Cell(
+            **{k: v for k, v in record.items() if k in Cell.model_fields}, thumbnail=thumb_url(record["cell_id"])
+        )
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(request: Request) -> HTMLResponse:
@@ -308,12 +314,16 @@ def create_app(
                 raise HTTPException(400, f"the upload is not a usable image: {exc}") from None
             table = searcher.search_images([decoded], k, filters)[0]
             itself = searcher.exact_row(table.attrs["query_cell"]) if "query_cell" in table.attrs else None
-            query = Query(kind="upload", filename=image.filename, cell=None if itself is None else cell_model(searcher, itself))
+            query = Query(
+                kind="upload", filename=image.filename, cell=None if itself is None else cell_model(searcher, itself)
+            )
         else:
             row = searcher.row_of(cell_id)
             table = searcher.search_cells([row], k, filters)[0]
             query = Query(kind="cell", cell=cell_model(searcher, row))
-        neighbours = [Neighbour(**record, thumbnail=thumb_url(record["cell_id"])) for record in neighbour_records(table)]
+        neighbours = [
+            Neighbour(**record, thumbnail=thumb_url(record["cell_id"])) for record in neighbour_records(table)
+        ]
         return SearchResult(
             query=query,
             k=k,
@@ -342,7 +352,9 @@ def create_app(
         if row is None:
             raise HTTPException(404, "no indexed cell has this id")
         return Response(
-            request.app.state.thumbs.render(row), media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"}
+            request.app.state.thumbs.render(row),
+            media_type="image/jpeg",
+            headers={"Cache-Control": "public, max-age=86400"},
         )
 
     return app
