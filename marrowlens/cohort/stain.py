@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 from skimage.color import lab2rgb, rgb2lab
 
@@ -23,17 +25,17 @@ class ReinhardTarget:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"method": "reinhard", **asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> ReinhardTarget | None:
+    def from_dict(cls, data: dict[str, Any] | None) -> ReinhardTarget | None:
         if not data or data.get("method") != "reinhard":
             return None
         return cls(tuple(data["mean"]), tuple(data["std"]))
 
 
-def _lab_stats(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+def _lab_stats(image: Image.Image) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     lab = rgb2lab(np.asarray(image, dtype=np.float64) / 255.0).reshape(-1, 3)
     return lab.mean(axis=0), lab.std(axis=0) + 1e-6
 
