@@ -31,7 +31,7 @@ GRIDS = {
 
 def main() -> None:
     from marrowlens.embeddings import load_embeddings
-    from marrowlens.probes.run import cross_validation_report, probe_config
+    from marrowlens.probes.commands import cross_validation_report, probe_config
     from marrowlens.probes.tasks import make_task
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,7 +88,7 @@ def sklearn_reference(task, config) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from marrowlens.probes.run import cv_folds
+    from marrowlens.probes.commands import cv_folds
 
     X, y, groups = np.asarray(task.emb.vectors[task.rows]), task.y, task.groups
     proba, chosen = np.zeros(len(y)), Counter()
