@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
 import numpy as np
 import pandas as pd
@@ -36,7 +36,7 @@ from marrowlens.probes.evaluate import (
 )
 from marrowlens.probes.folder import PROBE_FILE, load_probe, save_probe
 from marrowlens.probes.heads import head_for
-from marrowlens.probes.noise import NoiseSpec
+from marrowlens.probes.noise import NoiseKind, NoiseSpec
 from marrowlens.probes.report import (
     headline,
     reliability_bins,
@@ -46,7 +46,7 @@ from marrowlens.probes.report import (
     write_report,
     write_sweep_plot,
 )
-from marrowlens.probes.tasks import Probe, Task, make_task
+from marrowlens.probes.tasks import MutationTask, Probe, Task, make_task
 
 PREDICT_BLOCK = 65536
 
@@ -88,7 +88,7 @@ def cv_folds(task: Task, config: ProbeConfig) -> list[tuple[int, np.ndarray, np.
 
 
 def cross_validation_report(
-    task: Task, config: ProbeConfig, folds: list | None = None
+    task: Task, config: ProbeConfig, folds: list[tuple[int, np.ndarray, np.ndarray]] | None = None
 ) -> tuple[dict[str, Any], pd.DataFrame | None]:
     folds = cv_folds(task, config) if folds is None else folds
     pred, info = run_folds(task, folds, desc=f"{task.name} cv")
@@ -106,7 +106,7 @@ def cross_validation_report(
 
 
 def _blast_note(task: Task) -> str | None:
-    if task.name != "mutation":
+    if not isinstance(task, MutationTask):
         return None
     if task.refit_blast:
         return "refitted in every fold on the training patients' blast labels (the store has them)"
@@ -246,7 +246,9 @@ def predict(probe_dir: Path, embeddings: Path, out: Path, overwrite: bool = Fals
         {"cell_id": emb.cells["cell_id"].to_numpy(), "patient_id": emb.cells["patient_id"].to_numpy(), "kept": kept}
     )
     best = np.nan_to_num(proba, nan=-1).argmax(axis=1)
-    cells["predicted"] = np.where(kept, np.asarray(classes, dtype=object)[best], None)
+    predicted = np.asarray(classes, dtype=object)[best]
+    predicted[~kept] = None
+    cells["predicted"] = predicted
     cells["confidence"] = np.where(kept, np.nanmax(np.where(kept[:, None], proba, 0), axis=1), np.nan)
     for i, name in enumerate(classes):
         cells[f"p_{name}"] = proba[:, i]
@@ -278,6 +280,9 @@ def noise_sweep(
     Every loss trains with the torch head (``linear.solver: torch``), CE included: with scikit-learn's
     solver for CE alone, the sweep would compare optimisers as well as losses.
     """
+    if kind not in get_args(NoiseKind):
+        raise MarrowLensError(f"noise kind must be symmetric or bag, not {kind!r}")
+    noise_kind = cast(NoiseKind, kind)
     config = config.model_copy(update={"linear": config.linear.model_copy(update={"solver": "torch"})})
     if not head_for(config).trains_with_loss:
         raise MarrowLensError(
@@ -301,7 +306,7 @@ def noise_sweep(
         task = make_task(loss_config, emb, blast)
         folds = cv_folds(task, loss_config)
         for rate in rates:
-            noise = NoiseSpec(rate, kind, config.seed) if rate > 0 else None
+            noise = NoiseSpec(rate, noise_kind, config.seed) if rate > 0 else None
             pred, _ = run_folds(task, folds, noise, desc=f"{loss} noise {rate:g}")
             summary, _ = _summary(task, pred, loss_config)
             rows.append(_sweep_row(loss, rate, summary))

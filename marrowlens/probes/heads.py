@@ -32,7 +32,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 import faiss
 import numpy as np
@@ -51,6 +51,7 @@ from marrowlens.config import ProbeConfig
 from marrowlens.errors import MarrowLensError
 from marrowlens.probes.losses import per_sample_loss, weighted_mean
 
+ArrayLike: TypeAlias = np.ndarray | Sequence[Any]  # labels and patient groups: arrays or lists
 BLOCK = 65536  # rows per block when streaming a memory map
 MIN_VAL_CELLS = 3  # cells of every class a validation fold must hold to be used for early stopping
 SMALL_BLOCK = 8192  # rows per block for float64 statistics and validation passes (bounded temporaries)
@@ -121,7 +122,7 @@ def _standardise(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, scale
 
 
-def _encode(y: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+def _encode(y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     classes, codes = np.unique(np.asarray(y), return_inverse=True)
     return classes, codes.astype(np.int64)
 
@@ -153,7 +154,7 @@ class Head:
     trains_with_loss: ClassVar[bool] = False  # whether config.loss applies (probe.json, noise-sweep)
     classes_: np.ndarray  # set by fit (or from_saved)
 
-    def fit(self, X: Any, y: Sequence[Any], groups: Sequence[Any] | None = None) -> Head:
+    def fit(self, X: Any, y: ArrayLike, groups: ArrayLike | None = None) -> Head:
         raise NotImplementedError
 
     def predict_proba(self, X: Any) -> np.ndarray:
@@ -202,7 +203,7 @@ C_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # inverse L2 str
 
 
 def _inner_folds(
-    codes: np.ndarray, groups: Sequence[Any] | None, n_splits: int, seed: int
+    codes: np.ndarray, groups: ArrayLike | None, n_splits: int, seed: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Patient-grouped, stratified folds in which both parts hold every class (others are dropped).
 
@@ -266,7 +267,7 @@ class LogisticProbe(Head, ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         self.n_jobs = n_jobs
         self.n_threads = n_threads
 
-    def fit(self, X: Any, y: Sequence[Any], groups: Sequence[Any] | None = None) -> LogisticProbe:
+    def fit(self, X: Any, y: ArrayLike, groups: ArrayLike | None = None) -> LogisticProbe:
         self.classes_, codes = _encode(y)
         if len(self.classes_) < 2:
             raise ValueError("a probe needs at least two classes")
@@ -443,11 +444,11 @@ class LinearProbe(Head, ClassifierMixin, BaseEstimator):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ fitting
 
-    def fit(self, X: Any, y: Sequence[Any], groups: Sequence[Any] | None = None) -> LinearProbe:
+    def fit(self, X: Any, y: ArrayLike, groups: ArrayLike | None = None) -> LinearProbe:
         with torch_threads(self.n_threads):
             return self._fit(X, y, groups)
 
-    def _fit(self, X: Any, y: Sequence[Any], groups: Sequence[Any] | None) -> LinearProbe:
+    def _fit(self, X: Any, y: ArrayLike, groups: ArrayLike | None) -> LinearProbe:
         self.classes_, codes = _encode(y)
         if len(self.classes_) < 2:
             raise ValueError("a probe needs at least two classes")
@@ -483,9 +484,7 @@ class LinearProbe(Head, ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         self.params_ = [p.detach()[0].contiguous() for p in params]
         return self
 
-    def _validation_split(
-        self, codes: np.ndarray, groups: Sequence[Any] | None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+    def _validation_split(self, codes: np.ndarray, groups: ArrayLike | None) -> tuple[np.ndarray, np.ndarray | None]:
         """Hold out whole patients, stratified, for early stopping.
 
         Of the folds whose training part has every class, the one whose held-out patients carry the
@@ -582,7 +581,16 @@ class LinearProbe(Head, ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             raise ValueError(f"sampling must be 'none' or 'balanced', not {self.sampling!r}")
         return torch.randperm(n, generator=generator)
 
-    def _step_epoch(self, params, optimizer, decays, x, y, rows, generator) -> None:
+    def _step_epoch(
+        self,
+        params: list[torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        decays: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        rows: torch.Tensor,
+        generator: torch.Generator,
+    ) -> None:
         order = rows[self._epoch_order(y[rows], generator)]
         batch = self._batch_size(len(order))
         for start in range(0, len(order), batch):
@@ -590,10 +598,18 @@ class LinearProbe(Head, ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             optimizer.zero_grad(set_to_none=True)
             loss = self._batch_loss(self._forward(params, x[index]), y[index])
             penalty = sum(p.pow(2).flatten(1).sum(1) for p in params[::2])  # L2 on weights, not biases
-            (loss + 0.5 * decays * penalty).sum().backward()
+            (loss + 0.5 * decays * penalty).sum().backward()  # type: ignore[no-untyped-call]  # untyped in torch
             optimizer.step()
 
-    def _train(self, x, y, rows, decays: list[float], epochs: int, generator) -> list[torch.Tensor]:
+    def _train(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        rows: torch.Tensor,
+        decays: list[float],
+        epochs: int,
+        generator: torch.Generator,
+    ) -> list[torch.Tensor]:
         params = self._init_params(len(decays), x.shape[1], y[rows], generator)
         optimizer = torch.optim.Adam(params, lr=self.lr)
         decay_t = torch.tensor(decays)
@@ -601,7 +617,15 @@ class LinearProbe(Head, ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             self._step_epoch(params, optimizer, decay_t, x, y, rows, generator)
         return params
 
-    def _search(self, x, y, train, val, decays: list[float], generator):
+    def _search(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        train: torch.Tensor,
+        val: torch.Tensor,
+        decays: list[float],
+        generator: torch.Generator,
+    ) -> tuple[list[torch.Tensor], int, list[float]]:
         """Train the whole grid together; keep each model's best state by validation loss."""
         params = self._init_params(len(decays), x.shape[1], y[train], generator)
         optimizer = torch.optim.Adam(params, lr=self.lr)
@@ -632,7 +656,9 @@ class LinearProbe(Head, ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         best = int(torch.argmin(best_loss))
         return best_params, best, best_loss.tolist()
 
-    def _validation_loss(self, params, x, y, rows) -> torch.Tensor:
+    def _validation_loss(
+        self, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
         total = torch.zeros(params[0].shape[0])
         for start in range(0, len(rows), SMALL_BLOCK):
             index = rows[start : start + SMALL_BLOCK]
@@ -656,7 +682,7 @@ class LinearProbe(Head, ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         return torch.softmax(logits, dim=1).numpy()
 
     def predict(self, X: Any) -> np.ndarray:
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        return np.asarray(self.classes_[np.argmax(self.predict_proba(X), axis=1)])
 
     # ------------------------------------------------------------------ persistence
 
@@ -737,7 +763,7 @@ class KNNProbe(Head, ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         self.class_weight = class_weight
         self.batch_size = batch_size
 
-    def fit(self, X: Any, y: Sequence[Any], groups: Sequence[Any] | None = None) -> KNNProbe:
+    def fit(self, X: Any, y: ArrayLike, groups: ArrayLike | None = None) -> KNNProbe:
         self.classes_, codes = _encode(y)
         if not hasattr(X, "shape"):
             X = np.asarray(X, dtype=np.float32)
@@ -769,7 +795,7 @@ class KNNProbe(Head, ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         return out
 
     def predict(self, X: Any) -> np.ndarray:
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        return np.asarray(self.classes_[np.argmax(self.predict_proba(X), axis=1)])
 
     def fitted_state(self) -> dict[str, Any]:
         return {"n_train": int(self.index_.ntotal)}

@@ -11,13 +11,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from marrowlens.artifacts import atomic_path, write_json_atomic, write_text_atomic
 from marrowlens.config import ProbeConfig
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -57,7 +61,8 @@ def write_report(folder: Path, report: dict[str, Any], patients: pd.DataFrame | 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """Plain JSON rows (pandas turns numpy scalars into Python ones and NaN into null)."""
-    return json.loads(frame.to_json(orient="records", double_precision=6))
+    rows: list[dict[str, Any]] = json.loads(frame.to_json(orient="records", double_precision=6))
+    return rows
 
 
 # ---------------------------------------------------------------- markdown
@@ -336,17 +341,18 @@ def write_plots(folder: Path, report: dict[str, Any], patients: pd.DataFrame | N
     return written
 
 
-def _save(plt, figure, path: Path) -> Path:
+def _save(plt: ModuleType, figure: Figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path
 
 
-def _confusion(plt, cm: dict[str, Any], title: str):
+def _confusion(plt: ModuleType, cm: dict[str, Any], title: str) -> Figure:
     matrix = np.asarray(cm["matrix"], dtype=float)
     labels = cm["labels"]
     size = 2.5 + 0.6 * len(labels)
+    figure: Figure  # pyplot is imported lazily, so mypy sees its calls as untyped
     figure, ax = plt.subplots(figsize=(size, size))
     rows = matrix.sum(axis=1, keepdims=True)
     shown = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
@@ -362,7 +368,8 @@ def _confusion(plt, cm: dict[str, Any], title: str):
     return figure
 
 
-def _reliability(plt, bins: list[dict[str, float]], ece: float | None):
+def _reliability(plt: ModuleType, bins: list[dict[str, float]], ece: float | None) -> Figure:
+    figure: Figure  # pyplot is imported lazily, so mypy sees its calls as untyped
     figure, ax = plt.subplots(figsize=(4, 4))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
     ax.bar(
@@ -381,7 +388,8 @@ def _reliability(plt, bins: list[dict[str, float]], ece: float | None):
     return figure
 
 
-def _patients(plt, table: pd.DataFrame, task: str):
+def _patients(plt: ModuleType, table: pd.DataFrame, task: str) -> Figure:
+    figure: Figure  # pyplot is imported lazily, so mypy sees its calls as untyped
     figure, ax = plt.subplots(figsize=(5, 4))
     if "true_blast_fraction" in table:
         ax.scatter(table["true_blast_fraction"], table["mean_p_blast"], s=18)
