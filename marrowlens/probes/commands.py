@@ -39,6 +39,7 @@ from marrowlens.probes.heads import head_for
 from marrowlens.probes.noise import NoiseKind, NoiseSpec
 from marrowlens.probes.report import (
     headline,
+    predict_headline,
     reliability_bins,
     selection_note,
     sweep_line,
@@ -258,11 +259,8 @@ def predict(probe_dir: Path, embeddings: Path, out: Path, overwrite: bool = Fals
     write_parquet_atomic(out, cells)
     write_parquet_atomic(patients_out, patients)
     undetermined = int((patients["predicted"] == "undetermined").sum())
-    headline = [
-        f"{int(kept.sum())} of {len(kept)} cells kept" if probe.blast is not None else f"{len(kept)} cells predicted",
-        f"{len(patients)} patients, {undetermined} undetermined (no kept cell)",
-    ]
-    return Outcome([out, patients_out], headline)
+    lines = predict_headline(int(kept.sum()), len(kept), probe.blast is not None, len(patients), undetermined)
+    return Outcome([out, patients_out], lines)
 
 
 def noise_sweep(

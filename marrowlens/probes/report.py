@@ -248,6 +248,14 @@ def headline(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def predict_headline(n_kept: int, n_cells: int, filtered: bool, n_patients: int, n_undetermined: int) -> list[str]:
+    """What ``probe predict`` prints: cells kept by the blast filter (if any), and undetermined patients."""
+    return [
+        f"{n_kept} of {n_cells} cells kept" if filtered else f"{n_cells} cells predicted",
+        f"{n_patients} patients, {n_undetermined} undetermined (no kept cell)",
+    ]
+
+
 def selection_note(info: list[dict[str, Any]], config: ProbeConfig) -> str | None:
     """How the linear head's regularisation was chosen, fold by fold, so a reader sees edge picks.
 
