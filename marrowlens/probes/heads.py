@@ -342,6 +342,7 @@ class LogisticProbe(Head, ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             "selection": self.selection_,
             "scores": self.cv_scores_,
             "converged": self.converged_,
+            "iterations": self.n_iter_,
         }
 
     @classmethod

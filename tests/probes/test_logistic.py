@@ -104,12 +104,12 @@ def test_balanced_class_weights_raise_rare_class_recall() -> None:
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [
-        ({}, LogisticProbe),
-        ({"linear": {"solver": "torch"}}, LinearProbe),
-        ({"loss": {"name": "gce"}}, LinearProbe),
-        ({"loss": {"name": "focal"}}, LinearProbe),
-        ({"linear": {"hidden_dim": 64}}, LinearProbe),
-        ({"imbalance": {"sampling": "balanced"}}, LinearProbe),
+        ({"linear": {"solver": "sklearn"}}, LogisticProbe),
+        ({}, LinearProbe),  # a config saved before `solver` existed keeps the torch head it was trained with
+        ({"linear": {"solver": "sklearn"}, "loss": {"name": "gce"}}, LinearProbe),
+        ({"linear": {"solver": "sklearn"}, "loss": {"name": "focal"}}, LinearProbe),
+        ({"linear": {"solver": "sklearn", "hidden_dim": 64}}, LinearProbe),
+        ({"linear": {"solver": "sklearn"}, "imbalance": {"sampling": "balanced"}}, LinearProbe),
         ({"head": "logistic"}, LogisticProbe),
         ({"head": "knn"}, None),
     ],

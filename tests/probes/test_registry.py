@@ -42,7 +42,7 @@ def emb(tmp_path_factory: pytest.TempPathFactory) -> Embeddings:
 
 
 def _fit(emb: Embeddings, head: str):
-    # solver torch: `head: linear` would otherwise train scikit-learn's head, registered as "logistic"
+    # solver torch: the "linear" entry is the torch head (scikit-learn's is registered as "logistic")
     linear = {"solver": "torch", "max_epochs": 5, "patience": 2, "weight_decays": [1e-4]}
     config = ProbeConfig(head=head, linear=linear)
     labels = np.where(emb.cells["is_blast"].to_numpy(dtype=bool), "blast", "non_blast")
