@@ -1,8 +1,8 @@
 """Which L2 strengths the linear probe's early-stopping split picks, and what each grid scores.
 
-The linear head trains every weight decay of ``linear.weight_decays`` at once and keeps the one with
-the best loss on held-out training patients (inside each CV fold, so the choice never sees the
-fold's test patients). Is a pick at the grid's edge a grid that is too narrow? This runs the
+The torch linear head (``linear.solver: torch``) trains every weight decay of ``linear.weight_decays``
+at once and keeps the one with the best loss on held-out training patients (inside each CV fold, so
+the choice never sees the fold's test patients). Is a pick at the grid's edge a grid that is too narrow? This runs the
 blast task's patient-grouped CV once per grid and prints, per grid, the weight decay each fold chose
 and the cell-level balanced accuracy and ROC-AUC; as a reference, scikit-learn's lbfgs
 LogisticRegression (balanced class weights) with C chosen by an inner patient-grouped 3-fold CV
@@ -31,7 +31,7 @@ GRIDS = {
 
 def main() -> None:
     from marrowlens.embeddings import load_embeddings
-    from marrowlens.probes.run import cross_validation_report, probe_config
+    from marrowlens.probes.commands import cross_validation_report, probe_config
     from marrowlens.probes.tasks import make_task
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,7 +47,10 @@ def main() -> None:
     )
     for name, grid in GRIDS.items():
         config = probe_config(
-            args.task, None, {}, [*args.overrides, f"linear.weight_decays={grid}", "eval.bootstrap=200"]
+            args.task,
+            None,
+            {},
+            [*args.overrides, "linear.solver=torch", f"linear.weight_decays={grid}", "eval.bootstrap=200"],
         )
         started = time.perf_counter()
         report, _ = cross_validation_report(make_task(config, emb), config)
@@ -88,7 +91,7 @@ def sklearn_reference(task, config) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from marrowlens.probes.run import cv_folds
+    from marrowlens.probes.commands import cv_folds
 
     X, y, groups = np.asarray(task.emb.vectors[task.rows]), task.y, task.groups
     proba, chosen = np.zeros(len(y)), Counter()

@@ -194,14 +194,14 @@ def speed(args: argparse.Namespace) -> None:
 
 
 def synthetic(args: argparse.Namespace) -> None:
-    from marrowlens.probes import run
+    from marrowlens.probes import commands
 
     out = Path(args.out)
     overrides = list(args.set or [])
-    blast_config = run.probe_config("blast", None, {"eval.cv": args.cv}, overrides)
-    blast = run.fit("blast", Path(args.embeddings), out / "blast", blast_config, overwrite=True)
+    blast_config = commands.probe_config("blast", None, {"eval.cv": args.cv}, overrides)
+    blast = commands.fit("blast", Path(args.embeddings), out / "blast", blast_config, overwrite=True)
     report = json.loads((out / "blast" / "report.json").read_text())
-    sweep_config = run.probe_config(
+    sweep_config = commands.probe_config(
         "mutation", None, {"eval.cv": args.cv, "imbalance.class_weight": "balanced"}, overrides
     )
     rates = [float(x) for x in args.noise.split(",")]
@@ -214,7 +214,7 @@ def synthetic(args: argparse.Namespace) -> None:
     ]
     results = {"blast": {"balanced_accuracy": report["cell"]["balanced_accuracy"], "goal": ">= 0.95"}, "sweeps": {}}
     for kind in args.kinds.split(","):
-        run.noise_sweep(
+        commands.noise_sweep(
             Path(args.embeddings),
             out / f"sweep_{kind}",
             sweep_config,
@@ -261,7 +261,7 @@ WBC = "configs/probes/cell_type.yaml"
 def real(args: argparse.Namespace) -> None:
     from marrowlens.artifacts import read_meta
     from marrowlens.cohort.manifest import IndexOptions, index_cohort
-    from marrowlens.probes import run
+    from marrowlens.probes import commands
     from marrowlens.ssl.embed import embed_cohort
 
     data, out = Path(args.data), Path(args.out)
@@ -298,11 +298,11 @@ def real(args: argparse.Namespace) -> None:
         fingerprint = read_meta(emb, "embeddings")["fingerprint"]
         for task, config_path in (("blast", None), ("cell_type", REPO / WBC)):
             for head in ("knn", "linear"):
-                config = run.probe_config(
+                config = commands.probe_config(
                     task, config_path, {"head": head, "eval.cv": args.cv, "imbalance.class_weight": "balanced"}, []
                 )
                 probe = out / f"probe_{label}_{task}_{head}"
-                run.fit(task, emb, probe, config, overwrite=True)
+                commands.fit(task, emb, probe, config, overwrite=True)
                 cell = json.loads((probe / "report.json").read_text())["cell"]
                 row = {
                     "backbone": f"{label} {arch} @{size}",
@@ -320,11 +320,11 @@ def real(args: argparse.Namespace) -> None:
                 )
                 print(lines[-1], flush=True)
         # the seed paper's setting: PML_RARA vs other_AML per patient, from the cells the linear blast probe keeps
-        config = run.probe_config(
+        config = commands.probe_config(
             "mutation", None, {"loss.name": "gce", "eval.cv": args.cv, "imbalance.class_weight": "balanced"}, []
         )
         probe = out / f"probe_{label}_mutation"
-        run.fit("mutation", emb, probe, config, blast_probe=out / f"probe_{label}_blast_linear", overwrite=True)
+        commands.fit("mutation", emb, probe, config, blast_probe=out / f"probe_{label}_blast_linear", overwrite=True)
         patient = json.loads((probe / "report.json").read_text())["patient"]
         acc, bal = patient["accuracy"], patient["balanced_accuracy"]
         rows.append(

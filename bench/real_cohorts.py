@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from marrowlens.cohort.images import load_rgb, pad_to_square
 from marrowlens.cohort.manifest import IndexOptions, index_cohort, load_cohort
 from marrowlens.embeddings import load_embeddings, write_embeddings
-from marrowlens.probes import run as probes
+from marrowlens.probes import commands as probes
 from marrowlens.ssl.embed import embed_cohort
 
 REPO = Path(__file__).resolve().parents[1]

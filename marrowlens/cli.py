@@ -413,10 +413,9 @@ def _probe_task(task: str) -> str:
 
 
 def _print_outcome(outcome) -> None:
-    for line in outcome.headline:
-        say(line)
-    for path in outcome.written:
-        say(f"wrote {path}")
+    from marrowlens.probes.report import outcome_text
+
+    say(outcome_text(outcome.headline, outcome.written))
 
 
 @probe_app.command("fit")
@@ -438,7 +437,7 @@ def probe_fit(
 
     Example: marrowlens probe fit mutation --embeddings emb/ --blast-probe probes/blast --loss gce --out probes/mutation
     """
-    from marrowlens.probes import run
+    from marrowlens.probes import commands
 
     flags = {
         "head": head,
@@ -447,8 +446,8 @@ def probe_fit(
         "eval.cv": cv,
         "mutation.blast_threshold": blast_threshold,
     }
-    probe_config = run.probe_config(_probe_task(task), config, flags, overrides)
-    _print_outcome(run.fit(task, embeddings, out, probe_config, blast_probe=blast_probe, overwrite=overwrite))
+    probe_config = commands.probe_config(_probe_task(task), config, flags, overrides)
+    _print_outcome(commands.fit(task, embeddings, out, probe_config, blast_probe=blast_probe, overwrite=overwrite))
 
 
 @probe_app.command("eval")
@@ -470,10 +469,12 @@ def probe_eval(
 
     Example: marrowlens probe eval probes/mutation --embeddings emb/ --leave-one-domain-out
     """
-    from marrowlens.probes import run
+    from marrowlens.probes import commands
 
     _print_outcome(
-        run.evaluate(probe, embeddings, out=out, cv=cv, leave_one_domain_out=leave_one_domain_out, bootstrap=bootstrap)
+        commands.evaluate(
+            probe, embeddings, out=out, cv=cv, leave_one_domain_out=leave_one_domain_out, bootstrap=bootstrap
+        )
     )
 
 
@@ -488,9 +489,9 @@ def probe_predict(
 
     Example: marrowlens probe predict probes/mutation --embeddings emb/ --out predictions.parquet
     """
-    from marrowlens.probes import run
+    from marrowlens.probes import commands
 
-    _print_outcome(run.predict(probe, embeddings, out, overwrite=overwrite))
+    _print_outcome(commands.predict(probe, embeddings, out, overwrite=overwrite))
 
 
 @probe_app.command("noise-sweep")
@@ -513,7 +514,7 @@ def probe_noise_sweep(
 
     Example: marrowlens probe noise-sweep --embeddings emb/ --task mutation --noise 0,0.2,0.4 --kind symmetric --out sweeps/mutation
     """
-    from marrowlens.probes import run
+    from marrowlens.probes import commands
 
     if kind not in ("symmetric", "bag"):
         raise MarrowLensError(f"--kind must be symmetric or bag, not {kind!r}")
@@ -522,9 +523,9 @@ def probe_noise_sweep(
     except ValueError:
         raise MarrowLensError(f"--noise {noise!r} must be comma-separated numbers, e.g. 0,0.2,0.4") from None
     loss_names = [x.strip() for x in losses.split(",") if x.strip()]
-    probe_config = run.probe_config(_probe_task(task), config, {"eval.cv": cv, "head": "linear"}, overrides)
+    probe_config = commands.probe_config(_probe_task(task), config, {"eval.cv": cv, "head": "linear"}, overrides)
     _print_outcome(
-        run.noise_sweep(
+        commands.noise_sweep(
             embeddings, out, probe_config, rates, kind, loss_names, blast_probe=blast_probe, overwrite=overwrite
         )
     )

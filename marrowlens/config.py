@@ -302,8 +302,23 @@ class ProbeLossConfig(_Strict):
 
 
 class LinearHeadConfig(_Strict):
-    """Torch head on standardised features; all weight decays train at once, early stopping each."""
+    """The linear head on standardised features: with ``solver: sklearn`` (the shipped configs) scikit-learn's
+    lbfgs logistic regression (C by grouped balanced accuracy) for plain CE, else a torch head (all weight
+    decays at once, early stopping each)."""
 
+    # The shipped probe configs choose sklearn (measured: bench/RESULTS.md "Two solvers for the linear probe");
+    # the model's default stays torch so that a config saved before this key existed (an older probe's
+    # config.yaml) re-evaluates with the head it was trained with.
+    solver: Literal["sklearn", "torch"] = Field(
+        "torch",
+        description="sklearn: lbfgs LogisticRegression for loss ce without hidden layer or balanced sampling "
+        "(torch for the rest); torch: always the torch head",
+    )
+    # Inverse L2 strengths of the sklearn solver, chosen on patient-grouped inner folds by balanced accuracy.
+    c_values: list[float] = Field(
+        [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0], min_length=1, description="C values tried (sklearn)"
+    )
+    inner_folds: int = Field(3, ge=2, description="patient-grouped folds choosing C (sklearn)")
     hidden_dim: int = Field(0, ge=0, description="0: linear; >0: one hidden ReLU layer of this width")
     # The held-out loss picks the top (0.1) on real cells; a grid up to 3 moved the pick inside but cost
     # APL patient AUC (0.856 vs 0.875) and white-cell macro-F1 (0.462 vs 0.489), blasts unchanged:
@@ -322,6 +337,13 @@ class LinearHeadConfig(_Strict):
     def _non_negative(cls, value: list[float]) -> list[float]:
         if any(w < 0 for w in value):
             raise ValueError("weight decays must be >= 0")
+        return value
+
+    @field_validator("c_values")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(c <= 0 for c in value):
+            raise ValueError("C values must be > 0")
         return value
 
 
@@ -375,7 +397,7 @@ class ProbeEvalConfig(_Strict):
 
 # The probe heads offered (``probe fit --head``, probe configs); each is a class registered in
 # ``marrowlens.probes.heads.HEADS`` (a test keeps the two equal).
-HEAD_NAMES = ("linear", "knn")
+HEAD_NAMES = ("linear", "knn", "logistic")
 
 
 class ProbeConfig(_Strict):

@@ -132,7 +132,7 @@ def _how_to_continue(last: Path) -> str:
 
 
 def _probe_stages(config: RunConfig, emb_fingerprint: str, emb_dir: Path, out: Path, study: Study) -> None:
-    from marrowlens.probes import run as probes
+    from marrowlens.probes import commands as probes
 
     keys: dict[str, str] = {}
     for name, stage in config.probes.items():

@@ -283,7 +283,7 @@ def blast_fractions(
         )
         .reset_index()
     )
-    error = np.abs(table["true_blast_fraction"] - table["predicted_blast_fraction"]).to_numpy()
+    error = (table["true_blast_fraction"] - table["predicted_blast_fraction"]).abs().to_numpy()
     boot = None
     if n_boot > 0:
         rng = np.random.default_rng(seed)

@@ -108,7 +108,8 @@ def read_probe_info(folder: Path) -> dict[str, Any]:
     folder = Path(folder)
     read_meta(folder, "probe")
     try:
-        return json.loads((folder / PROBE_FILE).read_text())
+        info: dict[str, Any] = json.loads((folder / PROBE_FILE).read_text())
+        return info
     except (OSError, json.JSONDecodeError) as exc:
         raise MarrowLensError(f"{folder / PROBE_FILE} is unreadable: {exc}") from exc
 

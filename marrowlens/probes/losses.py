@@ -15,12 +15,9 @@ needs. Each function maps logits ``(N, C)`` and integer targets ``(N,)`` to per-
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
-LossName = Literal["ce", "gce", "sce", "focal"]
 LOSSES: tuple[str, ...] = ("ce", "gce", "sce", "focal")
 RCE_LOG_ZERO = -4.0  # Wang et al.'s clamp of log(0) in the reverse cross-entropy
 

@@ -131,7 +131,7 @@ def metrics_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
 def _ece_from_bins(count: np.ndarray, confidence: np.ndarray, correct: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         gap = np.abs(correct - confidence)
-        return gap.sum(axis=1) / count.sum(axis=1)
+        return np.asarray(gap.sum(axis=1) / count.sum(axis=1))
 
 
 def _weighted_auc(weights: np.ndarray, positive: np.ndarray, order: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -144,7 +144,7 @@ def _weighted_auc(weights: np.ndarray, positive: np.ndarray, order: np.ndarray, 
     neg = np.add.reduceat(w * ~positive[order], starts, axis=1)
     below = np.cumsum(neg, axis=1) - neg
     with np.errstate(divide="ignore", invalid="ignore"):
-        return (pos * (below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
+        return np.asarray((pos * (below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1)))
 
 
 def bootstrap_metrics(

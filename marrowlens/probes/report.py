@@ -1,4 +1,5 @@
-"""Reports of a probe: ``report.json`` (everything), ``report.md`` (readable tables), PNG plots.
+"""Reports of a probe: ``report.json`` (everything), ``report.md`` (readable tables), PNG plots, and the
+lines a command prints (returned as strings: only the CLI prints).
 
 Plots use matplotlib's Agg backend (no display needed): cell- and patient-level confusion
 matrices, a reliability diagram (the picture behind the ECE), and per patient the blast fraction
@@ -10,12 +11,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from marrowlens.artifacts import atomic_path, write_json_atomic, write_text_atomic
+from marrowlens.config import ProbeConfig
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -55,7 +61,8 @@ def write_report(folder: Path, report: dict[str, Any], patients: pd.DataFrame | 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """Plain JSON rows (pandas turns numpy scalars into Python ones and NaN into null)."""
-    return json.loads(frame.to_json(orient="records", double_precision=6))
+    rows: list[dict[str, Any]] = json.loads(frame.to_json(orient="records", double_precision=6))
+    return rows
 
 
 # ---------------------------------------------------------------- markdown
@@ -190,6 +197,126 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- what the commands print
+
+
+def outcome_text(headline: list[str], written: list[Path]) -> str:
+    """What a probe command prints: its headline figures, then each file it wrote."""
+    return "\n".join([*headline, *(f"wrote {path}" for path in written)])
+
+
+def headline(report: dict[str, Any]) -> list[str]:
+    """The few lines a command prints about a report: cell and patient figures with their intervals."""
+
+    def show(name: str, entry: Any) -> str:
+        if not isinstance(entry, dict) or entry.get("value") is None:
+            return f"{name} –"
+        ci = entry.get("ci")
+        return f"{name} {entry['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    def measured(block: dict[str, Any], keys: tuple[tuple[str, str], ...]) -> str:
+        """The named metrics, plus ROC-AUC where it could be computed (the APL figure of merit)."""
+        auc = block.get("roc_auc_ovr")
+        extra = (("roc_auc_ovr", "ROC-AUC"),) if isinstance(auc, dict) and auc.get("value") is not None else ()
+        return ", ".join(show(label, block.get(key)) for key, label in keys + extra)
+
+    lines = []
+    cell = report.get("cell")
+    if cell:
+        lines.append(
+            f"cell level ({cell['n']} cells): "
+            + measured(
+                cell, (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"))
+            )
+        )
+    patient = report.get("patient") or {}
+    if "accuracy" in patient:
+        lines.append(
+            f"patient level ({patient['n_determined']} of {patient['n_patients']} determined): "
+            + measured(patient, (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy")))
+        )
+    elif "blast_fraction_mae" in patient:
+        lines.append(
+            f"patient level ({patient['n_patients']} patients): "
+            + show("blast-fraction MAE", patient["blast_fraction_mae"])
+        )
+    for row in report.get("leave_one_domain_out") or []:
+        lines.append(
+            f"held-out domain {row['held_out_domain']}: accuracy {row.get('accuracy', float('nan')):.3f}, "
+            f"macro-F1 {row.get('macro_f1', float('nan')):.3f}"
+        )
+    return lines
+
+
+def predict_headline(n_kept: int, n_cells: int, filtered: bool, n_patients: int, n_undetermined: int) -> list[str]:
+    """What ``probe predict`` prints: cells kept by the blast filter (if any), and undetermined patients."""
+    return [
+        f"{n_kept} of {n_cells} cells kept" if filtered else f"{n_cells} cells predicted",
+        f"{n_patients} patients, {n_undetermined} undetermined (no kept cell)",
+    ]
+
+
+def selection_note(info: list[dict[str, Any]], config: ProbeConfig) -> str | None:
+    """How the linear head's regularisation was chosen, fold by fold, so a reader sees edge picks.
+
+    scikit-learn's head records its C and the score that chose it; the torch head its weight decay,
+    chosen by held-out loss. Probes without a choice (k-NN) have no note.
+    """
+    heads = [fold.get("head", {}) for fold in info]
+    picks = [head["C"] for head in heads if "C" in head]
+    if picks:
+        grid = sorted(config.linear.c_values)
+        edges = sum(c in (grid[0], grid[-1]) for c in picks)
+        how = next((head["selection"] for head in heads if "selection" in head), "")
+        return (
+            f"C (inverse L2) chosen inside each training fold by {how}: {', '.join(f'{c:g}' for c in picks)} "
+            f"(grid {', '.join(f'{c:g}' for c in grid)}; {edges} of {len(picks)} folds chose an end of the grid)"
+        )
+    decays = [head["weight_decay"] for head in heads if "weight_decay" in head]
+    if not decays:
+        return None
+    top = max(config.linear.weight_decays)
+    return (
+        f"weight decay chosen inside each training fold by loss on held-out training patients: "
+        f"{', '.join(f'{w:g}' for w in decays)} (grid {', '.join(f'{w:g}' for w in config.linear.weight_decays)}; "
+        f"{decays.count(top)} of {len(decays)} folds chose its largest value)"
+    )
+
+
+def sweep_line(row: dict[str, Any]) -> str:
+    """One row of a noise sweep, as the command prints it."""
+    text = f"{row['loss']:>5} noise {row['noise']:.2f}: cell balanced accuracy {row['cell_balanced_accuracy']:.3f}"
+    if row.get("patient_accuracy") is not None:
+        text += f", patient accuracy {row['patient_accuracy']:.3f}"
+    return text
+
+
+def sweep_markdown(result: dict[str, Any]) -> str:
+    """``sweep.md``: every loss at every noise rate, one table."""
+    keys = [
+        "loss",
+        "noise",
+        "cell_accuracy",
+        "cell_balanced_accuracy",
+        "cell_macro_f1",
+        "patient_accuracy",
+        "patient_balanced_accuracy",
+        "undetermined_patients",
+    ]
+    keys = [k for k in keys if any(k in r for r in result["rows"])]
+    lines = [
+        f"# Noise sweep: {result['task']} ({result['kind']} noise in training labels only)",
+        "",
+        (
+            f"{result['folds']}-fold patient-grouped CV, the same folds and the same injected noise for every loss. "
+            f"Blast filter: {result['blast_filter'] or 'n/a'}."
+        ),
+        "",
+    ]
+    lines += _table(keys, [[r.get(k) for k in keys] for r in result["rows"]])
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- plots
 
 
@@ -222,17 +349,18 @@ def write_plots(folder: Path, report: dict[str, Any], patients: pd.DataFrame | N
     return written
 
 
-def _save(plt, figure, path: Path) -> Path:
+def _save(plt: ModuleType, figure: Figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path
 
 
-def _confusion(plt, cm: dict[str, Any], title: str):
+def _confusion(plt: ModuleType, cm: dict[str, Any], title: str) -> Figure:
     matrix = np.asarray(cm["matrix"], dtype=float)
     labels = cm["labels"]
     size = 2.5 + 0.6 * len(labels)
+    figure: Figure  # pyplot is imported lazily, so mypy sees its calls as untyped
     figure, ax = plt.subplots(figsize=(size, size))
     rows = matrix.sum(axis=1, keepdims=True)
     shown = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
@@ -248,7 +376,8 @@ def _confusion(plt, cm: dict[str, Any], title: str):
     return figure
 
 
-def _reliability(plt, bins: list[dict[str, float]], ece: float | None):
+def _reliability(plt: ModuleType, bins: list[dict[str, float]], ece: float | None) -> Figure:
+    figure: Figure  # pyplot is imported lazily, so mypy sees its calls as untyped
     figure, ax = plt.subplots(figsize=(4, 4))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
     ax.bar(
@@ -267,7 +396,8 @@ def _reliability(plt, bins: list[dict[str, float]], ece: float | None):
     return figure
 
 
-def _patients(plt, table: pd.DataFrame, task: str):
+def _patients(plt: ModuleType, table: pd.DataFrame, task: str) -> Figure:
+    figure: Figure  # pyplot is imported lazily, so mypy sees its calls as untyped
     figure, ax = plt.subplots(figsize=(5, 4))
     if "true_blast_fraction" in table:
         ax.scatter(table["true_blast_fraction"], table["mean_p_blast"], s=18)
@@ -293,3 +423,27 @@ def _patients(plt, table: pd.DataFrame, task: str):
     ax.set_ylim(0, 1.02)
     ax.set_title(f"{task}: per patient")
     return figure
+
+
+def write_sweep_plot(out: Path, result: dict[str, Any]) -> Path:
+    """``sweep.png``: the patient accuracy (else cell balanced accuracy) of each loss against the noise rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = (
+        "patient_accuracy"
+        if any(r.get("patient_accuracy") is not None for r in result["rows"])
+        else "cell_balanced_accuracy"
+    )
+    figure, ax = plt.subplots(figsize=(5, 4))
+    for loss in result["losses"]:
+        rows = [r for r in result["rows"] if r["loss"] == loss]
+        ax.plot([r["noise"] for r in rows], [r.get(metric) for r in rows], marker="o", label=loss)
+    ax.set_xlabel(f"injected {result['kind']} noise rate")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    ax.set_title(f"{result['task']}: noise sweep")
+    return _save(plt, figure, out / "sweep.png")

@@ -21,7 +21,7 @@ from marrowlens.cohort.manifest import patient_groups
 from marrowlens.config import BlastLabelConfig, ProbeConfig
 from marrowlens.embeddings import Embeddings
 from marrowlens.errors import MarrowLensError
-from marrowlens.probes.heads import Head, RowView, head_class, make_head
+from marrowlens.probes.heads import Head, RowView, head_for, make_head
 from marrowlens.probes.noise import NoiseSpec, inject_noise
 
 BLAST, NON_BLAST = "blast", "non_blast"
@@ -111,8 +111,10 @@ class Probe:
 
 
 def head_spec(config: ProbeConfig) -> tuple[str, dict[str, Any]]:
-    """Head registry name and constructor parameters from a config."""
-    return config.head, head_class(config.head).config_params(config)
+    """Registry name and constructor parameters of the head a config trains (``head: linear`` may resolve
+    to scikit-learn's ``logistic``: :meth:`LinearProbe.resolve`)."""
+    kind = head_for(config)
+    return kind.name, kind.config_params(config)
 
 
 def fit_head(

@@ -10,7 +10,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.metrics import balanced_accuracy_score, recall_score
 from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 
-from marrowlens.probes.heads import KNNProbe, LinearProbe, as_rows
+from marrowlens.probes.heads import KNNProbe, LinearProbe, LogisticProbe, as_rows
 from marrowlens.probes.noise import NoiseSpec, inject_noise
 from marrowlens.probes.tasks import RowView
 from tests.probes.helpers import gaussian_classes, long_servedio
@@ -19,22 +19,22 @@ FAST = {"max_epochs": 40, "patience": 4}
 
 
 def _heads() -> list:
-    return [LinearProbe(**FAST), LinearProbe(hidden_dim=32, **FAST), KNNProbe(k=10)]
+    return [LinearProbe(**FAST), LinearProbe(hidden_dim=32, **FAST), KNNProbe(k=10), LogisticProbe()]
 
 
 class TestScikitLearnContract:
-    @pytest.mark.parametrize("head", _heads(), ids=["linear", "hidden", "knn"])
+    @pytest.mark.parametrize("head", _heads(), ids=["linear", "hidden", "knn", "logistic"])
     def test_clone_and_params(self, head) -> None:
         copy = clone(head)
         assert copy.get_params() == head.get_params()
         assert copy is not head
 
-    @pytest.mark.parametrize("head", _heads(), ids=["linear", "hidden", "knn"])
+    @pytest.mark.parametrize("head", _heads(), ids=["linear", "hidden", "knn", "logistic"])
     def test_unfitted_head_refuses_to_predict(self, head) -> None:
         with pytest.raises(NotFittedError):
             head.predict_proba(np.zeros((2, 4), dtype=np.float32))
 
-    @pytest.mark.parametrize("head", _heads(), ids=["linear", "hidden", "knn"])
+    @pytest.mark.parametrize("head", _heads(), ids=["linear", "hidden", "knn", "logistic"])
     def test_cross_val_predict_with_patient_groups(self, head) -> None:
         rng = np.random.default_rng(0)
         X, y = gaussian_classes(300, 8, rng, n_classes=3)
@@ -47,14 +47,14 @@ class TestScikitLearnContract:
 
 
 class TestLearning:
-    @pytest.mark.parametrize("head", _heads(), ids=["linear", "hidden", "knn"])
+    @pytest.mark.parametrize("head", _heads(), ids=["linear", "hidden", "knn", "logistic"])
     def test_well_above_chance_on_separable_classes(self, head) -> None:
         rng = np.random.default_rng(1)
         X, y = gaussian_classes(600, 16, rng, n_classes=3)
         Xt, yt = gaussian_classes(600, 16, rng, n_classes=3)
         assert (head.fit(X, y).predict(Xt) == yt).mean() > 0.95
 
-    @pytest.mark.parametrize("head", _heads(), ids=["linear", "hidden", "knn"])
+    @pytest.mark.parametrize("head", _heads(), ids=["linear", "hidden", "knn", "logistic"])
     def test_at_chance_on_shuffled_labels(self, head) -> None:
         rng = np.random.default_rng(2)
         X, y = gaussian_classes(800, 16, rng)

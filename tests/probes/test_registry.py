@@ -42,7 +42,9 @@ def emb(tmp_path_factory: pytest.TempPathFactory) -> Embeddings:
 
 
 def _fit(emb: Embeddings, head: str):
-    config = ProbeConfig(head=head, linear={"max_epochs": 5, "patience": 2, "weight_decays": [1e-4]})
+    # solver torch: the "linear" entry is the torch head (scikit-learn's is registered as "logistic")
+    linear = {"solver": "torch", "max_epochs": 5, "patience": 2, "weight_decays": [1e-4]}
+    config = ProbeConfig(head=head, linear=linear)
     labels = np.where(emb.cells["is_blast"].to_numpy(dtype=bool), "blast", "non_blast")
     rows = np.arange(len(labels))
     return fit_head(config, emb.vectors, rows, labels, emb.cells["patient_id"].to_numpy(), ["blast", "non_blast"])
@@ -80,7 +82,7 @@ def test_an_unknown_head_is_a_one_line_error(emb: Embeddings, tmp_path: Path) ->
     save_probe(tmp_path / "p", _fit(emb, "knn"), emb)
     path = tmp_path / "p" / PROBE_FILE
     path.write_text(json.dumps({**json.loads(path.read_text()), "head": "mil"}))
-    with pytest.raises(MarrowLensError, match=r"head 'mil'.*known: linear, knn\)$"):
+    with pytest.raises(MarrowLensError, match=r"head 'mil'.*known: linear, knn, logistic\)$"):
         load_probe(tmp_path / "p", emb)
 
 

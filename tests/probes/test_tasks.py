@@ -164,7 +164,7 @@ def test_no_config_means_the_shipped_config(name: str) -> None:
     """The README's commands name no --config: they must run exactly what configs/probes/TASK.yaml says."""
     from pathlib import Path
 
-    from marrowlens.probes.run import probe_config
+    from marrowlens.probes.commands import probe_config
 
     shipped = Path(__file__).resolve().parents[2] / "configs" / "probes" / f"{name}.yaml"
     assert probe_config(name, None, {}, []) == probe_config(name, shipped, {}, [])
@@ -173,8 +173,12 @@ def test_no_config_means_the_shipped_config(name: str) -> None:
 
 
 def test_shipped_defaults_are_the_measured_ones() -> None:
-    """Balanced class weights (blast: 0.861 vs 0.824 on real cells) and CE for mutations (AUC 0.904 vs 0.833)."""
-    from marrowlens.probes.run import probe_config
+    """Balanced class weights (blast: 0.861 vs 0.824 on real cells), CE for mutations (AUC 0.904 vs 0.833), and
+    scikit-learn's linear probe (DeepAPL APL patient AUC 0.896 vs 0.864, blasts 0.813 vs 0.802 balanced accuracy)."""
+    from marrowlens.probes.commands import probe_config
+
+    for task in ("blast", "mutation", "cell_type"):
+        assert probe_config(task, None, {}, []).linear.solver == "sklearn"
 
     assert probe_config("blast", None, {}, []).imbalance.class_weight == "balanced"
     mutation = probe_config("mutation", None, {}, [])
@@ -184,11 +188,21 @@ def test_shipped_defaults_are_the_measured_ones() -> None:
 
 def test_the_report_says_how_the_weight_decay_was_chosen_and_how_often_the_grid_edge_won() -> None:
     """On real cells the grid's top won most folds, silently; the report must show the picks."""
-    from marrowlens.probes.run import _selection_note
+    from marrowlens.probes.report import selection_note
 
     config = ProbeConfig(task="blast")
     top = max(config.linear.weight_decays)
-    note = _selection_note([{"head": {"weight_decay": w}} for w in (top, top, 0.01, top, 0.001)], config)
+    note = selection_note([{"head": {"weight_decay": w}} for w in (top, top, 0.01, top, 0.001)], config)
     assert note.startswith("weight decay chosen inside each training fold by loss on held-out training patients: ")
     assert note.endswith("3 of 5 folds chose its largest value)")
-    assert _selection_note([{"head": {"k": 20}}], config) is None  # k-NN: nothing was chosen
+    assert selection_note([{"head": {"k": 20}}], config) is None  # k-NN: nothing was chosen
+
+
+def test_the_report_says_which_c_scikit_learns_head_chose_and_by_which_score() -> None:
+    from marrowlens.probes.report import selection_note
+
+    config = ProbeConfig(task="blast")
+    how = "balanced accuracy on 3 patient-grouped inner folds"
+    note = selection_note([{"head": {"C": c, "selection": how}} for c in (0.01, 1.0, 0.003)], config)
+    assert note.startswith(f"C (inverse L2) chosen inside each training fold by {how}: 0.01, 1, 0.003 (grid 0.0001")
+    assert note.endswith("1 of 3 folds chose an end of the grid)")

@@ -1,14 +1,14 @@
 """The ``marrowlens probe`` commands as library functions: fit, eval, predict, noise-sweep.
 
 Each loads its inputs, refuses mismatched ones, does its work and writes atomically; the CLI only
-parses and prints what these return.
+parses and prints what these return (its text comes from :mod:`marrowlens.probes.report`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
 import numpy as np
 import pandas as pd
@@ -35,10 +35,19 @@ from marrowlens.probes.evaluate import (
     summarize,
 )
 from marrowlens.probes.folder import PROBE_FILE, load_probe, save_probe
-from marrowlens.probes.heads import head_class
-from marrowlens.probes.noise import NoiseSpec
-from marrowlens.probes.report import reliability_bins, write_report
-from marrowlens.probes.tasks import Probe, Task, make_task
+from marrowlens.probes.heads import head_for
+from marrowlens.probes.noise import NoiseKind, NoiseSpec
+from marrowlens.probes.report import (
+    headline,
+    predict_headline,
+    reliability_bins,
+    selection_note,
+    sweep_line,
+    sweep_markdown,
+    write_report,
+    write_sweep_plot,
+)
+from marrowlens.probes.tasks import MutationTask, Probe, Task, make_task
 
 PREDICT_BLOCK = 65536
 
@@ -80,14 +89,14 @@ def cv_folds(task: Task, config: ProbeConfig) -> list[tuple[int, np.ndarray, np.
 
 
 def cross_validation_report(
-    task: Task, config: ProbeConfig, folds: list | None = None
+    task: Task, config: ProbeConfig, folds: list[tuple[int, np.ndarray, np.ndarray]] | None = None
 ) -> tuple[dict[str, Any], pd.DataFrame | None]:
     folds = cv_folds(task, config) if folds is None else folds
     pred, info = run_folds(task, folds, desc=f"{task.name} cv")
     report, patients = _summary(task, pred, config)
     report["folds"] = info
     report["evaluation"] = {
-        "hyper_parameters": _selection_note(info, config),
+        "hyper_parameters": selection_note(info, config),
         "kind": "cross-validation",
         "description": f"{config.eval.cv}-fold patient-grouped CV (StratifiedGroupKFold, seed {config.seed})",
         "folds": config.eval.cv,
@@ -97,21 +106,8 @@ def cross_validation_report(
     return report, patients
 
 
-def _selection_note(info: list[dict[str, Any]], config: ProbeConfig) -> str | None:
-    """How the linear head's L2 strength was chosen, fold by fold, so a reader sees edge picks."""
-    decays = [fold["head"]["weight_decay"] for fold in info if "weight_decay" in fold.get("head", {})]
-    if not decays:
-        return None
-    top = max(config.linear.weight_decays)
-    return (
-        f"weight decay chosen inside each training fold by loss on held-out training patients: "
-        f"{', '.join(f'{w:g}' for w in decays)} (grid {', '.join(f'{w:g}' for w in config.linear.weight_decays)}; "
-        f"{decays.count(top)} of {len(decays)} folds chose its largest value)"
-    )
-
-
 def _blast_note(task: Task) -> str | None:
-    if task.name != "mutation":
+    if not isinstance(task, MutationTask):
         return None
     if task.refit_blast:
         return "refitted in every fold on the training patients' blast labels (the store has them)"
@@ -137,8 +133,8 @@ def _header(config: ProbeConfig, task: Task, emb: Embeddings) -> dict[str, Any]:
     return {
         "task": config.task,
         "classes": task.classes,
-        "head": config.head,
-        "loss": config.loss.name if head_class(config.head).trains_with_loss else None,
+        "head": head_for(config).name,
+        "loss": config.loss.name if head_for(config).trains_with_loss else None,
         "embeddings": {
             "folder": str(emb.folder),
             "fingerprint": emb.fingerprint,
@@ -147,46 +143,6 @@ def _header(config: ProbeConfig, task: Task, emb: Embeddings) -> dict[str, Any]:
         "units": task.describe(),
         "config": config.model_dump(mode="json"),
     }
-
-
-def _headline(report: dict[str, Any]) -> list[str]:
-    def show(name: str, entry: Any) -> str:
-        if not isinstance(entry, dict) or entry.get("value") is None:
-            return f"{name} –"
-        ci = entry.get("ci")
-        return f"{name} {entry['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-    def measured(block: dict[str, Any], keys: tuple[tuple[str, str], ...]) -> str:
-        """The named metrics, plus ROC-AUC where it could be computed (the APL figure of merit)."""
-        auc = block.get("roc_auc_ovr")
-        extra = (("roc_auc_ovr", "ROC-AUC"),) if isinstance(auc, dict) and auc.get("value") is not None else ()
-        return ", ".join(show(label, block.get(key)) for key, label in keys + extra)
-
-    lines = []
-    cell = report.get("cell")
-    if cell:
-        lines.append(
-            f"cell level ({cell['n']} cells): "
-            + measured(
-                cell, (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"))
-            )
-        )
-    patient = report.get("patient") or {}
-    if "accuracy" in patient:
-        lines.append(
-            f"patient level ({patient['n_determined']} of {patient['n_patients']} determined): "
-            + measured(patient, (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy")))
-        )
-    elif "blast_fraction_mae" in patient:
-        lines.append(
-            f"patient level ({patient['n_patients']} patients): "
-            + show("blast-fraction MAE", patient["blast_fraction_mae"])
-        )
-    for row in report.get("leave_one_domain_out") or []:
-        lines.append(
-            f"held-out domain {row['held_out_domain']}: accuracy {row.get('accuracy', float('nan')):.3f}, macro-F1 {row.get('macro_f1', float('nan')):.3f}"
-        )
-    return lines
 
 
 # ---------------------------------------------------------------- commands
@@ -218,7 +174,7 @@ def fit(
         report.update(cell=None, patient=None, evaluation={"kind": "none", "description": "skipped (--cv 0)"})
     written = write_report(out, report, patients)
     save_probe(out, final, emb, extra={"cv": report.get("evaluation", {}).get("description")})
-    return Outcome([out / PROBE_FILE, out / "head.safetensors", *written], _headline(report))
+    return Outcome([out / PROBE_FILE, out / "head.safetensors", *written], headline(report))
 
 
 def evaluate(
@@ -262,7 +218,7 @@ def evaluate(
     if out is None:
         out = Path(probe_dir) if same_store else Path(probe_dir) / f"external-{short(emb.fingerprint)}"
     written = write_report(out, report, patients)
-    return Outcome(written, _headline(report))
+    return Outcome(written, headline(report))
 
 
 def _predict_blocks(probe: Probe, emb: Embeddings, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -291,7 +247,9 @@ def predict(probe_dir: Path, embeddings: Path, out: Path, overwrite: bool = Fals
         {"cell_id": emb.cells["cell_id"].to_numpy(), "patient_id": emb.cells["patient_id"].to_numpy(), "kept": kept}
     )
     best = np.nan_to_num(proba, nan=-1).argmax(axis=1)
-    cells["predicted"] = np.where(kept, np.asarray(classes, dtype=object)[best], None)
+    predicted = np.asarray(classes, dtype=object)[best]
+    predicted[~kept] = None
+    cells["predicted"] = predicted
     cells["confidence"] = np.where(kept, np.nanmax(np.where(kept[:, None], proba, 0), axis=1), np.nan)
     for i, name in enumerate(classes):
         cells[f"p_{name}"] = proba[:, i]
@@ -301,11 +259,8 @@ def predict(probe_dir: Path, embeddings: Path, out: Path, overwrite: bool = Fals
     write_parquet_atomic(out, cells)
     write_parquet_atomic(patients_out, patients)
     undetermined = int((patients["predicted"] == "undetermined").sum())
-    headline = [
-        f"{int(kept.sum())} of {len(kept)} cells kept" if probe.blast is not None else f"{len(kept)} cells predicted",
-        f"{len(patients)} patients, {undetermined} undetermined (no kept cell)",
-    ]
-    return Outcome([out, patients_out], headline)
+    lines = predict_headline(int(kept.sum()), len(kept), probe.blast is not None, len(patients), undetermined)
+    return Outcome([out, patients_out], lines)
 
 
 def noise_sweep(
@@ -318,8 +273,16 @@ def noise_sweep(
     blast_probe: Path | None = None,
     overwrite: bool = False,
 ) -> Outcome:
-    """Inject known noise into training labels only; CV every loss at every rate on the same folds."""
-    if not head_class(config.head).trains_with_loss:
+    """Inject known noise into training labels only; CV every loss at every rate on the same folds.
+
+    Every loss trains with the torch head (``linear.solver: torch``), CE included: with scikit-learn's
+    solver for CE alone, the sweep would compare optimisers as well as losses.
+    """
+    if kind not in get_args(NoiseKind):
+        raise MarrowLensError(f"noise kind must be symmetric or bag, not {kind!r}")
+    noise_kind = cast(NoiseKind, kind)
+    config = config.model_copy(update={"linear": config.linear.model_copy(update={"solver": "torch"})})
+    if not head_for(config).trains_with_loss:
         raise MarrowLensError(
             f"noise-sweep compares training losses, so it needs a head trained with one (--head linear), not {config.head}"
         )
@@ -341,7 +304,7 @@ def noise_sweep(
         task = make_task(loss_config, emb, blast)
         folds = cv_folds(task, loss_config)
         for rate in rates:
-            noise = NoiseSpec(rate, kind, config.seed) if rate > 0 else None
+            noise = NoiseSpec(rate, noise_kind, config.seed) if rate > 0 else None
             pred, _ = run_folds(task, folds, noise, desc=f"{loss} noise {rate:g}")
             summary, _ = _summary(task, pred, loss_config)
             rows.append(_sweep_row(loss, rate, summary))
@@ -357,10 +320,10 @@ def noise_sweep(
         "config": config.model_dump(mode="json"),
     }
     write_json_atomic(out / "sweep.json", result)
-    write_text_atomic(out / "sweep.md", _sweep_markdown(result))
-    written = [out / "sweep.json", out / "sweep.md", _sweep_plot(out, result)]
+    write_text_atomic(out / "sweep.md", sweep_markdown(result))
+    written = [out / "sweep.json", out / "sweep.md", write_sweep_plot(out, result)]
     write_meta(out, "noise-sweep", embeddings=result["embeddings"], task=config.task)
-    return Outcome(written, [_sweep_line(r) for r in rows])
+    return Outcome(written, [sweep_line(r) for r in rows])
 
 
 def _seed_blast_probe(config: ProbeConfig, emb: Embeddings) -> Probe:
@@ -404,62 +367,3 @@ def _sweep_row(loss: str, rate: float, summary: dict[str, Any]) -> dict[str, Any
             undetermined_patients=patient["n_undetermined"],
         )
     return row
-
-
-def _sweep_line(row: dict[str, Any]) -> str:
-    text = f"{row['loss']:>5} noise {row['noise']:.2f}: cell balanced accuracy {row['cell_balanced_accuracy']:.3f}"
-    if row.get("patient_accuracy") is not None:
-        text += f", patient accuracy {row['patient_accuracy']:.3f}"
-    return text
-
-
-def _sweep_markdown(result: dict[str, Any]) -> str:
-    from marrowlens.probes.report import _table
-
-    keys = [
-        "loss",
-        "noise",
-        "cell_accuracy",
-        "cell_balanced_accuracy",
-        "cell_macro_f1",
-        "patient_accuracy",
-        "patient_balanced_accuracy",
-        "undetermined_patients",
-    ]
-    keys = [k for k in keys if any(k in r for r in result["rows"])]
-    lines = [
-        f"# Noise sweep: {result['task']} ({result['kind']} noise in training labels only)",
-        "",
-        (
-            f"{result['folds']}-fold patient-grouped CV, the same folds and the same injected noise for every loss. "
-            f"Blast filter: {result['blast_filter'] or 'n/a'}."
-        ),
-        "",
-    ]
-    lines += _table(keys, [[r.get(k) for k in keys] for r in result["rows"]])
-    return "\n".join(lines)
-
-
-def _sweep_plot(out: Path, result: dict[str, Any]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from marrowlens.probes.report import _save
-
-    metric = (
-        "patient_accuracy"
-        if any(r.get("patient_accuracy") is not None for r in result["rows"])
-        else "cell_balanced_accuracy"
-    )
-    figure, ax = plt.subplots(figsize=(5, 4))
-    for loss in result["losses"]:
-        rows = [r for r in result["rows"] if r["loss"] == loss]
-        ax.plot([r["noise"] for r in rows], [r.get(metric) for r in rows], marker="o", label=loss)
-    ax.set_xlabel(f"injected {result['kind']} noise rate")
-    ax.set_ylabel(metric.replace("_", " "))
-    ax.set_ylim(0, 1.02)
-    ax.legend()
-    ax.set_title(f"{result['task']}: noise sweep")
-    return _save(plt, figure, out / "sweep.png")
