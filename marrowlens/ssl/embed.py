@@ -18,29 +18,20 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from marrowlens.artifacts import META_FILE
-from marrowlens.cohort.images import ImageDecodeError, load_rgb, pad_to_square
+from marrowlens.cohort.images import ImageDecodeError, load_rgb
 from marrowlens.cohort.manifest import Cohort, load_cohort
 from marrowlens.cohort.stain import METHODS as STAIN_METHODS
-from marrowlens.cohort.stain import ReinhardNormalize, ReinhardTarget, fit_reinhard
+from marrowlens.cohort.stain import ReinhardTarget, fit_reinhard
 from marrowlens.embeddings import Embeddings, EmbeddingWriter
 from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
 from marrowlens.ssl.backbones import BackboneInfo, load_backbone
-
-
-def preprocess(info: BackboneInfo, stain: ReinhardTarget | None = None) -> T.Compose:
-    """The one eval-time preprocessing: pad to square, resize, (stain-normalise), normalise as in training."""
-    steps = [
-        T.Lambda(pad_to_square),
-        T.Resize((info.image_size, info.image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-    ]
-    if stain is not None:
-        steps.append(ReinhardNormalize(stain))
-    return T.Compose([*steps, T.ToTensor(), T.Normalize(info.mean, info.std)])
+from marrowlens.ssl.preprocessing import Preprocessing, eval_transform, resize_transform
 
 
 def stain_target_of(meta: dict) -> ReinhardTarget | None:
@@ -48,13 +39,13 @@ def stain_target_of(meta: dict) -> ReinhardTarget | None:
     return ReinhardTarget.from_dict(meta.get("preprocessing", {}).get("stain"))
 
 
-def _fit_stain_target(cohort: Cohort, size: int, sample: int = 256, seed: int = 0) -> ReinhardTarget:
-    """Fit on a fixed random sample of the cohort's cells, at the model's input size."""
+def _fit_stain_target(cohort: Cohort, record: Preprocessing, sample: int = 256, seed: int = 0) -> ReinhardTarget:
+    """Fit on a fixed random sample of the cohort's cells, as the backbone will see them (before the stain step)."""
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(cohort.cells), size=min(sample, len(cohort.cells)), replace=False)
-    resize = T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+    resize = resize_transform(record)
     paths = cohort.cells["path"].to_numpy()
-    return fit_reinhard(resize(pad_to_square(load_cell(cohort, paths[r]))) for r in sorted(rows))
+    return fit_reinhard(resize(load_cell(cohort, paths[r])) for r in sorted(rows))
 
 
 def load_cell(cohort: Cohort, relative: str) -> Image.Image:
@@ -123,7 +114,7 @@ def embed_images(
     stain: ReinhardTarget | None = None,
 ) -> np.ndarray:
     """Embed in-memory images (search queries) with the same preprocessing as ``embed``."""
-    transform = preprocess(info, stain)
+    transform = eval_transform(info.preprocessing, stain)
     device = next(model.parameters()).device
     out = []
     with torch.inference_mode():
@@ -167,7 +158,7 @@ def embed_cohort(
         raise MarrowLensError(f"unknown stain normalisation {stain_normalize!r}; known: {', '.join(STAIN_METHODS)}")
     cohort = load_cohort(cohort_dir)
     model, info = load_backbone(model_ref, weights=weights, image_size=image_size)
-    stain = _fit_stain_target(cohort, info.image_size) if stain_normalize == "reinhard" else None
+    stain = _fit_stain_target(cohort, info.preprocessing) if stain_normalize == "reinhard" else None
     key = {
         "model": info.fingerprint,
         "cohort": cohort.meta["fingerprint"],
@@ -181,19 +172,13 @@ def embed_cohort(
         _predict(
             model, info, stain, cohort, pending, out, key, batch_size, devices, accelerator, precision, num_workers
         )
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0:
+    if rank_zero_only.rank != 0:  # Lightning's global rank, set by the Trainer (see ssl.train.is_global_zero)
         return None
     final = EmbeddingWriter(out, len(cohort.cells), info.num_features, key=key, create=False)
     meta = {
         "model": info.to_dict(),
         "cohort": {"folder": str(Path(cohort_dir).resolve()), "fingerprint": cohort.meta["fingerprint"]},
-        "preprocessing": {
-            "pad_to_square": True,
-            "image_size": info.image_size,
-            "mean": info.mean,
-            "std": info.std,
-            "stain": stain.to_dict() if stain else None,
-        },
+        "preprocessing": {**info.preprocessing.to_dict(), "stain": stain.to_dict() if stain else None},
     }
     return final.finish(cohort.cells, meta)
 
@@ -203,7 +188,7 @@ def _predict(
 ) -> None:
     workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
     loader = DataLoader(
-        CohortImages(cohort, pending, preprocess(info, stain)),
+        CohortImages(cohort, pending, eval_transform(info.preprocessing, stain)),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
