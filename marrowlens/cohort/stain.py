@@ -15,8 +15,6 @@ import numpy as np
 from PIL import Image
 from skimage.color import lab2rgb, rgb2lab
 
-METHODS = ("none", "reinhard")
-
 
 @dataclass(frozen=True)
 class ReinhardTarget:

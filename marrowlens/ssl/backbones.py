@@ -83,6 +83,14 @@ def is_vit(name: str) -> bool:
     return any(word in entry.__module__ for word in ("vision_transformer", "deit", "eva", "beit"))
 
 
+def feature_width(model: nn.Module) -> int:
+    """The width of a timm model's pooled features (``num_features``)."""
+    width = model.num_features
+    if not isinstance(width, int):
+        raise MarrowLensError(f"{type(model).__name__} does not say how wide its features are")
+    return width
+
+
 def create_backbone(name: str, image_size: int, weights: Path | None = None) -> nn.Module:
     """A pooled-feature timm model (``num_classes=0``); weights only from a local file."""
     if not timm.models.is_model(name):
@@ -131,7 +139,7 @@ def export_backbone(model: nn.Module, name: str, preprocessing: Preprocessing, f
         save_file(state, str(tmp), metadata={"timm_name": name})
     info = BackboneInfo(
         timm_name=name,
-        num_features=int(model.num_features),
+        num_features=feature_width(model),
         fingerprint="sha256:" + sha256_file(folder / WEIGHTS_FILE),
         source=str(folder.resolve()),
         preprocessing=preprocessing,
@@ -175,5 +183,5 @@ def load_backbone(
     model = create_backbone(name, size, weights)
     fingerprint = "sha256:" + sha256_file(weights) if weights else f"random:{name}:seed{seed}"
     record = Preprocessing.for_backbone(name, size)
-    info = BackboneInfo(name, int(model.num_features), fingerprint, str(weights or "random init"), record)
+    info = BackboneInfo(name, feature_width(model), fingerprint, str(weights or "random init"), record)
     return model.eval(), info

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal, NotRequired, Self, TypedDict
+from typing import Any, NotRequired, Self, TypedDict
 
 import numpy as np
 import pytorch_lightning as pl
@@ -27,10 +27,9 @@ from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
-from marrowlens.config import PretrainConfig
+from marrowlens.config import Optimizer, PretrainConfig
 from marrowlens.ssl.backbones import create_backbone
 
-Optimizer = Literal["lars", "sgd", "adamw"]
 Batch = tuple[list[torch.Tensor], torch.Tensor]
 CheckBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

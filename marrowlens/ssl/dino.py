@@ -7,7 +7,7 @@ for the first epochs (lightly 1.6 semantics, see DESIGN.md pitfalls).
 
 from __future__ import annotations
 
-from typing import Any, Literal, Unpack
+from typing import Any, Unpack
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from lightly.models.utils import deactivate_requires_grad
 from lightly.transforms.multi_view_transform import MultiViewTransform
 from torch import nn
 
-from marrowlens.config import PretrainConfig
+from marrowlens.config import DinoExport, PretrainConfig
 from marrowlens.ssl.base import Batch, SharedArgs
 from marrowlens.ssl.momentum import MomentumMethod
 from marrowlens.ssl.views import multi_crop_views
@@ -40,7 +40,7 @@ class DINO(MomentumMethod):
         momentum_start: float = 0.996,
         momentum_end: float = 1.0,
         freeze_last_layer_epochs: int = 1,
-        export: Literal["teacher", "student"] = "teacher",
+        export: DinoExport = "teacher",
         **shared: Unpack[SharedArgs],
     ) -> None:
         super().__init__(momentum_start=momentum_start, momentum_end=momentum_end, **shared)

@@ -18,7 +18,6 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
@@ -26,15 +25,16 @@ from torchvision import transforms as T
 from marrowlens.artifacts import META_FILE
 from marrowlens.cohort.images import ImageDecodeError, load_rgb
 from marrowlens.cohort.manifest import Cohort, load_cohort
-from marrowlens.cohort.stain import METHODS as STAIN_METHODS
 from marrowlens.cohort.stain import ReinhardTarget, fit_reinhard
+from marrowlens.config import PRECISIONS, STAIN_NORMALIZATIONS, Precision, is_precision
 from marrowlens.embeddings import Embeddings, EmbeddingWriter
 from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
 from marrowlens.ssl.backbones import BackboneInfo, load_backbone
 from marrowlens.ssl.preprocessing import Preprocessing, eval_transform, resize_transform
+from marrowlens.ssl.rank import is_global_zero
 
 
-def stain_target_of(meta: dict) -> ReinhardTarget | None:
+def stain_target_of(meta: dict[str, Any]) -> ReinhardTarget | None:
     """The stain target an embedding store (or an index built from one) was made with."""
     return ReinhardTarget.from_dict(meta.get("preprocessing", {}).get("stain"))
 
@@ -60,7 +60,7 @@ def load_cell(cohort: Cohort, relative: str) -> Image.Image:
         ) from exc
 
 
-class CohortImages(Dataset):
+class CohortImages(Dataset[tuple[torch.Tensor, int]]):
     """Cells of a cohort by row index."""
 
     def __init__(self, cohort: Cohort, rows: np.ndarray, transform: T.Compose) -> None:
@@ -96,10 +96,18 @@ class _StoreWriter(BasePredictionWriter):
         self.writer = EmbeddingWriter(*self.args, create=False)
 
     def write_on_batch_end(
-        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: tuple[np.ndarray, np.ndarray],
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         rows, vectors = prediction
-        self.writer.write(rows, vectors)
+        if self.writer is not None:
+            self.writer.write(rows, vectors)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.writer is not None:
@@ -154,8 +162,11 @@ def embed_cohort(
         _clear_store(out)
     elif overwrite and out.is_dir():
         _clear_store(out)
-    if stain_normalize not in STAIN_METHODS:
-        raise MarrowLensError(f"unknown stain normalisation {stain_normalize!r}; known: {', '.join(STAIN_METHODS)}")
+    if not is_precision(precision):
+        raise MarrowLensError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    if stain_normalize not in STAIN_NORMALIZATIONS:
+        known = ", ".join(STAIN_NORMALIZATIONS)
+        raise MarrowLensError(f"unknown stain normalisation {stain_normalize!r}; known: {known}")
     cohort = load_cohort(cohort_dir)
     model, info = load_backbone(model_ref, weights=weights, image_size=image_size)
     stain = _fit_stain_target(cohort, info.preprocessing) if stain_normalize == "reinhard" else None
@@ -172,7 +183,7 @@ def embed_cohort(
         _predict(
             model, info, stain, cohort, pending, out, key, batch_size, devices, accelerator, precision, num_workers
         )
-    if rank_zero_only.rank != 0:  # Lightning's global rank, set by the Trainer (see ssl.train.is_global_zero)
+    if not is_global_zero():
         return None
     final = EmbeddingWriter(out, len(cohort.cells), info.num_features, key=key, create=False)
     meta = {
@@ -184,7 +195,18 @@ def embed_cohort(
 
 
 def _predict(
-    model, info, stain, cohort, pending, out, key, batch_size, devices, accelerator, precision, num_workers
+    model: nn.Module,
+    info: BackboneInfo,
+    stain: ReinhardTarget | None,
+    cohort: Cohort,
+    pending: np.ndarray,
+    out: Path,
+    key: dict[str, Any],
+    batch_size: int,
+    devices: int | str,
+    accelerator: str,
+    precision: Precision,
+    num_workers: int | None,
 ) -> None:
     workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
     loader = DataLoader(

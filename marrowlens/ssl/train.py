@@ -22,7 +22,6 @@ import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from marrowlens.artifacts import clean_stale_temporaries, require_same_fingerprint, write_json_atomic, write_meta
 from marrowlens.cohort.manifest import load_cohort
@@ -33,6 +32,7 @@ from marrowlens.ssl.base import scaled_lr
 from marrowlens.ssl.data import PretrainData, check_subset
 from marrowlens.ssl.methods import METHODS
 from marrowlens.ssl.preprocessing import Preprocessing, eval_transform
+from marrowlens.ssl.rank import is_global_zero
 
 CONFIG_FILE = "config.yaml"
 COHORT_FILE = "cohort.json"
@@ -83,17 +83,6 @@ class PretrainResult:
     run_dir: Path
     backbone: BackboneInfo
     metrics: dict[str, float]
-
-
-def is_global_zero() -> bool:
-    """True on the one process that prepares the run folder and prints, once a Trainer exists.
-
-    Lightning sets ``rank_zero_only.rank`` at import from RANK, LOCAL_RANK or SLURM_PROCID (right under
-    torchrun and srun), and to the global rank when a Trainer sets its world ranks; only then is it
-    right on the first process of a second node that Lightning launches itself (NODE_RANK=1), so the
-    Trainer is built first.
-    """
-    return int(rank_zero_only.rank) == 0
 
 
 def resolve_config(config: PretrainConfig, out: Path, resume: bool) -> PretrainConfig:
@@ -224,7 +213,7 @@ def pretrain(
     cohort = load_cohort(cohort_dir)
     has_check = check_subset(cohort.cells, config.data.val_cells, config.trainer.seed) is not None
     trainer = build_trainer(config, out, "val_knn_acc" if has_check else None)
-    launching = is_global_zero()
+    launching = is_global_zero()  # right from here on, on every node (see ssl.rank)
     if launching:
         prepare_run_dir(out, resume, overwrite)
     config = resolve_config(config, out, resume)
