@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -21,11 +22,11 @@ class ReinhardTarget:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"method": "reinhard", **asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> ReinhardTarget | None:
+    def from_dict(cls, data: dict[str, Any] | None) -> ReinhardTarget | None:
         if not data or data.get("method") != "reinhard":
             return None
         return cls(tuple(data["mean"]), tuple(data["std"]))
