@@ -1,4 +1,4 @@
-# One command each: `make demo` and `make test` create/refresh the venv, install, then run.
+# One command each: `make demo`, `make test` and `make lint` create/refresh the venv, install, then run.
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all clean-demo browser
+.PHONY: install demo test test-all lint clean-demo browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ test: install browser
 test-all: install browser
 	$(PY) -m pytest -q -m '' $(PYTEST_ARGS)
 
+# ruff (lint + format, 120 columns) and mypy (strict), configured in pyproject.toml; the venv's own
+# versions (the `test` extra), so every machine lints alike.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
 demo: install
 	$(PY) -m marrowlens.demo --out $(DEMO)
 
@@ -34,5 +41,6 @@ clean-demo:
 CHROMIUM ?= /usr/bin/chromium
 browser:
 	@test -x $(CHROMIUM) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+		&& apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
 		|| echo "note: Chromium not installed at $(CHROMIUM); the browser test will be skipped"

@@ -5,7 +5,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 # OpenMP threads that spin while waiting make CPU training up to 100x slower whenever another
 # process (a data-loading worker, a second DDP rank, a neighbour on a shared node) wants the same
-# cores; measured on a 2-core machine: 3.1 s vs 0.04 s per step. Must be set before torch loads.
+# cores; measured on a 2-core machine: 3.1 s vs 0.04 s per step, and 485 vs 56 ms per served
+# resnet18 forward pass (bench/RESULTS.md). It is set here, and only here, because OpenMP (torch's
+# libgomp) reads it once, when the library loads at torch's first import, and every marrowlens
+# module (the CLI's commands included) runs this file before it can import torch. Setting it any
+# later changes nothing; a program that imports torch before marrowlens must set it itself.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:

@@ -398,11 +398,6 @@ def serve(
 
     Example: marrowlens serve --index idx/ --port 8000
     """
-    import os
-
-    # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning made one
-    # resnet18 @ 224 px pass take 485 ms instead of 56 ms (bench/RESULTS.md). Must precede importing torch.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
     from marrowlens.retrieval.search import Searcher

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+import pandas as pd
 import pytest
 import pytorch_lightning as pl
 from PIL import Image
 from typer.testing import CliRunner
 
 from marrowlens.cli import app
+from marrowlens.embeddings import Embeddings, write_embeddings
 
 
 def write_cell(path: Path, seed: int, size: int = 32, mode: str = "RGB", fmt: str | None = None) -> Path:
@@ -25,6 +29,69 @@ def write_cell(path: Path, seed: int, size: int = 32, mode: str = "RGB", fmt: st
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format=fmt)
     return path
+
+
+MUTATIONS = ("NPM1", "control")
+RANDOM_MODEL = "random:test_resnet:seed0"
+
+
+def model_meta(fingerprint: str = RANDOM_MODEL, dim: int = 16) -> dict[str, Any]:
+    """A store's record of its backbone (timm's random-init ``test_resnet`` at 32 px); the code under
+    test compares only the fingerprint and the width."""
+    return {
+        "timm_name": "test_resnet",
+        "image_size": 32,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "num_features": dim,
+        "fingerprint": fingerprint,
+        "source": "random init",
+    }
+
+
+def random_cells(n: int, prefix: str = "c") -> pd.DataFrame:
+    """A cells table with every label column; labels cycle so filters have known answers."""
+    rows = np.arange(n)
+    return pd.DataFrame(
+        {
+            "cell_id": pd.array([f"{prefix}{i:06d}" for i in rows], dtype="string"),
+            "path": pd.array([f"img/{prefix}{i}.png" for i in rows], dtype="string"),
+            "patient_id": pd.array([f"P{i % 5}" for i in rows], dtype="string"),
+            "cell_type": pd.array(["myeloblast" if i % 3 == 0 else "lymphocyte" for i in rows], dtype="string"),
+            "is_blast": pd.array([i % 3 == 0 for i in rows], dtype="boolean"),
+            "mutation": pd.array([MUTATIONS[i % 2] for i in rows], dtype="string"),
+            "domain": pd.array([None] * n, dtype="string"),
+            "split": pd.array([None] * n, dtype="string"),
+            "width": np.full(n, 32, dtype="int32"),
+            "height": np.full(n, 32, dtype="int32"),
+        }
+    )
+
+
+def random_vectors(n: int, dim: int, seed: int = 0) -> npt.NDArray[np.float32]:
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def make_store(
+    folder: Path,
+    n: int = 300,
+    dim: int = 16,
+    seed: int = 0,
+    prefix: str = "c",
+    fingerprint: str = RANDOM_MODEL,
+    vectors: npt.NDArray[np.float32] | None = None,
+    cells: pd.DataFrame | None = None,
+) -> Embeddings:
+    """An embedding store as ``marrowlens embed`` leaves it, written without a backbone.
+
+    ``vectors`` default to ``n`` x ``dim`` random ones (one row per given cell), ``cells`` to
+    :func:`random_cells`; the meta names a model by ``fingerprint``, the one thing stores are matched on.
+    """
+    if vectors is None:
+        vectors = random_vectors(n if cells is None else len(cells), dim, seed)
+    if cells is None:
+        cells = random_cells(len(vectors), prefix)
+    return write_embeddings(folder, vectors, cells, {"model": model_meta(fingerprint, vectors.shape[1])})
 
 
 @pytest.fixture

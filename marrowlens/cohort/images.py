@@ -22,8 +22,10 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from marrowlens.errors import MarrowLensError
@@ -69,16 +71,17 @@ def _check_declared_size(width: int, height: int, pixel_bytes: int = 1) -> None:
         raise ImageDecodeError(f"too large ({width}x{height} px, limit {limit} px; see {MAX_PIXELS_ENV})")
     if width * height * pixel_bytes > limit * _BYTES_PER_PIXEL:
         raise ImageDecodeError(
-            f"too large ({width}x{height} px of {pixel_bytes} bytes, limit {limit} px of {_BYTES_PER_PIXEL}; see {MAX_PIXELS_ENV})"
+            f"too large ({width}x{height} px of {pixel_bytes} bytes, limit {limit} px of {_BYTES_PER_PIXEL}; "
+            f"see {MAX_PIXELS_ENV})"
         )
 
 
-def _row_chunks(array: np.ndarray) -> list[slice]:
+def _row_chunks(array: npt.NDArray[Any]) -> list[slice]:
     rows = max(1, _CHUNK_ELEMENTS // max(1, array[:1].size))
     return [slice(start, start + rows) for start in range(0, len(array), rows)]
 
 
-def _rowwise(array: np.ndarray, convert: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+def _rowwise(array: npt.NDArray[Any], convert: Callable[[npt.NDArray[Any]], npt.NDArray[Any]]) -> npt.NDArray[np.uint8]:
     """``convert`` applied chunk by chunk of rows into a uint8 array: scratch copies stay chunk-sized."""
     out = np.empty(array.shape, dtype=np.uint8)
     for rows in _row_chunks(array):
@@ -86,11 +89,11 @@ def _rowwise(array: np.ndarray, convert: Callable[[np.ndarray], np.ndarray]) -> 
     return out
 
 
-def _finite(chunk: np.ndarray) -> np.ndarray:
+def _finite(chunk: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
     return np.nan_to_num(chunk.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _to_uint8(array: np.ndarray) -> np.ndarray:
+def _to_uint8(array: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
     """Rescale integer data by its bit depth (12-bit in 16-bit containers too), floats by range."""
     if array.dtype == np.uint8:
         return array
@@ -106,7 +109,7 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     return _rowwise(array, lambda chunk: ((chunk.astype(np.int64) - low) * 255 // ((1 << bits) - 1)).clip(0, 255))
 
 
-def _array_to_rgb(array: np.ndarray) -> Image.Image:
+def _array_to_rgb(array: npt.NDArray[Any]) -> Image.Image:
     array = np.squeeze(array)
     if array.size == 0:
         raise ImageDecodeError("truncated or corrupt (no pixel data)")
@@ -175,7 +178,7 @@ def _decode_tiff(data: bytes, pil_error: Exception) -> Image.Image:
         with tifffile.TiffFile(io.BytesIO(data)) as tiff:
             if not tiff.pages:
                 raise ImageDecodeError("truncated or corrupt (no pixel data)")
-            page = tiff.pages[0]
+            page = tiff.pages.first  # a TiffPage (later pages may be TiffFrames, which lack the header fields)
             pixel_bytes = page.samplesperpixel * -(-page.bitspersample // 8)
             _check_declared_size(page.imagewidth, page.imagelength * page.imagedepth, pixel_bytes)
             array = page.asarray()

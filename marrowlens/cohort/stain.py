@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 from skimage.color import lab2rgb, rgb2lab
 
@@ -32,7 +33,7 @@ class ReinhardTarget:
         return cls(tuple(data["mean"]), tuple(data["std"]))
 
 
-def _lab_stats(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+def _lab_stats(image: Image.Image) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     lab = rgb2lab(np.asarray(image, dtype=np.float64) / 255.0).reshape(-1, 3)
     return lab.mean(axis=0), lab.std(axis=0) + 1e-6
 

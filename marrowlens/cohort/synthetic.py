@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from PIL import Image
 from threadpoolctl import threadpool_limits
@@ -138,7 +139,7 @@ def plan_cells(plan: list[Patient], cells_per_patient: int, seed: int = 0) -> pd
 
 def render_cells(
     plan: list[Patient], cells_per_patient: int, image_size: int = 64, seed: int = 0
-) -> tuple[pd.DataFrame, np.ndarray]:
+) -> tuple[pd.DataFrame, npt.NDArray[np.uint8]]:
     """A whole cohort in memory: (ground truth as :func:`plan_cells`, N x S x S x 3 uint8 images).
 
     The same pixels as the PNGs :func:`make_synthetic_cohort` writes; handy for tests and benches.
@@ -151,7 +152,7 @@ def render_cells(
     return plan_cells(plan, cells_per_patient, seed), images
 
 
-def _draw(seed: int, patient: Patient, cell: int, image_size: int) -> np.ndarray:
+def _draw(seed: int, patient: Patient, cell: int, image_size: int) -> npt.NDArray[np.uint8]:
     rng, cell_type = _cell_generator(seed, patient, cell)
     return draw_cell(rng, cell_type, patient.mutation, patient.stain, image_size)
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from PIL import Image
 from torch import nn
@@ -28,13 +29,13 @@ class BatchingEmbedder:
 
     def __init__(self, model: nn.Module, transform: Callable[[Image.Image], torch.Tensor], max_batch: int = 32) -> None:
         self.model, self.transform, self.max_batch = model.eval(), transform, max_batch
-        self._queue: queue.Queue[tuple[torch.Tensor, Future] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[torch.Tensor, Future[npt.NDArray[np.float32]]] | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="marrowlens-embedder", daemon=True)
         self._worker.start()
 
-    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+    def embed(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
         batch = torch.stack([self.transform(image.convert("RGB")) for image in images])
-        future: Future = Future()
+        future: Future[npt.NDArray[np.float32]] = Future()
         self._queue.put((batch, future))
         return future.result()
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import faiss
 import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
@@ -30,7 +31,7 @@ from marrowlens.errors import MarrowLensError
 EXACT_MAX_CELLS = 50_000
 
 # Draws a prepared (float32, normalised for cosine) training sample: (size, seed) -> vectors.
-SampleDrawer = Callable[[int, int], np.ndarray]
+SampleDrawer = Callable[[int, int], npt.NDArray[np.float32]]
 
 
 class _Params(BaseModel):
@@ -66,7 +67,8 @@ class IndexKind:
         self, params: dict[str, Any], n: int, selector: faiss.IDSelector | None, effort: int
     ) -> faiss.SearchParameters:
         """Per-call FAISS parameters at ``effort`` times the usual search effort."""
-        return faiss.SearchParameters(sel=selector)
+        # faiss's stubs declare no-argument constructors; its class wrappers accept every field as a keyword
+        return faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
 
     def exhaustive(self, params: dict[str, Any], n: int, effort: int) -> bool:
         """Whether a search at ``effort`` already visits all ``n`` vectors."""
@@ -100,15 +102,21 @@ class HNSW(IndexKind):
         return f"HNSW{params['hnsw_m']}"
 
     def prepare(self, index: faiss.Index, params: dict[str, Any], draw: SampleDrawer) -> None:
-        faiss.downcast_index(index.index).hnsw.efConstruction = params["ef_construction"]
+        # faiss types the fresh IDMap2 wrapper and what it wraps as the base Index
+        inner = faiss.downcast_index(cast(faiss.IndexIDMap2, index).index)
+        cast(faiss.IndexHNSW, inner).hnsw.efConstruction = params["ef_construction"]
 
     def search_parameters(
         self, params: dict[str, Any], n: int, selector: faiss.IDSelector | None, effort: int
     ) -> faiss.SearchParameters:
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=min(n, params["ef_search"] * effort) or 1)
+        # faiss's stubs (1.15) omit SearchParametersHNSW, which its extension module defines
+        hnsw: faiss.SearchParameters = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
+            sel=selector, efSearch=min(n, params["ef_search"] * effort) or 1
+        )
+        return hnsw
 
     def exhaustive(self, params: dict[str, Any], n: int, effort: int) -> bool:
-        return params["ef_search"] * effort >= n
+        return int(params["ef_search"]) * effort >= n
 
 
 class IVFParams(_Params):
@@ -123,7 +131,7 @@ class IVF(IndexKind):
 
     name = "ivf"
     Params = IVFParams
-    auto_up_to = math.inf
+    auto_up_to: ClassVar[float | None] = math.inf
     effort_param = "nprobe"
 
     def derive(self, params: dict[str, Any], n: int, dim: int) -> dict[str, Any]:
@@ -150,15 +158,16 @@ class IVF(IndexKind):
         with tqdm(total=1, desc=f"training IVF{params['nlist']} on {len(sample)} vectors", disable=None) as bar:
             index.train(sample)
             bar.update()
-        faiss.downcast_index(index.index).make_direct_map()  # reconstruct(row) for query-by-cell
+        faiss.extract_index_ivf(index).make_direct_map()  # reconstruct(row) for query-by-cell
 
     def search_parameters(
         self, params: dict[str, Any], n: int, selector: faiss.IDSelector | None, effort: int
     ) -> faiss.SearchParameters:
-        return faiss.SearchParametersIVF(sel=selector, nprobe=min(params["nlist"], params["nprobe"] * effort))
+        nprobe = min(params["nlist"], params["nprobe"] * effort)
+        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)  # type: ignore[call-arg]  # as in the base class
 
     def exhaustive(self, params: dict[str, Any], n: int, effort: int) -> bool:
-        return params["nprobe"] * effort >= params["nlist"]
+        return int(params["nprobe"]) * effort >= int(params["nlist"])
 
 
 class IVFPQParams(IVFParams):

@@ -15,21 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from marrowlens.embeddings import Embeddings, write_embeddings
+from marrowlens.embeddings import Embeddings
+from tests.conftest import make_store
 
 NON_BLAST_TYPES = ("lymphocyte", "neutrophil", "monocyte")
-
-
-def model_meta(fingerprint: str = "sha256:" + "ab" * 32) -> dict:
-    return {
-        "timm_name": "synthetic",
-        "image_size": 32,
-        "mean": [0.5] * 3,
-        "std": [0.25] * 3,
-        "num_features": 0,
-        "fingerprint": fingerprint,
-        "source": "tests",
-    }
+SYNTHETIC_MODEL = "sha256:" + "ab" * 32
 
 
 def synthetic_cells(
@@ -92,20 +82,17 @@ def synthetic_vectors(cells: pd.DataFrame, dim: int = 16, separation: float = 4.
     return vectors.astype(np.float32)
 
 
-def make_store(
+def synthetic_store(
     folder: Path,
     cells: pd.DataFrame | None = None,
     vectors: np.ndarray | None = None,
-    model_fingerprint: str = "sha256:" + "ab" * 32,
+    fingerprint: str = SYNTHETIC_MODEL,
     **kwargs,
 ) -> Embeddings:
+    """A store of :func:`synthetic_cells` (``kwargs``) and their :func:`synthetic_vectors`, unless given."""
     cells = synthetic_cells(**kwargs) if cells is None else cells
     vectors = synthetic_vectors(cells) if vectors is None else vectors
-    meta = {
-        "model": model_meta(model_fingerprint),
-        "cohort": {"folder": "synthetic", "fingerprint": "sha256:" + "cd" * 32},
-    }
-    return write_embeddings(folder, vectors, cells, meta)
+    return make_store(folder, vectors=vectors, cells=cells, fingerprint=fingerprint)
 
 
 def long_servedio(n: int, rng: np.random.Generator, gamma: float = 0.05) -> tuple[np.ndarray, np.ndarray]:

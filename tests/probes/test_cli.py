@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import run_cli_subprocess
-from tests.probes.helpers import make_store, synthetic_cells, synthetic_vectors
+from tests.probes.helpers import synthetic_cells, synthetic_store, synthetic_vectors
 
 FAST = ["--set", "linear.max_epochs=40", "--set", "linear.patience=4", "--set", "eval.bootstrap=50"]
 SUMMARY = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr", "ece")
@@ -19,7 +19,7 @@ SUMMARY = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr", "ece")
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("probes")
-    make_store(root / "emb", patients_per_class=5, cells_per_patient=20)
+    synthetic_store(root / "emb", patients_per_class=5, cells_per_patient=20)
     return root
 
 
@@ -162,7 +162,7 @@ class TestRoundTrip:
         assert code == 2 and "--overwrite" in text
 
     def test_a_new_cohort_of_the_same_model_is_evaluated_as_is(self, cli, fitted: Path, tmp_path: Path) -> None:
-        make_store(tmp_path / "new", patients_per_class=3, seed=9)
+        synthetic_store(tmp_path / "new", patients_per_class=3, seed=9)
         code, out = cli("probe", "eval", fitted / "mutation", "--embeddings", tmp_path / "new", "--bootstrap", "20")
         assert code == 0, out
         folders = list((fitted / "mutation").glob("external-*"))
@@ -183,7 +183,7 @@ class TestRoundTrip:
             tmp_path / "knn",
         )
         assert code == 0, out
-        make_store(tmp_path / "new", patients_per_class=2, seed=4)
+        synthetic_store(tmp_path / "new", patients_per_class=2, seed=4)
         code, out = cli(
             "probe", "predict", tmp_path / "knn", "--embeddings", tmp_path / "new", "--out", tmp_path / "p.parquet"
         )
@@ -193,8 +193,8 @@ class TestRoundTrip:
         assert (cells["predicted"].to_numpy() == truth).mean() > 0.9
 
     def test_knn_probe_whose_training_store_is_gone(self, cli, tmp_path: Path) -> None:
-        make_store(tmp_path / "train")
-        make_store(tmp_path / "new", seed=3)
+        synthetic_store(tmp_path / "train")
+        synthetic_store(tmp_path / "new", seed=3)
         code, out = cli(
             "probe",
             "fit",
@@ -276,12 +276,12 @@ class TestBadInput:
         cells = synthetic_cells()
         vectors = synthetic_vectors(cells)
         cells["is_blast"] = pd.array([pd.NA] * len(cells), dtype="boolean")
-        make_store(tmp_path / "e", cells=cells, vectors=vectors)
+        synthetic_store(tmp_path / "e", cells=cells, vectors=vectors)
         code, out = cli("probe", "fit", "blast", "--embeddings", tmp_path / "e", "--out", tmp_path / "p")
         assert code == 2 and "no is_blast labels" in out
 
     def test_a_class_with_no_cells_after_the_blast_filter(self, cli, fitted: Path, tmp_path: Path) -> None:
-        make_store(tmp_path / "e", mutations=("NPM1", "CBFB_MYH11"), blast_fraction={"CBFB_MYH11": 0.0})
+        synthetic_store(tmp_path / "e", mutations=("NPM1", "CBFB_MYH11"), blast_fraction={"CBFB_MYH11": 0.0})
         code, out = cli("probe", "fit", "blast", "--embeddings", tmp_path / "e", "--cv", "0", "--out", tmp_path / "b")
         assert code == 0, out
         code, out = cli(
@@ -302,7 +302,7 @@ class TestBadInput:
         assert code == 2 and "15 patient(s) but 50 folds" in out
 
     def test_probe_from_another_model_is_refused_naming_both(self, cli, fitted: Path, tmp_path: Path) -> None:
-        make_store(tmp_path / "other", model_fingerprint="sha256:" + "ef" * 32)
+        synthetic_store(tmp_path / "other", fingerprint="sha256:" + "ef" * 32)
         for args in (
             ("probe", "eval", fitted / "blast", "--embeddings", tmp_path / "other"),
             ("probe", "predict", fitted / "blast", "--embeddings", tmp_path / "other", "--out", tmp_path / "x.parquet"),
@@ -324,7 +324,7 @@ class TestBadInput:
             ), out
 
     def test_nan_vectors(self, cli, tmp_path: Path) -> None:
-        make_store(tmp_path / "e")
+        synthetic_store(tmp_path / "e")
         vectors = np.load(tmp_path / "e" / "vectors.npy", mmap_mode="r+")  # damaged after it was written
         vectors[7, 3] = np.nan
         vectors.flush()

@@ -19,7 +19,7 @@ from marrowlens.probes.evaluate import (
     run_folds,
 )
 from marrowlens.probes.tasks import make_task
-from tests.probes.helpers import make_store
+from tests.probes.helpers import synthetic_store
 
 FAST = {"linear": {"max_epochs": 15, "patience": 3, "weight_decays": [0.0, 0.01]}}
 
@@ -65,7 +65,7 @@ class TestMutationFoldsNeverLeak:
     def test_every_head_and_refitted_blast_filter_trains_on_training_patients_only(
         self, tmp_path_factory, monkeypatch, n_splits, seed
     ) -> None:
-        emb = make_store(tmp_path_factory.mktemp("emb"), patients_per_class=4, cells_per_patient=12, seed=seed)
+        emb = synthetic_store(tmp_path_factory.mktemp("emb"), patients_per_class=4, cells_per_patient=12, seed=seed)
         seen: list[np.ndarray] = []
         real_fit_head = tasks_module.fit_head
 
@@ -88,7 +88,7 @@ class TestMutationFoldsNeverLeak:
                 assert not set(task.groups_all[rows]) & test_patients
 
     def test_a_head_trained_on_test_patients_is_caught(self, tmp_path, monkeypatch) -> None:
-        emb = make_store(tmp_path / "emb", patients_per_class=3, cells_per_patient=8)
+        emb = synthetic_store(tmp_path / "emb", patients_per_class=3, cells_per_patient=8)
         task = make_task(ProbeConfig.model_validate({"task": "blast", **FAST}), emb)
         train, test = grouped_folds(task.y, task.groups, 3)[0]
         honest_fit = task.fit
@@ -99,7 +99,7 @@ class TestMutationFoldsNeverLeak:
 
 class TestDomainFolds:
     def test_one_fold_per_domain_without_shared_patients(self, tmp_path) -> None:
-        emb = make_store(tmp_path / "emb", domains=("a", "b", "c"))
+        emb = synthetic_store(tmp_path / "emb", domains=("a", "b", "c"))
         task = make_task(ProbeConfig.model_validate({"task": "blast", **FAST}), emb)
         folds = domain_folds(task)
         assert [name for name, _, _ in folds] == ["a", "b", "c"]
@@ -108,7 +108,7 @@ class TestDomainFolds:
             assert set(domains[test]) == {name} and name not in set(domains[train])
 
     def test_one_domain_is_an_error(self, tmp_path) -> None:
-        emb = make_store(tmp_path / "emb", domains=("only",))
+        emb = synthetic_store(tmp_path / "emb", domains=("only",))
         task = make_task(ProbeConfig.model_validate({"task": "blast", **FAST}), emb)
         with pytest.raises(MarrowLensError, match="two or more domains"):
             domain_folds(task)

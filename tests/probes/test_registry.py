@@ -18,7 +18,7 @@ from marrowlens.probes import heads as heads_module
 from marrowlens.probes.folder import PROBE_FILE, load_probe, save_probe
 from marrowlens.probes.heads import Head, as_rows, make_head
 from marrowlens.probes.tasks import Probe, fit_head
-from tests.probes.helpers import make_store
+from tests.probes.helpers import synthetic_store
 
 # probe.json as the release before the registry wrote it (keys, and the head's name under "head").
 OLD_PROBE_KEYS = {
@@ -38,7 +38,7 @@ OLD_PROBE_KEYS = {
 
 @pytest.fixture(scope="module")
 def emb(tmp_path_factory: pytest.TempPathFactory) -> Embeddings:
-    return make_store(tmp_path_factory.mktemp("probes") / "emb", patients_per_class=3, cells_per_patient=10)
+    return synthetic_store(tmp_path_factory.mktemp("probes") / "emb", patients_per_class=3, cells_per_patient=10)
 
 
 def _fit(emb: Embeddings, head: str):

@@ -10,7 +10,7 @@ from marrowlens.config import ProbeConfig
 from marrowlens.errors import MarrowLensError
 from marrowlens.probes import tasks as tasks_module
 from marrowlens.probes.tasks import BLAST, NON_BLAST, RowView, blast_labels, make_task
-from tests.probes.helpers import make_store, synthetic_cells
+from tests.probes.helpers import synthetic_cells, synthetic_store
 
 FAST = {"linear": {"max_epochs": 15, "patience": 3, "weight_decays": [0.0, 0.01]}}
 
@@ -21,7 +21,7 @@ def config(task: str, **extra) -> ProbeConfig:
 
 @pytest.fixture
 def emb(tmp_path):
-    return make_store(tmp_path / "emb")
+    return synthetic_store(tmp_path / "emb")
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ class TestLabels:
     def test_missing_label_column_names_it(self, tmp_path, column: str, task: str, blast_probe) -> None:
         cells = synthetic_cells()
         cells[column] = None
-        bare = make_store(
+        bare = synthetic_store(
             tmp_path / "bare",
             cells=cells,
             vectors=np.zeros((len(cells), 16), dtype=np.float32) + np.arange(16, dtype=np.float32),
@@ -73,7 +73,7 @@ class TestLabels:
             make_task(config(task), bare, blast_probe)
 
     def test_cell_type_mapping_drops_unmapped_and_rare_types(self, tmp_path) -> None:
-        store = make_store(tmp_path / "e", cells_per_patient=30)
+        store = synthetic_store(tmp_path / "e", cells_per_patient=30)
         mapped = config(
             "cell_type",
             cell_type={"mapping": {"lymphocyte": "lymph", "neutrophil": "granulocyte", "monocyte": "granulocyte"}},
@@ -117,7 +117,7 @@ class TestMutationTask:
         assert trained == set(np.flatnonzero(expected & is_control))
 
     def test_classes_are_the_data_s(self, tmp_path) -> None:
-        store = make_store(tmp_path / "apl", mutations=("PML_RARA", "other_AML"))
+        store = synthetic_store(tmp_path / "apl", mutations=("PML_RARA", "other_AML"))
         blast = make_task(config("blast"), store).fit(np.arange(len(store)), final=True)
         task = make_task(config("mutation"), store, blast)
         assert task.classes == ["PML_RARA", "other_AML"] and task.control is None
@@ -126,12 +126,12 @@ class TestMutationTask:
         assert proba.shape == (len(store), 2) and np.isnan(proba[~kept]).all()
 
     def test_a_custom_control_name(self, tmp_path) -> None:
-        store = make_store(tmp_path / "e", mutations=("NPM1", "healthy"))
+        store = synthetic_store(tmp_path / "e", mutations=("NPM1", "healthy"))
         blast = make_task(config("blast"), store).fit(np.arange(len(store)), final=True)
         assert make_task(config("mutation", mutation={"control": "healthy"}), store, blast).control == "healthy"
 
     def test_class_with_no_cells_after_the_filter(self, tmp_path) -> None:
-        store = make_store(tmp_path / "e", mutations=("NPM1", "CBFB_MYH11"), blast_fraction={"CBFB_MYH11": 0.0})
+        store = synthetic_store(tmp_path / "e", mutations=("NPM1", "CBFB_MYH11"), blast_fraction={"CBFB_MYH11": 0.0})
         blast = make_task(config("blast"), store).fit(np.arange(len(store)), final=True)
         task = make_task(config("mutation"), store, blast)
         with pytest.raises(MarrowLensError, match="class 'CBFB_MYH11' has no cells after the blast filter"):
@@ -140,7 +140,9 @@ class TestMutationTask:
     def test_refit_only_with_blast_labels(self, tmp_path, blast_probe) -> None:
         cells = synthetic_cells()
         cells["is_blast"] = pd.array([pd.NA] * len(cells), dtype="boolean")
-        unlabelled = make_store(tmp_path / "u", cells=cells, vectors=make_store(tmp_path / "l").vectors.copy())
+        unlabelled = synthetic_store(
+            tmp_path / "u", cells=cells, vectors=synthetic_store(tmp_path / "l").vectors.copy()
+        )
         task = make_task(config("mutation"), unlabelled, blast_probe)
         assert not task.refit_blast
         probe = task.fit(np.arange(len(task.rows)))

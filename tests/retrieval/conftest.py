@@ -1,4 +1,4 @@
-"""Fixtures for retrieval tests: random embedding stores (pure index tests) and one tiny image cohort.
+"""Fixtures for retrieval tests: one tiny image cohort (random stores: ``tests.conftest.make_store``).
 
 The image cohort is embedded once per session with timm's random-init ``test_resnet`` at 32 px,
 the cheapest real backbone, so CLI and web tests exercise the real embed -> index -> search path.
@@ -9,64 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 
-from marrowlens.embeddings import write_embeddings
-from tests.conftest import Cli, write_cell
-
-MUTATIONS = ("NPM1", "control")
-
-
-def model_meta(fingerprint: str = "random:test_resnet:seed0", dim: int = 16) -> dict:
-    return {
-        "timm_name": "test_resnet",
-        "image_size": 32,
-        "mean": [0.5] * 3,
-        "std": [0.5] * 3,
-        "num_features": dim,
-        "fingerprint": fingerprint,
-        "source": "random init",
-    }
-
-
-def random_cells(n: int, prefix: str = "c") -> pd.DataFrame:
-    """A cells table with every label column; labels cycle so filters have known answers."""
-    rows = np.arange(n)
-    return pd.DataFrame(
-        {
-            "cell_id": pd.array([f"{prefix}{i:06d}" for i in rows], dtype="string"),
-            "path": pd.array([f"img/{prefix}{i}.png" for i in rows], dtype="string"),
-            "patient_id": pd.array([f"P{i % 5}" for i in rows], dtype="string"),
-            "cell_type": pd.array(["myeloblast" if i % 3 == 0 else "lymphocyte" for i in rows], dtype="string"),
-            "is_blast": pd.array([i % 3 == 0 for i in rows], dtype="boolean"),
-            "mutation": pd.array([MUTATIONS[i % 2] for i in rows], dtype="string"),
-            "domain": pd.array([None] * n, dtype="string"),
-            "split": pd.array([None] * n, dtype="string"),
-            "width": np.full(n, 32, dtype="int32"),
-            "height": np.full(n, 32, dtype="int32"),
-        }
-    )
-
-
-def random_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
-
-
-def make_store(
-    folder: Path,
-    n: int = 300,
-    dim: int = 16,
-    seed: int = 0,
-    prefix: str = "c",
-    fingerprint: str = "random:test_resnet:seed0",
-    vectors: np.ndarray | None = None,
-):
-    vectors = random_vectors(n, dim, seed) if vectors is None else vectors
-    return write_embeddings(
-        folder, vectors, random_cells(len(vectors), prefix), {"model": model_meta(fingerprint, vectors.shape[1])}
-    )
+from tests.conftest import MUTATIONS, Cli, write_cell
 
 
 @dataclass

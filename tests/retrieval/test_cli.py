@@ -10,7 +10,7 @@ import pytest
 
 from marrowlens.retrieval.index import load_index
 from marrowlens.ssl.backbones import export_backbone, load_backbone
-from tests.conftest import run_cli_subprocess, write_cell
+from tests.conftest import make_store, run_cli_subprocess, write_cell
 from tests.retrieval.conftest import ImageIndex
 
 
@@ -304,8 +304,6 @@ class TestAdd:
 @pytest.fixture
 def run_index_emb(tmp_path: Path) -> Path:
     """A store of the same cells from another backbone (written directly: only its fingerprint matters)."""
-    from tests.retrieval.conftest import make_store
-
     make_store(tmp_path / "other_emb", n=5, dim=96, prefix="z", fingerprint="sha256:" + "cd" * 32)
     return tmp_path / "other_emb"
 

@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from marrowlens.embeddings import write_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.retrieval import index as index_module
 from marrowlens.retrieval.index import (
@@ -23,7 +22,7 @@ from marrowlens.retrieval.index import (
     resolve_params,
 )
 from marrowlens.retrieval.kinds import EXACT_MAX_CELLS, INDEX_KINDS
-from tests.retrieval.conftest import make_store, model_meta, random_cells, random_vectors
+from tests.conftest import make_store, random_cells, random_vectors
 
 # recall@10 against exact search, 2000 isotropic Gaussian vectors in 32-d (the hardest case for
 # approximate search: no cluster structure) with 100 unseen queries, default parameters except
@@ -217,7 +216,7 @@ class TestRefusals:
     def test_duplicate_cell_ids_in_a_store(self, tmp_path: Path) -> None:
         cells = random_cells(10)
         cells.loc[3, "cell_id"] = cells.loc[4, "cell_id"]
-        write_embeddings(tmp_path / "emb", random_vectors(10, 16), cells, {"model": model_meta()})
+        make_store(tmp_path / "emb", cells=cells)
         with pytest.raises(MarrowLensError, match="1 duplicate cell id"):
             build_index(tmp_path / "emb", tmp_path / "idx")
 

@@ -15,7 +15,7 @@ from marrowlens.config import INDEX_KIND_NAMES, IndexStageConfig
 from marrowlens.errors import MarrowLensError
 from marrowlens.retrieval.index import build_index, choose_kind, load_index
 from marrowlens.retrieval.kinds import INDEX_KINDS, IndexKind, SampleDrawer, _Params
-from tests.retrieval.conftest import make_store
+from tests.conftest import make_store
 
 
 @pytest.fixture(scope="module")

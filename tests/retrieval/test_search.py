@@ -24,8 +24,7 @@ from marrowlens.retrieval.search import (
 from marrowlens.ssl.backbones import load_backbone
 from marrowlens.ssl.embed import embed_images
 from marrowlens.ssl.preprocessing import eval_transform
-from tests.conftest import write_cell
-from tests.retrieval.conftest import make_store, random_cells, random_vectors
+from tests.conftest import make_store, random_cells, random_vectors, write_cell
 
 
 def searcher_for(index_dir: Path) -> Searcher:
@@ -152,13 +151,10 @@ class TestCellIds:
 
     @pytest.fixture(scope="class")
     def searcher(self, tmp_path_factory: pytest.TempPathFactory) -> Searcher:
-        from marrowlens.embeddings import write_embeddings
-        from tests.retrieval.conftest import model_meta
-
         base = tmp_path_factory.mktemp("ids")
         cells = random_cells(30)
         cells["cell_id"] = pd.array(self.IDS, dtype="string")
-        write_embeddings(base / "emb", random_vectors(30, 8), cells, {"model": model_meta(dim=8)})
+        make_store(base / "emb", dim=8, cells=cells)
         build_index(base / "emb", base / "idx")
         return searcher_for(base / "idx")
 
