@@ -39,10 +39,11 @@ MEASURE = textwrap.dedent(
         from torch.utils.data import DataLoader
         from marrowlens.cohort.manifest import load_cohort
         from marrowlens.ssl.backbones import load_backbone
-        from marrowlens.ssl.embed import CohortImages, preprocess
+        from marrowlens.ssl.embed import CohortImages
+        from marrowlens.ssl.preprocessing import eval_transform
         loaded = load_cohort(cohort)
         model, info = load_backbone(backbone, image_size=int(size))
-        data = CohortImages(loaded, np.arange(len(loaded.cells)), preprocess(info))
+        data = CohortImages(loaded, np.arange(len(loaded.cells)), eval_transform(info.preprocessing))
         vectors = []
         with torch.inference_mode():
             for images, _ in DataLoader(data, batch_size=int(batch), num_workers=int(workers)):

@@ -30,7 +30,8 @@ from marrowlens.cohort.images import load_rgb
 from marrowlens.cohort.manifest import load_cohort
 from marrowlens.config import PretrainConfig, load_config
 from marrowlens.ssl import train
-from marrowlens.ssl.backbones import create_backbone, default_norm
+from marrowlens.ssl.backbones import create_backbone
+from marrowlens.ssl.preprocessing import default_norm
 from marrowlens.ssl.views import two_global_views
 
 

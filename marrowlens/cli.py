@@ -8,12 +8,31 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from typer.exceptions import TyperException
 
-from marrowlens.config import HEAD_NAMES, INDEX_KIND_NAMES, METHOD_NAMES
+from marrowlens.config import (
+    ACCELERATORS,
+    CLASS_WEIGHTS,
+    HEAD_NAMES,
+    INDEX_KIND_NAMES,
+    LAYOUTS,
+    METHOD_NAMES,
+    METRICS,
+    NOISE_KINDS,
+    PRECISIONS,
+    PROBE_LOSSES,
+    PROBE_TASKS,
+    STAIN_NORMALIZATIONS,
+    STRATEGIES,
+)
 from marrowlens.errors import Interrupted, MarrowLensError
+
+if TYPE_CHECKING:  # the commands import what they need when they run: `--help` stays fast
+    from marrowlens.cohort.manifest import Cohort
+    from marrowlens.probes.commands import Outcome
 
 app = typer.Typer(
     help="MarrowLens: self-supervised representations, probes and retrieval for single-cell AML images.",
@@ -23,6 +42,11 @@ app = typer.Typer(
 )
 cohort_app = typer.Typer(help="Index, check or synthesise a cohort of cell images.", no_args_is_help=True)
 app.add_typer(cohort_app, name="cohort")
+
+
+def _one_of(names: tuple[str, ...]) -> str:
+    """A help text's list of choices, from the one list in config.py."""
+    return " | ".join(names)
 
 
 def say(message: str) -> None:
@@ -40,7 +64,7 @@ def _map_option(text: str | None) -> dict[str, str]:
 def cohort_index(
     roots: list[Path] = typer.Argument(..., help="image folder(s) or CSV file(s); several sources make one cohort"),
     out: Path = typer.Option(..., "--out", help="cohort folder to write"),
-    layout: str = typer.Option("auto", help="auto | mutation_patient | cell_type | deepapl | csv"),
+    layout: str = typer.Option("auto", help=_one_of(LAYOUTS)),
     map_mutation: str | None = typer.Option(None, help="rename mutation labels, e.g. APL=PML_RARA,AML=other_AML"),
     map_cell_type: str | None = typer.Option(None, help="rename cell types, e.g. 'Segmented neutrophils=neutrophil'"),
     blast_classes: str | None = typer.Option(None, help="comma-separated cell types that count as blasts"),
@@ -70,7 +94,7 @@ def cohort_index(
     _print_cohort(cohort)
 
 
-def _print_cohort(cohort) -> None:
+def _print_cohort(cohort: Cohort) -> None:
     meta = cohort.meta
     say(f"wrote {cohort.folder / 'cells.parquet'}: {meta['n_cells']} cells, {meta['n_patients']} patients")
     for name, counts in meta["counts"].items():
@@ -145,11 +169,13 @@ def embed(
     image_size: int | None = typer.Option(None, help="input size for a bare timm name (default 224)"),
     batch_size: int = typer.Option(256, min=1),
     devices: str = typer.Option("1", help="number of devices, or 'auto'"),
-    accelerator: str = typer.Option("auto", help="auto | cpu | gpu"),
-    precision: str = typer.Option("32", help="32 | 16-mixed | bf16-mixed"),
+    accelerator: str = typer.Option("auto", help=_one_of(ACCELERATORS)),
+    precision: str = typer.Option("32", help=_one_of(PRECISIONS)),
     num_workers: int | None = typer.Option(None, min=0, help="data-loading processes"),
     overwrite: bool = typer.Option(False, help="replace existing embeddings in --out"),
-    stain_normalize: str = typer.Option("none", help="none | reinhard: match colours to the cohort's average stain"),
+    stain_normalize: str = typer.Option(
+        "none", help=f"{_one_of(STAIN_NORMALIZATIONS)}: reinhard matches colours to the cohort's average stain"
+    ),
 ) -> None:
     """Embed every cell of a cohort with a frozen backbone (resumable, bounded memory).
 
@@ -183,13 +209,13 @@ def pretrain(
     cohort: Path = typer.Option(..., "--cohort", help="cohort folder (labels are not used for training)"),
     out: Path = typer.Option(..., "--out", help="run folder to write"),
     config: Path | None = typer.Option(None, "--config", help="YAML config, e.g. configs/pretrain/tiny_cpu.yaml"),
-    method: str | None = typer.Option(None, help=f"{' | '.join(METHOD_NAMES)} (byol exports its online backbone)"),
+    method: str | None = typer.Option(None, help=f"{_one_of(METHOD_NAMES)} (byol exports its online backbone)"),
     backbone: str | None = typer.Option(None, help="any timm model name, e.g. resnet18, vit_small_patch16_224"),
     weights: Path | None = typer.Option(None, help="local timm checkpoint to start from (no downloads)"),
     devices: str | None = typer.Option(None, help="devices per node (number or 'auto')"),
     nodes: int | None = typer.Option(None, min=1, help="number of nodes"),
-    strategy: str | None = typer.Option(None, help="auto | ddp | ddp_spawn"),
-    precision: str | None = typer.Option(None, help="32 | 16-mixed | bf16-mixed"),
+    strategy: str | None = typer.Option(None, help=_one_of(STRATEGIES)),
+    precision: str | None = typer.Option(None, help=_one_of(PRECISIONS)),
     max_epochs: int | None = typer.Option(None, min=1),
     set_: list[str] = typer.Option([], "--set", help="config override key.sub=value (repeatable)"),
     resume: bool = typer.Option(False, help="continue the run in --out from checkpoints/last.ckpt"),
@@ -199,21 +225,22 @@ def pretrain(
 
     Example: marrowlens pretrain --config configs/pretrain/tiny_cpu.yaml --cohort cohort/ --out runs/tiny
     """
-    from marrowlens.config import PretrainConfig, load_config
+    from marrowlens.config import PretrainConfig, load_config, nest
     from marrowlens.ssl.train import pretrain as run_pretrain
 
-    flags = {
-        "model.method": method,
-        "model.backbone": backbone,
-        "model.weights": weights,
-        "trainer.devices": devices,
-        "trainer.nodes": nodes,
-        "trainer.strategy": strategy,
-        "trainer.precision": precision,
-        "trainer.max_epochs": max_epochs,
-    }
-    overrides = [f"{key}={value}" for key, value in flags.items() if value is not None] + list(set_)
-    resolved = load_config(PretrainConfig, config, overrides)
+    flags = nest(
+        {
+            "model.method": method,
+            "model.backbone": backbone,
+            "model.weights": weights,
+            "trainer.devices": _devices(devices) if devices is not None else None,
+            "trainer.nodes": nodes,
+            "trainer.strategy": strategy,
+            "trainer.precision": precision,
+            "trainer.max_epochs": max_epochs,
+        }
+    )
+    resolved = load_config(PretrainConfig, config, set_, values=flags)
     result = run_pretrain(resolved, cohort, out, resume=resume, overwrite=overwrite)
     if result is not None:
         say(f"wrote {out / 'backbone.safetensors'} and {out / 'backbone.json'} ({result.backbone.fingerprint[:19]})")
@@ -245,9 +272,9 @@ def index_build(
     embeddings: Path = typer.Option(..., "--embeddings", help="embedding folder of `marrowlens embed`"),
     out: Path = typer.Option(..., "--out", help="index folder to write"),
     kind: str = typer.Option(
-        "auto", help=f"{' | '.join(('auto', *INDEX_KIND_NAMES))} (auto: exact search up to 50k cells, IVF above)"
+        "auto", help=f"{_one_of(('auto', *INDEX_KIND_NAMES))} (auto: exact search up to 50k cells, IVF above)"
     ),
-    metric: str = typer.Option("cosine", help="cosine | l2"),
+    metric: str = typer.Option("cosine", help=_one_of(METRICS)),
     set_: list[str] = typer.Option(
         [],
         "--set",
@@ -284,8 +311,9 @@ def index_add(
     files = current_files(index.meta)
     say(f"wrote {index.folder / files['index']}: added {added} cells, {len(index)} in all")
     say(f"wrote {index.folder / files['cells']} and {index.folder / 'meta.json'}")
-    if kind_advice(index):
-        say(kind_advice(index))
+    advice = kind_advice(index)
+    if advice:
+        say(advice)
 
 
 @index_app.command("info")
@@ -403,16 +431,15 @@ probe_app = typer.Typer(
     help="Probe frozen embeddings: blasts, mutations (through a blast filter), cell types.", no_args_is_help=True
 )
 app.add_typer(probe_app, name="probe")
-_PROBE_TASKS = ("blast", "mutation", "cell_type")
 
 
 def _probe_task(task: str) -> str:
-    if task not in _PROBE_TASKS:
-        raise MarrowLensError(f"unknown probe task {task!r}; choose one of {', '.join(_PROBE_TASKS)}")
+    if task not in PROBE_TASKS:
+        raise MarrowLensError(f"unknown probe task {task!r}; choose one of {', '.join(PROBE_TASKS)}")
     return task
 
 
-def _print_outcome(outcome) -> None:
+def _print_outcome(outcome: Outcome) -> None:
     from marrowlens.probes.report import outcome_text
 
     say(outcome_text(outcome.headline, outcome.written))
@@ -420,12 +447,12 @@ def _print_outcome(outcome) -> None:
 
 @probe_app.command("fit")
 def probe_fit(
-    task: str = typer.Argument(..., help="blast | mutation | cell_type"),
+    task: str = typer.Argument(..., help=_one_of(PROBE_TASKS)),
     embeddings: Path = typer.Option(..., "--embeddings", help="embedding folder (vectors.npy + cells.parquet)"),
     out: Path = typer.Option(..., "--out", help="probe folder to write"),
-    head: str | None = typer.Option(None, "--head", help=" | ".join(HEAD_NAMES)),
-    loss: str | None = typer.Option(None, "--loss", help="ce | gce | sce | focal (linear head)"),
-    class_weight: str | None = typer.Option(None, "--class-weight", help="none | balanced"),
+    head: str | None = typer.Option(None, "--head", help=_one_of(HEAD_NAMES)),
+    loss: str | None = typer.Option(None, "--loss", help=f"{_one_of(PROBE_LOSSES)} (linear head)"),
+    class_weight: str | None = typer.Option(None, "--class-weight", help=_one_of(CLASS_WEIGHTS)),
     cv: int | None = typer.Option(None, "--cv", min=0, help="patient-grouped CV folds for the report; 0 skips it"),
     blast_probe: Path | None = typer.Option(None, "--blast-probe", help="blast probe folder (mutation task)"),
     blast_threshold: float | None = typer.Option(None, "--blast-threshold", help="keep cells with P(blast) >= this"),
@@ -497,9 +524,11 @@ def probe_predict(
 @probe_app.command("noise-sweep")
 def probe_noise_sweep(
     embeddings: Path = typer.Option(..., "--embeddings", help="embedding folder"),
-    task: str = typer.Option("mutation", "--task", help="blast | mutation | cell_type"),
+    task: str = typer.Option("mutation", "--task", help=_one_of(PROBE_TASKS)),
     noise: str = typer.Option("0,0.2,0.4", "--noise", help="comma-separated noise rates injected into training labels"),
-    kind: str = typer.Option("symmetric", "--kind", help="symmetric (per cell) | bag (whole patients relabelled)"),
+    kind: str = typer.Option(
+        "symmetric", "--kind", help=f"{_one_of(NOISE_KINDS)}: per cell, or whole patients relabelled"
+    ),
     losses: str = typer.Option("ce,gce,sce", "--losses", help="comma-separated losses to compare"),
     out: Path = typer.Option(..., "--out", help="folder for sweep.json / sweep.md / sweep.png"),
     blast_probe: Path | None = typer.Option(
@@ -516,8 +545,8 @@ def probe_noise_sweep(
     """
     from marrowlens.probes import commands
 
-    if kind not in ("symmetric", "bag"):
-        raise MarrowLensError(f"--kind must be symmetric or bag, not {kind!r}")
+    if kind not in NOISE_KINDS:
+        raise MarrowLensError(f"--kind must be {' or '.join(NOISE_KINDS)}, not {kind!r}")
     try:
         rates = [float(x) for x in noise.split(",") if x.strip()]
     except ValueError:

@@ -6,9 +6,11 @@ ignored. The resolved config is saved beside every run so it can be reproduced e
 
 from __future__ import annotations
 
+import copy
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeGuard, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,9 +23,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-# The SSL methods, once: ``marrowlens.ssl.methods.METHODS`` maps each to its class and checks it
-# holds exactly these (the names live here so that loading a config never imports torch).
+# ---------------------------------------------------------------- the lists of choices, once
+# (configs validate against them, the CLI's help texts and checks come from them)
+
+# The SSL methods: ``marrowlens.ssl.methods.METHODS`` maps each to its class and checks it holds
+# exactly these (the names live here so that loading a config never imports torch).
 METHOD_NAMES = ("simclr", "dino", "byol", "vicreg")
+Precision = Literal["32", "16-mixed", "bf16-mixed"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
+ACCELERATORS: tuple[str, ...] = get_args(Accelerator)
+Strategy = Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+StainNormalization = Literal["none", "reinhard"]
+STAIN_NORMALIZATIONS: tuple[str, ...] = get_args(StainNormalization)
+# How ``cohort index`` reads a source (``auto`` tells them apart by their files).
+Layout = Literal["auto", "mutation_patient", "cell_type", "deepapl", "csv"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
+ProbeTask = Literal["blast", "mutation", "cell_type"]
+PROBE_TASKS: tuple[str, ...] = get_args(ProbeTask)
+ProbeLoss = Literal["ce", "gce", "sce", "focal"]
+PROBE_LOSSES: tuple[str, ...] = get_args(ProbeLoss)
+ClassWeight = Literal["none", "balanced"]
+CLASS_WEIGHTS: tuple[str, ...] = get_args(ClassWeight)
+# How ``probe noise-sweep`` corrupts training labels: per cell, or whole patients relabelled.
+NoiseKind = Literal["symmetric", "bag"]
+NOISE_KINDS: tuple[str, ...] = get_args(NoiseKind)
+Metric = Literal["cosine", "l2"]
+METRICS: tuple[str, ...] = get_args(Metric)
+Optimizer = Literal["lars", "sgd", "adamw"]
+DinoExport = Literal["teacher", "student"]
+
+
+def is_precision(value: str) -> TypeGuard[Precision]:
+    """A precision ``embed`` offers (its option is plain text; this narrows it for Lightning)."""
+    return value in PRECISIONS
 
 
 class ModelConfig(_Strict):
@@ -53,7 +87,7 @@ class DINOConfig(_Strict):
     n_local_views: int = Field(6, ge=0)
     local_crop_size: int = Field(96, ge=8)
     local_crop_scale: tuple[float, float] = (0.2, 0.5)
-    export: Literal["teacher", "student"] = "teacher"
+    export: DinoExport = "teacher"
 
 
 class BYOLConfig(_Strict):
@@ -98,7 +132,7 @@ class ViewsConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    optimizer: Literal["lars", "sgd", "adamw"] = "lars"
+    optimizer: Optimizer = "lars"
     base_lr: float = Field(0.3, gt=0, description="learning rate for a global batch of 256")
     lr_scaling: Literal["linear", "sqrt"] = "linear"
     weight_decay: float = Field(1e-6, ge=0)
@@ -116,11 +150,11 @@ class DataConfig(_Strict):
 
 class TrainerConfig(_Strict):
     max_epochs: int = Field(100, ge=1)
-    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    accelerator: Accelerator = "auto"
     devices: int | Literal["auto"] = "auto"
     nodes: int = Field(1, ge=1)
-    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"] = "auto"
-    precision: Literal["32", "32-true", "16-mixed", "bf16-mixed"] = "32"
+    strategy: Strategy = "auto"
+    precision: Literal[Precision, "32-true"] = "32"
     accumulate_grad_batches: int = Field(1, ge=1)
     limit_train_batches: int | float | None = None
     seed: int = 0
@@ -191,7 +225,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise MarrowLensError(f"override {text!r}: value is not valid YAML ({exc.problem})") from exc
+        problem = getattr(exc, "problem", None) or exc  # a marked error says what was wrong, others only say
+        raise MarrowLensError(f"override {text!r}: value is not valid YAML ({problem})") from exc
     return key.strip().split("."), value
 
 
@@ -221,13 +256,49 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(model: type[ConfigT], path: str | Path | None = None, overrides: list[str] | None = None) -> ConfigT:
-    """Defaults <- YAML file <- overrides, validated; errors name the offending key."""
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1, "a.c": None}`` -> ``{"a": {"b": 1}}``: named options, None meaning not given."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        if value is not None:
+            *sections, name = key.split(".")
+            node = nested
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[name] = value
+    return nested
+
+
+def merge_values(model: type[BaseModel], data: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge typed ``values`` into config ``data``: a section merges key by key, keeping its
+    other keys; anything else (a value, a list, a free mapping such as a label map) is replaced."""
+    for key, value in values.items():
+        field = model.model_fields.get(key)
+        section = _section(field.annotation) if field else None
+        if section is not None and isinstance(value, Mapping) and isinstance(data.get(key), dict):
+            merge_values(section, data[key], value)
+        else:
+            data[key] = copy.deepcopy(value)
+    return data
+
+
+def load_config(
+    model: type[ConfigT],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: Mapping[str, Any] | None = None,
+) -> ConfigT:
+    """Defaults <- YAML file <- typed ``values`` (a nested mapping) <- ``key=value`` overrides, validated.
+
+    Errors name the offending key, and blame the override or value that set it.
+    """
     data = read_yaml(path) if path is not None else {}
-    overrides = list(overrides or [])
+    overrides, values = list(overrides or []), dict(values or {})
+    check_value_keys(model, values)
     check_override_keys(model, overrides)
+    merge_values(model, data, values)
     apply_overrides(data, overrides)
-    return validate_config(model, data, source=str(path) if path else "defaults", overrides=overrides)
+    return validate_config(model, data, source=str(path) if path else "defaults", overrides=overrides, values=values)
 
 
 def _section(annotation: Any) -> type[BaseModel] | None:
@@ -240,20 +311,54 @@ def _did_you_mean(key: str, known: Any, prefix: list[str]) -> str:
     return f"; did you mean {'.'.join([*prefix, close[0]])}?" if close else f"; known here: {', '.join(known)}"
 
 
+def unknown_key(model: type[BaseModel], keys: list[str]) -> str | None:
+    """``unknown key a.b; did you mean a.c?`` when the key path names no field, else None."""
+    section: type[BaseModel] | None = model
+    for depth, key in enumerate(keys):
+        if section is None:
+            return None
+        if key not in section.model_fields:
+            where = ".".join(keys[: depth + 1])
+            return f"unknown key {where}{_did_you_mean(key, section.model_fields, keys[:depth])}"
+        section = _section(section.model_fields[key].annotation)
+    return None
+
+
 def check_override_keys(model: type[BaseModel], overrides: list[str]) -> None:
     """A mistyped ``--set`` key is the command line's fault, not the YAML file's: say so, and guess."""
     for text in overrides:
-        keys, _ = parse_override(text)
-        section: type[BaseModel] | None = model
-        for depth, key in enumerate(keys):
-            if section is None:
-                break
-            if key not in section.model_fields:
-                where = ".".join(keys[: depth + 1])
-                raise MarrowLensError(
-                    f"override {text!r}: unknown key {where}{_did_you_mean(key, section.model_fields, keys[:depth])}"
-                )
-            section = _section(section.model_fields[key].annotation)
+        problem = unknown_key(model, parse_override(text)[0])
+        if problem:
+            raise MarrowLensError(f"override {text!r}: {problem}")
+
+
+def leaves(values: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[list[str], Any]]:
+    """The leaves of a nested mapping with their key paths: ``{"a": {"b": 1}}`` -> ``[(["a", "b"], 1)]``."""
+    found: list[tuple[list[str], Any]] = []
+    for key, value in values.items():
+        path = (*prefix, str(key))
+        found += leaves(value, path) if isinstance(value, Mapping) and value else [(list(path), value)]
+    return found
+
+
+def _as_override(keys: list[str], value: Any) -> str:
+    """How a typed value reads in errors: as the ``key=value`` override that would set it."""
+    return f"{'.'.join(keys)}={value}"
+
+
+def value_key_problem(model: type[BaseModel], values: Mapping[str, Any]) -> str | None:
+    """``override 'a.b=1': unknown key a.b; did you mean a.c?`` for the first unknown key, else None."""
+    for keys, value in leaves(values):
+        problem = unknown_key(model, keys)
+        if problem:
+            return f"override {_as_override(keys, value)!r}: {problem}"
+    return None
+
+
+def check_value_keys(model: type[BaseModel], values: Mapping[str, Any]) -> None:
+    problem = value_key_problem(model, values)
+    if problem:
+        raise MarrowLensError(problem)
 
 
 def _unknown_key_hint(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
@@ -268,15 +373,22 @@ def _overlaps(where: str, key: str) -> bool:
 
 
 def validate_config(
-    model: type[ConfigT], data: dict[str, Any], source: str, overrides: list[str] | None = None
+    model: type[ConfigT],
+    data: dict[str, Any],
+    source: str,
+    overrides: list[str] | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> ConfigT:
-    """Validate; the error names the key and blames the override that set it, else ``source``."""
+    """Validate; the error names the key and blames the override (or value) that set it, else ``source``."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        culprit = [text for text in overrides or [] if _overlaps(where, ".".join(parse_override(text)[0]))]
+        given = [(".".join(keys), _as_override(keys, value)) for keys, value in leaves(values or {})]
+        typed = [(".".join(parse_override(text)[0]), text) for text in overrides or []]
+        # in the order they were applied: the last one set the key
+        culprit = [text for key, text in [*given, *typed] if _overlaps(where, key)]
         source = f"override {culprit[-1]!r}" if culprit else source
         hint = _unknown_key_hint(model, first["loc"]) if first["type"] == "extra_forbidden" else ""
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
@@ -294,7 +406,7 @@ def dump_config(config: BaseModel, path: str | Path) -> None:
 class ProbeLossConfig(_Strict):
     """Training loss of a probe head; GCE/SCE resist label noise, focal helps rare classes."""
 
-    name: Literal["ce", "gce", "sce", "focal"] = "ce"
+    name: ProbeLoss = "ce"
     gce_q: float = Field(0.7, gt=0, le=1, description="GCE exponent: 0 -> CE, 1 -> MAE")
     sce_alpha: float = Field(0.1, ge=0, description="SCE weight of the cross-entropy term")
     sce_beta: float = Field(1.0, ge=0, description="SCE weight of the reverse cross-entropy term")
@@ -356,10 +468,8 @@ class KNNHeadConfig(_Strict):
 
 class ImbalanceConfig(_Strict):
     # balanced: +3.7 points of blast balanced accuracy on an independent real cohort (0.861 vs 0.824)
-    class_weight: Literal["none", "balanced"] = "balanced"
-    sampling: Literal["none", "balanced"] = Field(
-        "none", description="balanced: mini-batches drawn with equal class odds"
-    )
+    class_weight: ClassWeight = "balanced"
+    sampling: ClassWeight = Field("none", description="balanced: mini-batches drawn with equal class odds")
 
 
 class BlastLabelConfig(_Strict):
@@ -401,7 +511,7 @@ HEAD_NAMES = ("linear", "knn", "logistic")
 
 
 class ProbeConfig(_Strict):
-    task: Literal["blast", "mutation", "cell_type"] = "blast"
+    task: ProbeTask = "blast"
     head: Literal[HEAD_NAMES] = "linear"  # type: ignore[valid-type]
     linear: LinearHeadConfig = LinearHeadConfig()
     knn: KNNHeadConfig = KNNHeadConfig()
@@ -417,25 +527,48 @@ class ProbeConfig(_Strict):
 # ---------------------------------------------------------------- study runs (marrowlens run)
 
 
+OVERRIDE_HELP = "settings as a nested mapping merged over the YAML section by section, e.g. {trainer: {max_epochs: 2}}"
+
+
+def _known_keys(model: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
+    """A stage's ``override`` mapping names keys of its config (checked when the run config loads)."""
+    problem = value_key_problem(model, values)
+    if problem:
+        raise ValueError(problem)
+    return values
+
+
 class PretrainStageConfig(_Strict):
     config: Path | None = Field(None, description="pretrain YAML, relative to the run config's folder")
-    set: list[str] = Field(default_factory=list, description="pretrain overrides key.sub=value")
+    override: dict[str, Any] = Field(default_factory=dict, description=f"pretrain {OVERRIDE_HELP}")
+    set: list[str] = Field(default_factory=list, description="pretrain overrides key.sub=value (after override)")
+
+    @field_validator("override")
+    @classmethod
+    def _pretrain_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _known_keys(PretrainConfig, value)
 
 
 class EmbedStageConfig(_Strict):
     batch_size: int = Field(256, ge=1)
     num_workers: int | None = Field(None, ge=0)
-    precision: Literal["32", "16-mixed", "bf16-mixed"] = "32"
-    stain_normalize: Literal["none", "reinhard"] = "none"
+    precision: Precision = "32"
+    stain_normalize: StainNormalization = "none"
 
 
 class ProbeStageConfig(_Strict):
-    task: Literal["blast", "mutation", "cell_type"]
+    task: ProbeTask
     config: Path | None = Field(None, description="probe YAML, relative to the run config's folder")
-    set: list[str] = Field(default_factory=list, description="probe overrides key.sub=value")
+    override: dict[str, Any] = Field(default_factory=dict, description=f"probe {OVERRIDE_HELP}")
+    set: list[str] = Field(default_factory=list, description="probe overrides key.sub=value (after override)")
     blast_probe: str | None = Field(
         None, description="an earlier probe of this run that filters blasts (mutation task)"
     )
+
+    @field_validator("override")
+    @classmethod
+    def _probe_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _known_keys(ProbeConfig, value)
 
 
 # The index kinds offered (run configs, ``index build --kind``); each is a class registered in
@@ -447,8 +580,11 @@ INDEX_KIND_NAMES = ("flat", "ivf", "hnsw", "ivfpq")
 class IndexStageConfig(_Strict):
     enabled: bool = True
     kind: Literal[("auto", *INDEX_KIND_NAMES)] = "auto"  # type: ignore[valid-type]
-    metric: Literal["cosine", "l2"] = "cosine"
-    set: list[str] = Field(default_factory=list)
+    metric: Metric = "cosine"
+    override: dict[str, Any] = Field(
+        default_factory=dict, description="FAISS parameters of the chosen kind, e.g. {nprobe: 32}"
+    )
+    set: list[str] = Field(default_factory=list, description="FAISS parameters key=value (after override)")
 
 
 class RunConfig(_Strict):

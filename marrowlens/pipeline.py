@@ -17,7 +17,17 @@ from typing import Any
 
 from marrowlens.artifacts import write_json_atomic, write_meta, write_text_atomic
 from marrowlens.cohort.manifest import load_cohort
-from marrowlens.config import PretrainConfig, RunConfig, load_config, read_yaml, validate_config
+from marrowlens.config import (
+    PretrainConfig,
+    PretrainStageConfig,
+    ProbeConfig,
+    ProbeStageConfig,
+    RunConfig,
+    load_config,
+    read_yaml,
+    shipped_probe_config,
+    validate_config,
+)
 from marrowlens.errors import Interrupted, MarrowLensError
 
 STAGES_FILE = "stages.json"
@@ -33,6 +43,17 @@ def load_run_config(path: Path, overrides: list[str], pretrain_overrides: list[s
     config = validate_config(RunConfig, data, str(path)).resolve_paths(Path(path).resolve().parent)
     config.pretrain.set = [*config.pretrain.set, *pretrain_overrides]
     return config
+
+
+def stage_pretrain_config(stage: PretrainStageConfig) -> PretrainConfig:
+    """The pretrain stage's YAML <- its ``override`` mapping <- its ``set`` strings."""
+    return load_config(PretrainConfig, stage.config, stage.set, values=stage.override)
+
+
+def stage_probe_config(stage: ProbeStageConfig) -> ProbeConfig:
+    """A probe stage's YAML (the task's shipped one by default) <- ``override`` <- ``set``, for its task."""
+    path = stage.config or shipped_probe_config(stage.task)
+    return load_config(ProbeConfig, path, [*stage.set, f"task={stage.task}"], values=stage.override)
 
 
 def _key(*parts: Any) -> str:
@@ -83,7 +104,7 @@ def run_study(cohort_dir: Path, config: RunConfig, out: Path, say: Callable[[str
     study = Study(out, say)
     run_dir, emb_dir = out / "run", out / "emb"
 
-    pretrain_config = load_config(PretrainConfig, config.pretrain.config, config.pretrain.set)
+    pretrain_config = stage_pretrain_config(config.pretrain)
     key = _key(pretrain_config.model_dump(mode="json"), cohort.meta["fingerprint"])
     finished = (run_dir / INFO_FILE).is_file()
     if not study.done("pretrain", key, finished):
@@ -136,7 +157,7 @@ def _probe_stages(config: RunConfig, emb_fingerprint: str, emb_dir: Path, out: P
 
     keys: dict[str, str] = {}
     for name, stage in config.probes.items():
-        probe_config = probes.probe_config(stage.task, stage.config, {}, stage.set)
+        probe_config = stage_probe_config(stage)
         blast_dir = out / "probes" / stage.blast_probe if stage.blast_probe else None
         keys[name] = _key(emb_fingerprint, probe_config.model_dump(mode="json"), keys.get(stage.blast_probe or ""))
         folder = out / "probes" / name
@@ -156,7 +177,9 @@ def _probe_stages(config: RunConfig, emb_fingerprint: str, emb_dir: Path, out: P
 def _index_stage(config: RunConfig, emb_fingerprint: str, emb_dir: Path, index_dir: Path, study: Study) -> None:
     from marrowlens.retrieval.index import build_index
 
-    key = _key(emb_fingerprint, config.index.model_dump(mode="json"))
+    # An empty override leaves the key as it was before overrides existed: finished indexes stay finished.
+    override = [config.index.override] if config.index.override else []
+    key = _key(emb_fingerprint, config.index.model_dump(mode="json", exclude={"override"}), *override)
     if not study.done("index", key, (index_dir / "meta.json").is_file()):
         build_index(
             emb_dir,
@@ -164,6 +187,7 @@ def _index_stage(config: RunConfig, emb_fingerprint: str, emb_dir: Path, index_d
             kind=config.index.kind,
             metric=config.index.metric,
             overrides=config.index.set,
+            values=config.index.override,
             overwrite=True,
         )
         study.record("index", key)

@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from marrowlens.config import PretrainConfig, dump_config, load_config
+from marrowlens.config import PretrainConfig, ProbeConfig, RunConfig, dump_config, load_config, merge_values
 from marrowlens.errors import MarrowLensError
+from marrowlens.pipeline import load_run_config, stage_pretrain_config
 
 
 class TestLoadConfig:
@@ -89,3 +90,69 @@ def test_trainer_settings_that_train_nothing_are_refused(override: str) -> None:
 def test_trainer_settings_that_train_something_are_kept(override: str, value: object) -> None:
     key = override.split("=")[0].split(".")[1]
     assert getattr(load_config(PretrainConfig, None, [override]).trainer, key) == value
+
+
+class TestTypedValues:
+    """Named CLI options and run-config ``override:`` mappings reach the config as typed values."""
+
+    @pytest.mark.parametrize("devices, expected", [("auto", "auto"), ("2", 2)])
+    def test_a_flag_reaches_the_config_typed(self, cli, monkeypatch, tmp_path: Path, devices: str, expected) -> None:
+        from marrowlens.ssl import train
+
+        seen: list[PretrainConfig] = []
+        monkeypatch.setattr(train, "pretrain", lambda config, *args, **kwargs: seen.append(config))
+        args = ["pretrain", "--cohort", tmp_path, "--out", tmp_path / "run", "--devices", devices]
+        code, output = cli(*args, "--precision", "32", "--max-epochs", "3", "--set", "trainer.max_epochs=4")
+        assert code == 0, output
+        trainer = seen[0].trainer
+        assert trainer.devices == expected and type(trainer.devices) is type(expected)
+        assert trainer.precision == "32" and trainer.max_epochs == 4  # --set comes after the flags
+
+    def test_a_bad_flag_value_is_blamed_on_that_setting(self) -> None:
+        with pytest.raises(MarrowLensError, match=r"^config override 'trainer.nodes=0': trainer.nodes"):
+            load_config(PretrainConfig, None, values={"trainer": {"nodes": 0}})
+
+    def test_a_nested_override_merges_without_clobbering_sibling_keys(self, tmp_path: Path) -> None:
+        (tmp_path / "pretrain.yaml").write_text(
+            yaml.safe_dump({"trainer": {"max_epochs": 5, "seed": 7}, "model": {"backbone": "resnet50"}})
+        )
+        run = {
+            "pretrain": {
+                "config": "pretrain.yaml",
+                "override": {"model": {"image_size": 64}, "trainer": {"max_epochs": 2}},
+                "set": ["trainer.max_epochs=3"],
+            }
+        }
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+        config = stage_pretrain_config(load_run_config(tmp_path / "run.yaml", [], []).pretrain)
+        assert config.model.image_size == 64 and config.model.backbone == "resnet50"
+        assert config.trainer.seed == 7 and config.trainer.max_epochs == 3  # `set` strings come last
+        assert isinstance(RunConfig.model_validate(run).pretrain.override["trainer"]["max_epochs"], int)
+
+    def test_a_free_mapping_is_replaced_not_merged(self) -> None:
+        data = {"cell_type": {"mapping": {"a": "x", "b": "y"}, "min_cells": 3}}
+        merge_values(ProbeConfig, data, {"cell_type": {"mapping": {"c": "z"}}})
+        assert data == {"cell_type": {"mapping": {"c": "z"}, "min_cells": 3}}
+
+    @pytest.mark.parametrize(
+        "stage, override, message",
+        [
+            (
+                "pretrain",
+                {"trainer": {"max_epoch": 2}},
+                r"unknown key trainer.max_epoch; did you mean trainer.max_epochs\?",
+            ),
+            ("probe", {"linear": {"weight_decay": [0.1]}}, r"did you mean linear.weight_decays\?"),
+        ],
+    )
+    def test_an_unknown_nested_key_says_did_you_mean(self, tmp_path: Path, stage: str, override, message: str) -> None:
+        run = (
+            {"pretrain": {"override": override}}
+            if stage == "pretrain"
+            else {"probes": {"blast": {"task": "blast", "override": override}}}
+        )
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+        with pytest.raises(MarrowLensError, match=message):
+            load_run_config(tmp_path / "run.yaml", [], [])
+        with pytest.raises(MarrowLensError, match=message):
+            load_config(PretrainConfig if stage == "pretrain" else ProbeConfig, None, values=override)

@@ -24,13 +24,13 @@ from tqdm.auto import tqdm
 from marrowlens.artifacts import META_FILE, commit_files, json_text, meta_record, read_meta, read_parquet
 from marrowlens.cohort.images import IMAGE_SUFFIXES, ImageDecodeError, inspect_image
 from marrowlens.cohort.labels import MutationVocabulary, cell_type_name, is_blast_type, parse_bool
+from marrowlens.config import LAYOUTS
 from marrowlens.errors import MarrowLensError, listing
 
 CELLS_FILE = "cells.parquet"
 QUARANTINE_FILE = "quarantine.csv"
 COLUMNS = ["cell_id", "path", "patient_id", "cell_type", "is_blast", "mutation", "domain", "split", "width", "height"]
 LABEL_COLUMNS = ["patient_id", "cell_type", "is_blast", "mutation", "domain", "split"]
-LAYOUTS = ("auto", "mutation_patient", "cell_type", "deepapl", "csv")
 DEEPAPL_MUTATIONS = {"APL": "PML_RARA", "AML": "other_AML"}
 # CSV column names we recognise without being told, in order of preference.
 _CSV_SYNONYMS = {

@@ -17,8 +17,6 @@ import numpy.typing as npt
 from PIL import Image
 from skimage.color import lab2rgb, rgb2lab
 
-METHODS = ("none", "reinhard")
-
 
 @dataclass(frozen=True)
 class ReinhardTarget:

@@ -23,7 +23,7 @@ from marrowlens.artifacts import (
     write_text_atomic,
 )
 from marrowlens.cohort.manifest import patient_groups
-from marrowlens.config import ProbeConfig, load_config, shipped_probe_config, validate_config
+from marrowlens.config import ProbeConfig, load_config, nest, shipped_probe_config, validate_config
 from marrowlens.embeddings import Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.probes.evaluate import (
@@ -62,8 +62,8 @@ class Outcome:
 
 def probe_config(task: str, config_path: Path | None, flags: dict[str, Any], overrides: list[str]) -> ProbeConfig:
     """The task's shipped YAML (or the user's) <- named CLI flags <- ``--set`` overrides."""
-    named = [f"{key}={value}" for key, value in flags.items() if value is not None]
-    return load_config(ProbeConfig, config_path or shipped_probe_config(task), [*named, *overrides, f"task={task}"])
+    path = config_path or shipped_probe_config(task)
+    return load_config(ProbeConfig, path, [*overrides, f"task={task}"], values=nest(flags))
 
 
 def _load_store(path: Path) -> Embeddings:

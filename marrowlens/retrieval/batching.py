@@ -2,7 +2,7 @@
 
 Written by hand because nothing in our stack batches requests (torch does not; Triton and Ray
 Serve do, but are whole serving systems). It is small: request threads preprocess their own
-images (with the transform given: :func:`marrowlens.ssl.embed.preprocess`, as ``marrowlens embed``
+images (with the transform given: :func:`marrowlens.ssl.preprocessing.eval_transform`, as ``marrowlens embed``
 uses) and queue the tensors; one worker thread takes everything queued, runs one forward pass, and hands each request
 its rows. Nothing waits for a batch to fill: an idle server answers at once, and under load the
 requests that arrive during one pass form the next batch. On CPU a batch costs far less per image

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,15 +72,18 @@ def choose_kind(n: int) -> str:
     return next(name for bound, name in bounds if n <= bound)
 
 
-def resolve_params(kind: str, n: int, dim: int, overrides: list[str] | None = None) -> dict[str, Any]:
-    """The parameters of a ``kind`` index over ``n`` vectors: ``key=value`` overrides, then the kind's defaults."""
+def resolve_params(
+    kind: str, n: int, dim: int, overrides: list[str] | None = None, values: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The parameters of a ``kind`` index over ``n`` vectors: typed ``values``, then ``key=value`` overrides,
+    then the kind's defaults."""
     chosen = index_kind(kind)
-    given = {key for text in overrides or [] for key in [text.partition("=")[0].strip()]}
+    given = {key for text in overrides or [] for key in [text.partition("=")[0].strip()]} | set(values or {})
     unused = sorted(given - set(chosen.param_keys))
     if unused:
         allowed = ", ".join(chosen.param_keys) or "none"
         raise MarrowLensError(f"parameter(s) {', '.join(unused)} do not apply to a {kind} index (it takes: {allowed})")
-    return chosen.derive(load_config(chosen.Params, None, overrides).model_dump(), n, dim)
+    return chosen.derive(load_config(chosen.Params, None, overrides, values).model_dump(), n, dim)
 
 
 def factory_string(kind: str, params: dict[str, Any]) -> str:
@@ -245,6 +249,7 @@ def build_index(
     metric: str = "cosine",
     overrides: list[str] | None = None,
     overwrite: bool = False,
+    values: Mapping[str, Any] | None = None,
 ) -> CellIndex:
     """Build an index over one embedding store and write it to ``out``."""
     if kind != "auto":
@@ -256,7 +261,7 @@ def build_index(
         raise MarrowLensError(f"{embeddings} holds no vectors")
     _refuse_duplicate_ids(store.cells, f"embeddings {embeddings}")
     chosen = choose_kind(n) if kind == "auto" else kind
-    params = resolve_params(chosen, n, dim, overrides)
+    params = resolve_params(chosen, n, dim, overrides, values)
     factory = factory_string(chosen, params)
     out = prepare_out_dir(out, overwrite)
     (out / META_FILE).unlink(missing_ok=True)  # an interrupted rebuild must not look finished

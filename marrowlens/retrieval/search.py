@@ -31,7 +31,8 @@ from marrowlens.errors import MarrowLensError
 from marrowlens.retrieval.batching import BatchingEmbedder
 from marrowlens.retrieval.index import CellIndex, load_index
 from marrowlens.ssl.backbones import BackboneInfo, load_backbone
-from marrowlens.ssl.embed import embed_images, preprocess, stain_target_of
+from marrowlens.ssl.embed import embed_images, stain_target_of
+from marrowlens.ssl.preprocessing import eval_transform
 
 FILTER_COLUMNS = ("patient_id", "cell_type", "is_blast", "mutation", "domain", "split")
 VOTE_COLUMNS = ("cell_type", "is_blast", "mutation")
@@ -158,7 +159,7 @@ class Searcher:
     def start_batching(self, max_batch: int = 32) -> None:
         """Serve many threads: concurrent :meth:`embed` calls share forward passes from now on."""
         if self._batcher is None:
-            self._batcher = BatchingEmbedder(self.model, preprocess(self.info, self.stain), max_batch)
+            self._batcher = BatchingEmbedder(self.model, eval_transform(self.info.preprocessing, self.stain), max_batch)
 
     def stop_batching(self) -> None:
         if self._batcher is not None:

@@ -8,8 +8,10 @@ fingerprint). Everything that embeds images loads it through :func:`load_backbon
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 
 from marrowlens.artifacts import atomic_path, sha256_file, write_json_atomic
 from marrowlens.errors import MarrowLensError
+from marrowlens.ssl.preprocessing import RGB, Preprocessing
 
 WEIGHTS_FILE = "backbone.safetensors"
 INFO_FILE = "backbone.json"
@@ -28,15 +31,46 @@ class BackboneInfo:
     """What is needed to rebuild a backbone and feed it images exactly as in training."""
 
     timm_name: str
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
     num_features: int
     fingerprint: str
     source: str
+    preprocessing: Preprocessing
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @property
+    def image_size(self) -> int:
+        return self.preprocessing.image_size
+
+    @property
+    def mean(self) -> RGB:
+        return self.preprocessing.mean
+
+    @property
+    def std(self) -> RGB:
+        return self.preprocessing.std
+
+    def to_dict(self) -> dict[str, Any]:
+        """``backbone.json``; image size, mean and std stay at the top level too, where readers look."""
+        return {
+            "timm_name": self.timm_name,
+            "image_size": self.image_size,
+            "mean": self.mean,
+            "std": self.std,
+            "num_features": self.num_features,
+            "fingerprint": self.fingerprint,
+            "source": self.source,
+            "preprocessing": self.preprocessing.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BackboneInfo:
+        """Read ``backbone.json``; one written before the preprocessing record gets it from its top level."""
+        return cls(
+            timm_name=str(data["timm_name"]),
+            num_features=int(data["num_features"]),
+            fingerprint=str(data["fingerprint"]),
+            source=str(data["source"]),
+            preprocessing=Preprocessing.from_dict(data.get("preprocessing") or data),
+        )
 
 
 def is_vit(name: str) -> bool:
@@ -49,11 +83,19 @@ def is_vit(name: str) -> bool:
     return any(word in entry.__module__ for word in ("vision_transformer", "deit", "eva", "beit"))
 
 
+def feature_width(model: nn.Module) -> int:
+    """The width of a timm model's pooled features (``num_features``)."""
+    width = model.num_features
+    if not isinstance(width, int):
+        raise MarrowLensError(f"{type(model).__name__} does not say how wide its features are")
+    return width
+
+
 def create_backbone(name: str, image_size: int, weights: Path | None = None) -> nn.Module:
     """A pooled-feature timm model (``num_classes=0``); weights only from a local file."""
     if not timm.models.is_model(name):
         raise MarrowLensError(f"unknown timm model {name!r} (see timm.list_models())")
-    kwargs: dict = {"num_classes": 0}
+    kwargs: dict[str, Any] = {"num_classes": 0}
     if is_vit(name):
         kwargs.update(img_size=image_size, dynamic_img_size=True)
     if weights is not None:
@@ -90,27 +132,17 @@ def _require_weights_fit(model: nn.Module, name: str, weights: Path, names: set[
         )
 
 
-def default_norm(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    cfg = timm.models.get_pretrained_cfg(name)
-    mean = tuple(cfg.mean) if cfg is not None else (0.485, 0.456, 0.406)
-    std = tuple(cfg.std) if cfg is not None else (0.229, 0.224, 0.225)
-    return mean, std
-
-
-def export_backbone(model: nn.Module, name: str, image_size: int, folder: Path) -> BackboneInfo:
-    """Write ``backbone.safetensors`` and ``backbone.json`` atomically; return the info."""
+def export_backbone(model: nn.Module, name: str, preprocessing: Preprocessing, folder: Path) -> BackboneInfo:
+    """Write ``backbone.safetensors`` and ``backbone.json`` (with its preprocessing record) atomically."""
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"timm_name": name})
-    mean, std = default_norm(name)
     info = BackboneInfo(
         timm_name=name,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        num_features=int(model.num_features),
+        num_features=feature_width(model),
         fingerprint="sha256:" + sha256_file(folder / WEIGHTS_FILE),
         source=str(folder.resolve()),
+        preprocessing=preprocessing,
     )
     write_json_atomic(folder / INFO_FILE, info.to_dict())
     return info
@@ -132,8 +164,7 @@ def load_backbone(
             raise MarrowLensError(
                 f"{folder} holds no trained backbone ({INFO_FILE} is missing; did pretraining finish?)"
             )
-        data = json.loads(info_path.read_text())
-        info = BackboneInfo(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
+        info = BackboneInfo.from_dict(json.loads(info_path.read_text()))
         weights_path = folder / WEIGHTS_FILE
         if not weights_path.is_file():
             raise MarrowLensError(f"{folder} lacks {WEIGHTS_FILE}")
@@ -151,6 +182,6 @@ def load_backbone(
         torch.manual_seed(seed)
     model = create_backbone(name, size, weights)
     fingerprint = "sha256:" + sha256_file(weights) if weights else f"random:{name}:seed{seed}"
-    mean, std = default_norm(name)
-    info = BackboneInfo(name, size, mean, std, int(model.num_features), fingerprint, str(weights or "random init"))
+    record = Preprocessing.for_backbone(name, size)
+    info = BackboneInfo(name, feature_width(model), fingerprint, str(weights or "random init"), record)
     return model.eval(), info

@@ -7,6 +7,8 @@ online backbone and projection head (:class:`MomentumMethod`). The online backbo
 
 from __future__ import annotations
 
+from typing import Any, Unpack
+
 import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
@@ -14,20 +16,32 @@ from lightly.transforms.multi_view_transform import MultiViewTransform
 from torch import nn
 
 from marrowlens.config import PretrainConfig
+from marrowlens.ssl.base import Batch, SharedArgs
 from marrowlens.ssl.momentum import MomentumMethod
 from marrowlens.ssl.views import two_global_views
 
 
 class BYOL(MomentumMethod):
-    def __init__(self, backbone: nn.Module, config: PretrainConfig, lr: float, knn_classes: int = 0) -> None:
-        byol = config.byol
-        super().__init__(config, lr, knn_classes, byol.momentum_start, byol.momentum_end)
-        self.backbone = backbone
-        self.projection_head = BYOLProjectionHead(backbone.num_features, byol.hidden_dim, byol.out_dim)
-        self.prediction_head = BYOLPredictionHead(byol.out_dim, byol.hidden_dim, byol.out_dim)
-        self.target_backbone = self.frozen_copy(backbone)
+    def __init__(
+        self,
+        *,
+        hidden_dim: int = 4096,
+        out_dim: int = 256,
+        momentum_start: float = 0.99,
+        momentum_end: float = 1.0,
+        **shared: Unpack[SharedArgs],
+    ) -> None:
+        super().__init__(momentum_start=momentum_start, momentum_end=momentum_end, **shared)
+        self.backbone = self.new_backbone()
+        self.projection_head = BYOLProjectionHead(self.backbone.num_features, hidden_dim, out_dim)
+        self.prediction_head = BYOLPredictionHead(out_dim, hidden_dim, out_dim)
+        self.target_backbone = self.frozen_copy(self.backbone)
         self.target_projection_head = self.frozen_copy(self.projection_head)
         self.criterion = NegativeCosineSimilarity()
+
+    @classmethod
+    def method_args(cls, config: PretrainConfig) -> dict[str, Any]:
+        return config.byol.model_dump()  # the section's fields are the constructor's arguments
 
     @classmethod
     def build_views(cls, config: PretrainConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> MultiViewTransform:
@@ -43,12 +57,12 @@ class BYOL(MomentumMethod):
     def embedding_backbone(self) -> nn.Module:
         return self.backbone
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         views, _ = batch
         both = torch.cat(views)
         with torch.no_grad():
             target = self.target_projection_head(self.target_backbone(both).flatten(1)).chunk(2)
         predicted = self.prediction_head(self.projection_head(self.backbone(both).flatten(1))).chunk(2)
-        loss = self.criterion(predicted[0], target[1]) + self.criterion(predicted[1], target[0])
+        loss: torch.Tensor = self.criterion(predicted[0], target[1]) + self.criterion(predicted[1], target[0])
         self.log_loss(loss, batch_size=len(views[0]))
         return loss

@@ -9,22 +9,28 @@ have seen, whatever the number of workers or devices.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
+from lightly.transforms.multi_view_transform import MultiViewTransform
+from PIL import Image
 from sklearn.model_selection import GroupShuffleSplit
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from marrowlens.cohort.manifest import Cohort, patient_groups
 from marrowlens.config import PretrainConfig
+from marrowlens.ssl.base import SSLModule
 from marrowlens.ssl.embed import load_cell
 
+Transform = Callable[[Image.Image], torch.Tensor]
 
-class EpochSampler(DistributedSampler):
+
+class EpochSampler(DistributedSampler[Any]):
     """A DistributedSampler (one replica or many) that yields ``(index, epoch)`` pairs.
 
     The epoch comes from ``epoch_source`` when iteration starts, not from Lightning's ``set_epoch``:
@@ -32,11 +38,11 @@ class EpochSampler(DistributedSampler):
     epoch while the first resumed epoch is iterated.
     """
 
-    def __init__(self, dataset: Dataset, epoch_source: Callable[[], int], **kwargs) -> None:
+    def __init__(self, dataset: Dataset[Any], epoch_source: Callable[[], int], **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self.epoch_source = epoch_source
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         self.epoch = epoch = self.epoch_source()
         return ((index, epoch) for index in super().__iter__())
 
@@ -48,10 +54,10 @@ def _seed_everything_for(seed: int, epoch: int, index: int) -> None:
     random.seed(int(state[0]))
 
 
-class PretrainImages(Dataset):
+class PretrainImages(Dataset[tuple[list[torch.Tensor], int]]):
     """All cells of a cohort; labels are never read (self-supervision)."""
 
-    def __init__(self, cohort: Cohort, views, seed: int) -> None:
+    def __init__(self, cohort: Cohort, views: MultiViewTransform, seed: int) -> None:
         self.cohort, self.paths = cohort, cohort.cells["path"].to_numpy()
         self.views, self.seed = views, seed
 
@@ -61,7 +67,8 @@ class PretrainImages(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
         index, epoch = key
         _seed_everything_for(self.seed, epoch, index)
-        return self.views(load_cell(self.cohort, self.paths[index])), index
+        views: list[torch.Tensor] = self.views(load_cell(self.cohort, self.paths[index]))  # type: ignore[assignment]
+        return views, index
 
 
 @dataclass
@@ -104,8 +111,8 @@ def check_subset(cells: pd.DataFrame, n_cells: int, seed: int) -> CheckSubset | 
     return CheckSubset(rows, labels, is_query, column, classes)
 
 
-class CheckImages(Dataset):
-    def __init__(self, cohort: Cohort, subset: CheckSubset, transform) -> None:
+class CheckImages(Dataset[tuple[torch.Tensor, int, bool]]):
+    def __init__(self, cohort: Cohort, subset: CheckSubset, transform: Transform) -> None:
         self.cohort, self.subset, self.transform = cohort, subset, transform
         self.paths = cohort.cells["path"].to_numpy()
 
@@ -121,22 +128,33 @@ class PretrainData(pl.LightningDataModule):
     """Shards the cohort over devices itself (``use_distributed_sampler=False``) so the epoch-seeded
     sampler is used on one device and on many alike."""
 
-    def __init__(self, cohort: Cohort, config: PretrainConfig, views, check_transform, batch_size: int) -> None:
+    def __init__(
+        self,
+        cohort: Cohort,
+        config: PretrainConfig,
+        views: MultiViewTransform,
+        check_transform: Transform,
+        batch_size: int,
+    ) -> None:
         super().__init__()
         self.cohort, self.config, self.batch_size = cohort, config, batch_size
         self.train_set = PretrainImages(cohort, views, config.trainer.seed)
         self.subset = check_subset(cohort.cells, config.data.val_cells, config.trainer.seed)
         self.check_set = CheckImages(cohort, self.subset, check_transform) if self.subset else None
 
-    def _loader_kwargs(self) -> dict:
+    def _loader_kwargs(self) -> dict[str, Any]:
         workers = self.config.data.num_workers
         return {"num_workers": workers, "persistent_workers": False, "pin_memory": torch.cuda.is_available()}
 
-    def train_dataloader(self) -> DataLoader:
+    def _data_epoch(self) -> int:
+        module = self.trainer.lightning_module if self.trainer else None
+        return module.data_epoch() if isinstance(module, SSLModule) else 0
+
+    def train_dataloader(self) -> DataLoader[tuple[list[torch.Tensor], int]]:
         trainer = self.trainer
         sampler = EpochSampler(
             self.train_set,
-            epoch_source=lambda: trainer.lightning_module.data_epoch() if trainer else 0,
+            epoch_source=self._data_epoch,
             num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
             shuffle=True,
@@ -147,7 +165,7 @@ class PretrainData(pl.LightningDataModule):
             self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True, **self._loader_kwargs()
         )
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> DataLoader[tuple[torch.Tensor, int, bool]] | list[Any]:
         if self.check_set is None:
             return []
         return DataLoader(self.check_set, batch_size=self.batch_size, shuffle=False, **self._loader_kwargs())

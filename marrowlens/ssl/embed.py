@@ -23,38 +23,29 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from marrowlens.artifacts import META_FILE
-from marrowlens.cohort.images import ImageDecodeError, load_rgb, pad_to_square
+from marrowlens.cohort.images import ImageDecodeError, load_rgb
 from marrowlens.cohort.manifest import Cohort, load_cohort
-from marrowlens.cohort.stain import METHODS as STAIN_METHODS
-from marrowlens.cohort.stain import ReinhardNormalize, ReinhardTarget, fit_reinhard
+from marrowlens.cohort.stain import ReinhardTarget, fit_reinhard
+from marrowlens.config import PRECISIONS, STAIN_NORMALIZATIONS, Precision, is_precision
 from marrowlens.embeddings import Embeddings, EmbeddingWriter
 from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
 from marrowlens.ssl.backbones import BackboneInfo, load_backbone
+from marrowlens.ssl.preprocessing import Preprocessing, eval_transform, resize_transform
+from marrowlens.ssl.rank import is_global_zero
 
 
-def preprocess(info: BackboneInfo, stain: ReinhardTarget | None = None) -> T.Compose:
-    """The one eval-time preprocessing: pad to square, resize, (stain-normalise), normalise as in training."""
-    steps = [
-        T.Lambda(pad_to_square),
-        T.Resize((info.image_size, info.image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-    ]
-    if stain is not None:
-        steps.append(ReinhardNormalize(stain))
-    return T.Compose([*steps, T.ToTensor(), T.Normalize(info.mean, info.std)])
-
-
-def stain_target_of(meta: dict) -> ReinhardTarget | None:
+def stain_target_of(meta: dict[str, Any]) -> ReinhardTarget | None:
     """The stain target an embedding store (or an index built from one) was made with."""
     return ReinhardTarget.from_dict(meta.get("preprocessing", {}).get("stain"))
 
 
-def _fit_stain_target(cohort: Cohort, size: int, sample: int = 256, seed: int = 0) -> ReinhardTarget:
-    """Fit on a fixed random sample of the cohort's cells, at the model's input size."""
+def _fit_stain_target(cohort: Cohort, record: Preprocessing, sample: int = 256, seed: int = 0) -> ReinhardTarget:
+    """Fit on a fixed random sample of the cohort's cells, as the backbone will see them (before the stain step)."""
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(cohort.cells), size=min(sample, len(cohort.cells)), replace=False)
-    resize = T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+    resize = resize_transform(record)
     paths = cohort.cells["path"].to_numpy()
-    return fit_reinhard(resize(pad_to_square(load_cell(cohort, paths[r]))) for r in sorted(rows))
+    return fit_reinhard(resize(load_cell(cohort, paths[r])) for r in sorted(rows))
 
 
 def load_cell(cohort: Cohort, relative: str) -> Image.Image:
@@ -69,7 +60,7 @@ def load_cell(cohort: Cohort, relative: str) -> Image.Image:
         ) from exc
 
 
-class CohortImages(Dataset):
+class CohortImages(Dataset[tuple[torch.Tensor, int]]):
     """Cells of a cohort by row index."""
 
     def __init__(self, cohort: Cohort, rows: np.ndarray, transform: T.Compose) -> None:
@@ -105,10 +96,18 @@ class _StoreWriter(BasePredictionWriter):
         self.writer = EmbeddingWriter(*self.args, create=False)
 
     def write_on_batch_end(
-        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: tuple[np.ndarray, np.ndarray],
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         rows, vectors = prediction
-        self.writer.write(rows, vectors)
+        if self.writer is not None:
+            self.writer.write(rows, vectors)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.writer is not None:
@@ -123,7 +122,7 @@ def embed_images(
     stain: ReinhardTarget | None = None,
 ) -> np.ndarray:
     """Embed in-memory images (search queries) with the same preprocessing as ``embed``."""
-    transform = preprocess(info, stain)
+    transform = eval_transform(info.preprocessing, stain)
     device = next(model.parameters()).device
     out = []
     with torch.inference_mode():
@@ -163,11 +162,14 @@ def embed_cohort(
         _clear_store(out)
     elif overwrite and out.is_dir():
         _clear_store(out)
-    if stain_normalize not in STAIN_METHODS:
-        raise MarrowLensError(f"unknown stain normalisation {stain_normalize!r}; known: {', '.join(STAIN_METHODS)}")
+    if not is_precision(precision):
+        raise MarrowLensError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    if stain_normalize not in STAIN_NORMALIZATIONS:
+        known = ", ".join(STAIN_NORMALIZATIONS)
+        raise MarrowLensError(f"unknown stain normalisation {stain_normalize!r}; known: {known}")
     cohort = load_cohort(cohort_dir)
     model, info = load_backbone(model_ref, weights=weights, image_size=image_size)
-    stain = _fit_stain_target(cohort, info.image_size) if stain_normalize == "reinhard" else None
+    stain = _fit_stain_target(cohort, info.preprocessing) if stain_normalize == "reinhard" else None
     key = {
         "model": info.fingerprint,
         "cohort": cohort.meta["fingerprint"],
@@ -181,29 +183,34 @@ def embed_cohort(
         _predict(
             model, info, stain, cohort, pending, out, key, batch_size, devices, accelerator, precision, num_workers
         )
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0:
+    if not is_global_zero():
         return None
     final = EmbeddingWriter(out, len(cohort.cells), info.num_features, key=key, create=False)
     meta = {
         "model": info.to_dict(),
         "cohort": {"folder": str(Path(cohort_dir).resolve()), "fingerprint": cohort.meta["fingerprint"]},
-        "preprocessing": {
-            "pad_to_square": True,
-            "image_size": info.image_size,
-            "mean": info.mean,
-            "std": info.std,
-            "stain": stain.to_dict() if stain else None,
-        },
+        "preprocessing": {**info.preprocessing.to_dict(), "stain": stain.to_dict() if stain else None},
     }
     return final.finish(cohort.cells, meta)
 
 
 def _predict(
-    model, info, stain, cohort, pending, out, key, batch_size, devices, accelerator, precision, num_workers
+    model: nn.Module,
+    info: BackboneInfo,
+    stain: ReinhardTarget | None,
+    cohort: Cohort,
+    pending: np.ndarray,
+    out: Path,
+    key: dict[str, Any],
+    batch_size: int,
+    devices: int | str,
+    accelerator: str,
+    precision: Precision,
+    num_workers: int | None,
 ) -> None:
     workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
     loader = DataLoader(
-        CohortImages(cohort, pending, preprocess(info, stain)),
+        CohortImages(cohort, pending, eval_transform(info.preprocessing, stain)),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

@@ -8,22 +8,20 @@ the run on lightly's cosine schedule; targets get no gradients.
 from __future__ import annotations
 
 import copy
+from typing import Any, Unpack
 
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
-from marrowlens.config import PretrainConfig
-from marrowlens.ssl.base import SSLModule
+from marrowlens.ssl.base import SharedArgs, SSLModule
 
 
 class MomentumMethod(SSLModule):
     """Subclasses build their target modules (``frozen_copy`` helps) and list them in ``momentum_pairs``."""
 
-    def __init__(
-        self, config: PretrainConfig, lr: float, knn_classes: int, momentum_start: float, momentum_end: float
-    ) -> None:
-        super().__init__(config, lr, knn_classes)
+    def __init__(self, *, momentum_start: float, momentum_end: float, **shared: Unpack[SharedArgs]) -> None:
+        super().__init__(**shared)
         self.momentum_start, self.momentum_end = momentum_start, momentum_end
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
@@ -39,9 +37,9 @@ class MomentumMethod(SSLModule):
     def momentum(self) -> float:
         """The EMA momentum at the current optimizer step."""
         steps = max(1, int(self.trainer.estimated_stepping_batches))
-        return cosine_schedule(self.trainer.global_step, steps, self.momentum_start, self.momentum_end)
+        return float(cosine_schedule(self.trainer.global_step, steps, self.momentum_start, self.momentum_end))
 
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
         momentum = self.momentum()
         for online, target in self.momentum_pairs():

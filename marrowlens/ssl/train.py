@@ -20,24 +20,19 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from marrowlens.artifacts import (
-    clean_stale_temporaries,
-    read_meta,
-    require_same_fingerprint,
-    write_json_atomic,
-    write_meta,
-)
+from marrowlens.artifacts import clean_stale_temporaries, require_same_fingerprint, write_json_atomic, write_meta
 from marrowlens.cohort.manifest import load_cohort
 from marrowlens.config import PretrainConfig, dump_config, load_config
 from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
-from marrowlens.ssl.backbones import BackboneInfo, create_backbone, default_norm, export_backbone
-from marrowlens.ssl.base import SSLModule, scaled_lr
+from marrowlens.ssl.backbones import BackboneInfo, export_backbone
+from marrowlens.ssl.base import scaled_lr
 from marrowlens.ssl.data import PretrainData, check_subset
-from marrowlens.ssl.embed import preprocess
 from marrowlens.ssl.methods import METHODS
+from marrowlens.ssl.preprocessing import Preprocessing, eval_transform
+from marrowlens.ssl.rank import is_global_zero
 
 CONFIG_FILE = "config.yaml"
 COHORT_FILE = "cohort.json"
@@ -90,14 +85,6 @@ class PretrainResult:
     metrics: dict[str, float]
 
 
-def is_launching_process() -> bool:
-    """True on the one process that prepares the run folder (rank 0 under torchrun/SLURM/Lightning)."""
-    for key in ("RANK", "SLURM_PROCID"):
-        if key in os.environ:
-            return int(os.environ[key]) == 0
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
-
-
 def resolve_config(config: PretrainConfig, out: Path, resume: bool) -> PretrainConfig:
     """On ``--resume`` the run's saved config wins; only RESUMABLE settings may differ."""
     if not resume:
@@ -111,7 +98,7 @@ def resolve_config(config: PretrainConfig, out: Path, resume: bool) -> PretrainC
                     f"--resume continues {out} as configured, but {section}.{key} is {value!r} here and "
                     f"{old[section][key]!r} in {out / CONFIG_FILE}"
                 )
-    if config.trainer.max_epochs != saved.trainer.max_epochs and is_launching_process():
+    if config.trainer.max_epochs != saved.trainer.max_epochs and is_global_zero():
         print(
             f"note: training now stops after {config.trainer.max_epochs} epochs, but the learning-rate schedule "
             f"restored from {out / LAST_CKPT} stays the one planned for {saved.trainer.max_epochs} epochs"
@@ -155,9 +142,9 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def build_trainer(config: PretrainConfig, out: Path, monitor: str | None, has_batchnorm: bool) -> pl.Trainer:
+def build_trainer(config: PretrainConfig, out: Path, monitor: str | None) -> pl.Trainer:
     trainer_cfg = config.trainer
-    loggers = [CSVLogger(save_dir=str(out), name="logs")]
+    loggers: list[Logger] = [CSVLogger(save_dir=str(out), name="logs")]
     if importlib.util.find_spec("tensorboard") is not None:
         loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard"))
     devices = trainer_cfg.devices
@@ -170,7 +157,7 @@ def build_trainer(config: PretrainConfig, out: Path, monitor: str | None, has_ba
         devices=devices,
         num_nodes=trainer_cfg.nodes,
         strategy=trainer_cfg.strategy,
-        sync_batchnorm=has_batchnorm and on_gpu and several,  # SyncBatchNorm is GPU-only in torch
+        sync_batchnorm=on_gpu and several,  # GPU-only in torch; a model without batch norm stays as it is
         precision=trainer_cfg.precision,
         max_epochs=trainer_cfg.max_epochs,
         accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
@@ -218,53 +205,47 @@ def how_to_continue(out: Path) -> str:
     )
 
 
-def _has_batchnorm(module: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
 def pretrain(
     config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool = False, overwrite: bool = False
 ) -> PretrainResult | None:
     """Train, checkpoint and export; returns the result on the main process (None elsewhere)."""
     out = Path(out)
-    launching = is_launching_process()
+    cohort = load_cohort(cohort_dir)
+    has_check = check_subset(cohort.cells, config.data.val_cells, config.trainer.seed) is not None
+    trainer = build_trainer(config, out, "val_knn_acc" if has_check else None)
+    launching = is_global_zero()  # right from here on, on every node (see ssl.rank)
     if launching:
         prepare_run_dir(out, resume, overwrite)
     config = resolve_config(config, out, resume)
-    cohort = load_cohort(cohort_dir)
     require_same_cohort(out, cohort_dir, cohort.meta["fingerprint"], resume, launching)
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
-    backbone = create_backbone(config.model.backbone, config.model.image_size, config.model.weights)
-    mean, std = default_norm(config.model.backbone)
+    record = Preprocessing.for_backbone(config.model.backbone, config.model.image_size)
     method = METHODS[config.model.method]
-    views = method.build_views(config, mean, std)
-    check_transform = preprocess(
-        BackboneInfo(config.model.backbone, config.model.image_size, mean, std, backbone.num_features, "", "")
-    )
-    has_check = check_subset(cohort.cells, config.data.val_cells, config.trainer.seed) is not None
-    trainer = build_trainer(config, out, "val_knn_acc" if has_check else None, _has_batchnorm(backbone))
+    views = method.build_views(config, record.mean, record.std)
     world = trainer.world_size
     batch = min(config.data.batch_size, len(cohort.cells) // world)
     if batch < 2:
         raise MarrowLensError(f"{len(cohort.cells)} cells cannot fill a batch of 2 per device on {world} device(s)")
     require_steps(len(cohort.cells), world, batch, config)
-    data = PretrainData(cohort, config, views, check_transform, batch)
+    data = PretrainData(cohort, config, views, eval_transform(record), batch)
     global_batch = batch * world * config.trainer.accumulate_grad_batches
     lr = scaled_lr(config, global_batch)
+    module = method.from_config(config, lr=lr, knn_classes=len(data.subset.classes) if data.subset else 0)
     if launching:
         if batch != config.data.batch_size:
             print(f"note: batch size lowered to {batch} per device: the cohort has only {len(cohort.cells)} cells")
+        backbone = module.embedding_backbone
         params = sum(p.numel() for p in backbone.parameters())
         print(
-            f"{config.model.method} with {config.model.backbone} ({params / 1e6:.1f} M parameters, {backbone.num_features} features) on {len(cohort.cells)} cells"
+            f"{config.model.method} with {config.model.backbone} ({params / 1e6:.1f} M parameters, "
+            f"{backbone.num_features} features) on {len(cohort.cells)} cells"
         )
         print(
-            f"learning rate {lr:.4g} for a global batch of {global_batch} ({config.optim.lr_scaling} scaling of base_lr {config.optim.base_lr} per 256)"
+            f"learning rate {lr:.4g} for a global batch of {global_batch} ({config.optim.lr_scaling} scaling of "
+            f"base_lr {config.optim.base_lr} per 256)"
         )
         if not resume:
             dump_config(config, out / CONFIG_FILE)
-    knn_classes = len(data.subset.classes) if data.subset else 0
-    module: SSLModule = method(backbone, config, lr=lr, knn_classes=knn_classes)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(out / LAST_CKPT) if resume else None)
     except SystemExit as exc:  # Lightning's graceful Ctrl-C ends in sys.exit(1)
@@ -274,7 +255,7 @@ def pretrain(
     if not trainer.is_global_zero:
         return None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    info = export_backbone(module.embedding_backbone, config.model.backbone, config.model.image_size, out)
+    info = export_backbone(module.embedding_backbone, config.model.backbone, record, out)
     write_meta(
         out,
         "run",
@@ -290,7 +271,3 @@ def pretrain(
         check_subset=({"label": data.subset.label_column, "classes": data.subset.classes} if data.subset else None),
     )
     return PretrainResult(out, info, metrics)
-
-
-def read_run(folder: Path) -> dict:
-    return read_meta(folder, "run")

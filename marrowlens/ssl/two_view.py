@@ -10,7 +10,7 @@ from lightly.transforms.multi_view_transform import MultiViewTransform
 from torch import nn
 
 from marrowlens.config import PretrainConfig
-from marrowlens.ssl.base import SSLModule
+from marrowlens.ssl.base import Batch, SSLModule
 from marrowlens.ssl.views import two_global_views
 
 
@@ -30,9 +30,9 @@ class TwoViewMethod(SSLModule):
     def embedding_backbone(self) -> nn.Module:
         return self.backbone
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         views, _ = batch
         first, second = self.projection_head(self.backbone(torch.cat(views)).flatten(1)).chunk(2)
-        loss = self.criterion(first, second)
+        loss: torch.Tensor = self.criterion(first, second)
         self.log_loss(loss, batch_size=len(views[0]))
         return loss

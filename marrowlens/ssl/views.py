@@ -13,10 +13,13 @@ Which views a method trains on is the method's choice (its ``build_views``, see 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
-from lightly.transforms import DINOTransform, SimCLRTransform
+from lightly.transforms.dino_transform import DINOTransform
 from lightly.transforms.multi_view_transform import MultiViewTransform
+from lightly.transforms.simclr_transform import SimCLRTransform
 from PIL import Image
 from skimage.color import hed2rgb, rgb2hed
 from torchvision import transforms as T
@@ -26,7 +29,7 @@ from marrowlens.cohort.images import pad_to_square
 from marrowlens.config import PretrainConfig
 
 
-class CentredResizedCrop(T.RandomResizedCrop):
+class CentredResizedCrop(T.RandomResizedCrop):  # type: ignore[misc]  # torchvision ships no types
     """A RandomResizedCrop re-drawn until the crop holds the image centre (a centre crop after 20 tries)."""
 
     def forward(self, img: Image.Image) -> Image.Image:
@@ -38,7 +41,10 @@ class CentredResizedCrop(T.RandomResizedCrop):
         else:
             side = int(min(width, height) * np.sqrt(self.scale[1]))
             top, left, crop_h, crop_w = (height - side) // 2, (width - side) // 2, side, side
-        return F.resized_crop(img, top, left, crop_h, crop_w, self.size, self.interpolation, antialias=self.antialias)
+        cropped: Image.Image = F.resized_crop(
+            img, top, left, crop_h, crop_w, self.size, self.interpolation, antialias=self.antialias
+        )
+        return cropped
 
 
 class StainJitter:
@@ -78,7 +84,7 @@ class ShrinkTo:
     def __call__(self, image: Image.Image) -> Image.Image:
         if max(image.size) <= self.side:
             return image
-        return image.resize((self.side, self.side), Image.BICUBIC)
+        return image.resize((self.side, self.side), Image.Resampling.BICUBIC)
 
     def __repr__(self) -> str:
         return f"ShrinkTo({self.side})"
@@ -95,7 +101,7 @@ def _adapt(view_transform: T.Compose, stain: StainJitter, work_side: int) -> Non
     view_transform.transforms = [T.Lambda(pad_to_square), ShrinkTo(work_side), *steps]
 
 
-def _common(config: PretrainConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> dict:
+def _common(config: PretrainConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
     """The settings every lightly transform takes from ``views:``."""
     views = config.views
     return {

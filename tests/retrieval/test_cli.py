@@ -201,8 +201,8 @@ class TestRunFolderBackbone:
         from tests.conftest import Cli
 
         base = tmp_path_factory.mktemp("run_index")
-        model, _ = load_backbone("test_resnet", image_size=32, seed=7)
-        export_backbone(model, "test_resnet", 32, base / "run")
+        model, info = load_backbone("test_resnet", image_size=32, seed=7)
+        export_backbone(model, "test_resnet", info.preprocessing, base / "run")
         cli = Cli()
         for args in (
             (

@@ -168,6 +168,13 @@ class TestParams:
     def test_small_cohorts_keep_39_points_per_list(self) -> None:
         assert resolve_params("ivf", 2000, 32)["nlist"] == 2000 // 39
 
+    def test_typed_values_come_before_key_value_overrides(self) -> None:
+        """A run config's ``index: {override: {...}}`` mapping; its ``set`` strings win over it."""
+        assert resolve_params("ivf", 2000, 32, values={"nprobe": 7, "nlist": 20})["nprobe"] == 7
+        assert resolve_params("ivf", 2000, 32, ["nprobe=9"], {"nprobe": 7})["nprobe"] == 9
+        with pytest.raises(MarrowLensError, match="do not apply to a flat index"):
+            resolve_params("flat", 2000, 32, values={"nprobe": 7})
+
     def test_overrides_are_recorded(self, store: Path, tmp_path: Path) -> None:
         built = build_index(store, tmp_path / "idx", kind="hnsw", overrides=["ef_search=99", "hnsw_m=8"])
         assert load_index(tmp_path / "idx").params == {"hnsw_m": 8, "ef_construction": 40, "ef_search": 99}

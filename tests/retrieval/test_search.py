@@ -22,7 +22,8 @@ from marrowlens.retrieval.search import (
     vote,
 )
 from marrowlens.ssl.backbones import load_backbone
-from marrowlens.ssl.embed import embed_images, preprocess
+from marrowlens.ssl.embed import embed_images
+from marrowlens.ssl.preprocessing import eval_transform
 from tests.conftest import make_store, random_cells, random_vectors, write_cell
 
 
@@ -221,7 +222,7 @@ class TestBatchingEmbedder:
         model, info = load_backbone("test_resnet", image_size=32)
         images = [load_rgb(write_cell(tmp_path / f"{i}.png", seed=i, size=24 + i)) for i in range(12)]
         expected = embed_images(model, info, images)
-        batcher = BatchingEmbedder(model, preprocess(info), max_batch=5)
+        batcher = BatchingEmbedder(model, eval_transform(info.preprocessing), max_batch=5)
         results: dict[int, np.ndarray] = {}
 
         def work(i: int) -> None:
@@ -240,7 +241,7 @@ class TestBatchingEmbedder:
         from PIL import Image
 
         model, info = load_backbone("test_resnet", image_size=32)
-        batcher = BatchingEmbedder(model, preprocess(info))
+        batcher = BatchingEmbedder(model, eval_transform(info.preprocessing))
         original = batcher.model
         batcher.model = lambda batch: (_ for _ in ()).throw(RuntimeError("boom"))
         with pytest.raises(RuntimeError, match="boom"):

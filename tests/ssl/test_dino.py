@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from marrowlens.config import PretrainConfig, load_config
-from marrowlens.ssl.backbones import create_backbone
 from marrowlens.ssl.dino import DINO
 from tests.ssl.conftest import TINY
 
@@ -27,8 +26,10 @@ HEADS = [
 
 def _dino(*extra: str) -> DINO:
     torch.manual_seed(0)
-    config = load_config(PretrainConfig, None, [*TINY, *HEADS, "model.method=dino", *extra])
-    return DINO(create_backbone("test_resnet", 32), config, lr=0.1)
+    config = load_config(
+        PretrainConfig, None, [*TINY, *HEADS, "model.method=dino", "model.backbone=test_resnet", *extra]
+    )
+    return DINO.from_config(config, lr=0.1)
 
 
 def _batch(cells: int = 4) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -19,6 +19,7 @@ from marrowlens.errors import MarrowLensError
 from marrowlens.ssl import train
 from marrowlens.ssl.backbones import load_backbone
 from marrowlens.ssl.embed import embed_cohort, embed_images
+from marrowlens.ssl.preprocessing import Preprocessing
 from tests.conftest import REPO_ROOT
 from tests.ssl.conftest import TINY
 
@@ -212,3 +213,28 @@ def test_a_deleted_image_is_named_in_one_line(
     )
     assert code == 2 and "\n" not in output.strip(), output
     assert str(gone) in output and f"marrowlens cohort check {folder} --fix" in output
+
+
+def test_a_run_folder_without_a_preprocessing_record_embeds_as_before(
+    run_dir: Path, labelled_cohort: Path, tmp_path: Path
+) -> None:
+    """backbone.json written before the record existed: the record comes from its size, mean and std."""
+    old = tmp_path / "old_run"
+    old.mkdir()
+    for name in ("backbone.safetensors", "backbone.json"):
+        (old / name).write_bytes((run_dir / name).read_bytes())
+    info = json.loads((old / "backbone.json").read_text())
+    record = info.pop("preprocessing")
+    (old / "backbone.json").write_text(json.dumps(info))
+    _, loaded = load_backbone(old)
+    assert loaded.preprocessing == Preprocessing.from_dict(record)
+    assert record == {
+        **{k: info[k] for k in ("image_size", "mean", "std")},
+        "interpolation": "bicubic",
+        "pad_to_square": True,
+    }
+    kwargs = {"num_workers": 0, "accelerator": "cpu"}
+    new = embed_cohort(run_dir, labelled_cohort, tmp_path / "new_emb", **kwargs)
+    before = embed_cohort(old, labelled_cohort, tmp_path / "old_emb", **kwargs)
+    assert new is not None and before is not None
+    assert np.array_equal(np.load(new.folder / "vectors.npy"), np.load(before.folder / "vectors.npy"))

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from marrowlens.config import METHOD_NAMES, PretrainConfig, load_config
-from marrowlens.ssl.backbones import create_backbone
+from marrowlens.ssl.base import SSLModule
 from marrowlens.ssl.byol import BYOL
 from marrowlens.ssl.methods import METHODS
+from marrowlens.ssl.simclr import SimCLR
 from marrowlens.ssl.vicreg import VICReg
 from tests.ssl.conftest import TINY
 
@@ -36,12 +37,14 @@ SMALL_HEADS = [
 
 
 def _config(method: str, *extra: str) -> PretrainConfig:
-    return load_config(PretrainConfig, None, [*TINY, *SMALL_HEADS, f"model.method={method}", *extra])
+    return load_config(
+        PretrainConfig, None, [*TINY, *SMALL_HEADS, "model.backbone=test_resnet", f"model.method={method}", *extra]
+    )
 
 
-def _module(method: str, *extra: str):
+def _module(method: str, *extra: str) -> SSLModule:
     torch.manual_seed(0)
-    return METHODS[method](create_backbone("test_resnet", 32), _config(method, *extra), lr=0.1)
+    return METHODS[method].from_config(_config(method, *extra), lr=0.1)
 
 
 def test_registry_holds_exactly_the_configurable_methods() -> None:
@@ -57,15 +60,15 @@ def test_cli_help_names_every_method() -> None:
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_training_step_consumes_the_views_the_method_builds(method: str) -> None:
-    module = _module(method)
-    views = type(module).build_views(module.config, (0.5,) * 3, (0.5,) * 3)
+    module, config = _module(method), _config(method)
+    views = type(module).build_views(config, (0.5,) * 3, (0.5,) * 3)
     rng = np.random.default_rng(0)
     cells = [views(Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))) for _ in range(4)]
     batch = [torch.stack([cell[i] for cell in cells]) for i in range(len(cells[0]))]
     loss = module.training_step((batch, torch.arange(4)), 0)
     assert torch.isfinite(loss)
     if method == "dino":  # the teacher takes the two global views, the student all of them
-        assert len(batch) == 2 + module.config.dino.n_local_views
+        assert len(batch) == 2 + config.dino.n_local_views
     else:
         assert len(batch) == 2
 
@@ -140,3 +143,52 @@ def test_pretrains_from_the_cli_and_embeds(cli, labelled_cohort: Path, tmp_path:
     )
     assert code == 0, output
     assert (tmp_path / "emb").is_dir() and any((tmp_path / "emb").iterdir())
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_constructor_defaults_are_the_config_defaults(method: str) -> None:
+    """A method built from plain arguments trains as one built from the default config."""
+    cls = METHODS[method]
+    from_config = cls.method_args(PretrainConfig())
+    defaults = {name: p.default for name, p in inspect.signature(cls).parameters.items() if name in from_config}
+    assert defaults == from_config
+
+
+class _TwoViews(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int]:
+        return [torch.randn(3, 32, 32), torch.randn(3, 32, 32)], index
+
+
+def test_a_method_builds_from_plain_arguments_and_its_checkpoint_rebuilds_it(tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+
+    torch.manual_seed(0)
+    module = SimCLR(timm_name="test_resnet", image_size=32, lr=0.05, hidden_dim=32, out_dim=16, optimizer="adamw")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(_TwoViews(), batch_size=2))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)  # as Lightning resumes
+    assert saved["hyper_parameters"] == {
+        **dict(module.hparams),
+        "timm_name": "test_resnet",
+        "image_size": 32,
+        "lr": 0.05,
+        "hidden_dim": 32,
+        "out_dim": 16,
+        "temperature": 0.1,
+        "optimizer": "adamw",
+    }
+    rebuilt = SimCLR.load_from_checkpoint(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert rebuilt.lr == 0.05 and dict(rebuilt.hparams) == dict(module.hparams)
+    state, again = module.state_dict(), rebuilt.state_dict()
+    assert all(torch.equal(state[k], again[k]) for k in state)

@@ -1,0 +1,83 @@
+"""How a backbone sees a cell at eval time: one record (after timm's ``PretrainedCfg``) and one transform.
+
+The record is saved with the backbone (``backbone.json``). Training's online k-NN check, ``embed``,
+``search`` and the web page all build their preprocessing from it by :func:`eval_transform`, so a
+query image is fed to the backbone exactly as the indexed cells were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import timm
+from torchvision import transforms as T
+
+from marrowlens.cohort.images import pad_to_square
+from marrowlens.cohort.stain import ReinhardNormalize, ReinhardTarget
+
+# ImageNet's statistics: what timm models without a pretrained config are normalised with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RGB = tuple[float, float, float]
+
+
+def default_norm(timm_name: str) -> tuple[RGB, RGB]:
+    """The mean and std of the timm model's pretrained config (ImageNet's when it has none)."""
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    if cfg is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return _rgb(cfg.mean), _rgb(cfg.std)
+
+
+def _rgb(values: Any) -> RGB:
+    red, green, blue = (float(v) for v in values)
+    return red, green, blue
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Input size, pad-to-square, interpolation and normalisation of a backbone's input."""
+
+    image_size: int
+    mean: RGB
+    std: RGB
+    interpolation: str = "bicubic"
+    pad_to_square: bool = True
+
+    @classmethod
+    def for_backbone(cls, timm_name: str, image_size: int) -> Preprocessing:
+        """A timm model's record at ``image_size``: what training normalises its views with."""
+        mean, std = default_norm(timm_name)
+        return cls(image_size=image_size, mean=mean, std=std)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
+        """Read a saved record; extra keys (an embedding store's ``stain``) are not part of it."""
+        return cls(
+            image_size=int(data["image_size"]),
+            mean=_rgb(data["mean"]),
+            std=_rgb(data["std"]),
+            interpolation=str(data.get("interpolation", "bicubic")),
+            pad_to_square=bool(data.get("pad_to_square", True)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resize_transform(record: Preprocessing) -> T.Compose:
+    """The geometric part: pad to square (cells sit in the centre), resize to the input size."""
+    steps: list[Any] = [T.Lambda(pad_to_square)] if record.pad_to_square else []
+    size = (record.image_size, record.image_size)
+    steps.append(T.Resize(size, interpolation=T.InterpolationMode(record.interpolation), antialias=True))
+    return T.Compose(steps)
+
+
+def eval_transform(record: Preprocessing, stain: ReinhardTarget | None = None) -> T.Compose:
+    """The one eval-time feature-extractor input: resize, (stain-normalise), to tensor, normalise."""
+    steps: list[Any] = [resize_transform(record)]
+    if stain is not None:
+        steps.append(ReinhardNormalize(stain))
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(record.mean, record.std)])
