@@ -147,7 +147,7 @@ def test_hehr_layout_with_blast_labels_from_a_second_source(tmp_path: Path) -> N
         (lmu / code).mkdir(parents=True, exist_ok=True)
         shutil.copy(synthetic.image_path(row.path), lmu / code / f"{row.patient_id}_{Path(row.path).name}")
     cohort = index_cohort([hehr, lmu], tmp_path / "cohort", IndexOptions())
-    layouts = [source["layout"] for source in cohort.meta["sources"]]
+    layouts = [source.layout for source in cohort.meta.sources]
     assert layouts == ["mutation_patient", "cell_type"]
     assert cohort.cells.loc[cohort.cells["domain"] == "AML_Hehr", "is_blast"].isna().all()
     report = run_study(

@@ -24,6 +24,7 @@ from marrowlens.artifacts import (
 )
 from marrowlens.cohort.manifest import patient_groups
 from marrowlens.config import ProbeConfig, load_config, shipped_probe_config, validate_config
+from marrowlens.contracts import NoiseSweepMeta, SweptStore
 from marrowlens.embeddings import Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.probes.evaluate import (
@@ -39,6 +40,7 @@ from marrowlens.probes.heads import head_class
 from marrowlens.probes.noise import NoiseSpec
 from marrowlens.probes.report import reliability_bins, write_report
 from marrowlens.probes.tasks import Probe, Task, make_task
+from marrowlens.provenance import python_api
 
 PREDICT_BLOCK = 65536
 
@@ -192,6 +194,7 @@ def _headline(report: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------- commands
 
 
+@python_api
 def fit(
     task_name: str,
     embeddings: Path,
@@ -308,6 +311,7 @@ def predict(probe_dir: Path, embeddings: Path, out: Path, overwrite: bool = Fals
     return Outcome([out, patients_out], headline)
 
 
+@python_api
 def noise_sweep(
     embeddings: Path,
     out: Path,
@@ -359,7 +363,7 @@ def noise_sweep(
     write_json_atomic(out / "sweep.json", result)
     write_text_atomic(out / "sweep.md", _sweep_markdown(result))
     written = [out / "sweep.json", out / "sweep.md", _sweep_plot(out, result)]
-    write_meta(out, "noise-sweep", embeddings=result["embeddings"], task=config.task)
+    write_meta(out, NoiseSweepMeta(embeddings=SweptStore.model_validate(result["embeddings"]), task=config.task))
     return Outcome(written, [_sweep_line(r) for r in rows])
 
 

@@ -27,24 +27,21 @@ from torch import nn
 from marrowlens.artifacts import require_same_fingerprint
 from marrowlens.cohort.images import ImageDecodeError, load_rgb
 from marrowlens.cohort.labels import parse_bool
+from marrowlens.cohort.schema import CLASS_COLUMNS, LABEL_COLUMNS
+from marrowlens.contracts import BackboneRecord
 from marrowlens.errors import MarrowLensError
 from marrowlens.retrieval.batching import BatchingEmbedder
 from marrowlens.retrieval.index import CellIndex, load_index
 from marrowlens.ssl.backbones import BackboneInfo, load_backbone
 from marrowlens.ssl.embed import embed_images, preprocess, stain_target_of
 
-FILTER_COLUMNS = ("patient_id", "cell_type", "is_blast", "mutation", "domain", "split")
-VOTE_COLUMNS = ("cell_type", "is_blast", "mutation")
+FILTER_COLUMNS = tuple(LABEL_COLUMNS)
+VOTE_COLUMNS = tuple(sorted(CLASS_COLUMNS))  # cell_type, is_blast, mutation: the order votes are shown in
 NEIGHBOUR_COLUMNS = [
     "rank",
     "row",
     "cell_id",
-    "patient_id",
-    "cell_type",
-    "is_blast",
-    "mutation",
-    "domain",
-    "split",
+    *LABEL_COLUMNS,
     "path",
     "similarity",
     "distance",
@@ -118,7 +115,7 @@ def load_query_images(paths: Sequence[str | Path]) -> list[Image.Image]:
 
 
 def _backbone_reference(
-    model_meta: dict[str, Any], override: str | Path | None, index_dir: Path
+    model_meta: BackboneRecord, override: str | Path | None, index_dir: Path
 ) -> tuple[str | Path, Path | None]:
     """Where the index's backbone lives: (run folder or timm name, weights file or None)."""
     if override is not None:
@@ -126,16 +123,16 @@ def _backbone_reference(
         if path.is_dir():
             return path, None
         if path.is_file():
-            return model_meta["timm_name"], path
+            return model_meta.timm_name, path
         return str(override), None
-    source = model_meta.get("source", "")
+    source = model_meta.source
     if source == "random init":
-        return model_meta["timm_name"], None
+        return model_meta.timm_name, None
     path = Path(source)
     if path.is_dir():
         return path, None
     if path.is_file():
-        return model_meta["timm_name"], path
+        return model_meta.timm_name, path
     raise MarrowLensError(
         f"the backbone of index {index_dir} ({source}) no longer exists; pass --model with where it is now"
     )
@@ -169,9 +166,9 @@ class Searcher:
     def open(cls, index_dir: str | Path, model: str | Path | None = None) -> Searcher:
         """Load an index and its backbone; refuse a backbone whose fingerprint is not the index's."""
         index = load_index(index_dir)
-        model_meta = index.meta["model"]
+        model_meta = index.meta.model
         reference, weights = _backbone_reference(model_meta, model, Path(index_dir))
-        backbone, info = load_backbone(reference, weights=weights, image_size=model_meta["image_size"])
+        backbone, info = load_backbone(reference, weights=weights, image_size=model_meta.image_size)
         require_same_fingerprint(
             "backbone fingerprint",
             index.model_fingerprint,

@@ -27,8 +27,10 @@ from marrowlens.cohort.images import ImageDecodeError, load_rgb, pad_to_square
 from marrowlens.cohort.manifest import Cohort, load_cohort
 from marrowlens.cohort.stain import METHODS as STAIN_METHODS
 from marrowlens.cohort.stain import ReinhardNormalize, ReinhardTarget, fit_reinhard
+from marrowlens.contracts import BackboneRecord, CohortRef, EmbeddingsMeta, EmbeddingsOrigin, IndexMeta, Preprocessing
 from marrowlens.embeddings import Embeddings, EmbeddingWriter
 from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
+from marrowlens.provenance import python_api
 from marrowlens.ssl.backbones import BackboneInfo, load_backbone
 
 
@@ -43,9 +45,9 @@ def preprocess(info: BackboneInfo, stain: ReinhardTarget | None = None) -> T.Com
     return T.Compose([*steps, T.ToTensor(), T.Normalize(info.mean, info.std)])
 
 
-def stain_target_of(meta: dict) -> ReinhardTarget | None:
+def stain_target_of(meta: EmbeddingsMeta | IndexMeta) -> ReinhardTarget | None:
     """The stain target an embedding store (or an index built from one) was made with."""
-    return ReinhardTarget.from_dict(meta.get("preprocessing", {}).get("stain"))
+    return ReinhardTarget.from_dict(meta.preprocessing.stain if meta.preprocessing else None)
 
 
 def _fit_stain_target(cohort: Cohort, size: int, sample: int = 256, seed: int = 0) -> ReinhardTarget:
@@ -138,6 +140,7 @@ def _clear_store(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+@python_api
 def embed_cohort(
     model_ref: str | Path,
     cohort_dir: str | Path,
@@ -170,7 +173,7 @@ def embed_cohort(
     stain = _fit_stain_target(cohort, info.image_size) if stain_normalize == "reinhard" else None
     key = {
         "model": info.fingerprint,
-        "cohort": cohort.meta["fingerprint"],
+        "cohort": cohort.meta.fingerprint,
         "image_size": info.image_size,
         "stain": stain.to_dict() if stain else None,
     }
@@ -184,18 +187,18 @@ def embed_cohort(
     if int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0:
         return None
     final = EmbeddingWriter(out, len(cohort.cells), info.num_features, key=key, create=False)
-    meta = {
-        "model": info.to_dict(),
-        "cohort": {"folder": str(Path(cohort_dir).resolve()), "fingerprint": cohort.meta["fingerprint"]},
-        "preprocessing": {
-            "pad_to_square": True,
-            "image_size": info.image_size,
-            "mean": info.mean,
-            "std": info.std,
-            "stain": stain.to_dict() if stain else None,
-        },
-    }
-    return final.finish(cohort.cells, meta)
+    origin = EmbeddingsOrigin(
+        model=BackboneRecord.model_validate(info.to_dict()),
+        cohort=CohortRef(folder=str(Path(cohort_dir).resolve()), fingerprint=cohort.meta.fingerprint),
+        preprocessing=Preprocessing(
+            pad_to_square=True,
+            image_size=info.image_size,
+            mean=info.mean,
+            std=info.std,
+            stain=stain.to_dict() if stain else None,
+        ),
+    )
+    return final.finish(cohort.cells, origin)
 
 
 def _predict(

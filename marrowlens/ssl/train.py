@@ -32,7 +32,9 @@ from marrowlens.artifacts import (
 )
 from marrowlens.cohort.manifest import load_cohort
 from marrowlens.config import PretrainConfig, dump_config, load_config
+from marrowlens.contracts import BackboneRecord, CheckSubsetRecord, CohortRef, RunMeta
 from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
+from marrowlens.provenance import python_api
 from marrowlens.ssl.backbones import BackboneInfo, create_backbone, default_norm, export_backbone
 from marrowlens.ssl.base import SSLModule, scaled_lr
 from marrowlens.ssl.data import PretrainData, check_subset
@@ -222,6 +224,7 @@ def _has_batchnorm(module: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+@python_api
 def pretrain(
     config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool = False, overwrite: bool = False
 ) -> PretrainResult | None:
@@ -232,7 +235,7 @@ def pretrain(
         prepare_run_dir(out, resume, overwrite)
     config = resolve_config(config, out, resume)
     cohort = load_cohort(cohort_dir)
-    require_same_cohort(out, cohort_dir, cohort.meta["fingerprint"], resume, launching)
+    require_same_cohort(out, cohort_dir, cohort.meta.fingerprint, resume, launching)
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
     backbone = create_backbone(config.model.backbone, config.model.image_size, config.model.weights)
     mean, std = default_norm(config.model.backbone)
@@ -275,22 +278,22 @@ def pretrain(
         return None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     info = export_backbone(module.embedding_backbone, config.model.backbone, config.model.image_size, out)
-    write_meta(
-        out,
-        "run",
+    subset = data.subset
+    meta = RunMeta(
         method=config.model.method,
-        backbone=info.to_dict(),
-        cohort={"folder": str(Path(cohort_dir).resolve()), "fingerprint": cohort.meta["fingerprint"]},
+        backbone=BackboneRecord.model_validate(info.to_dict()),
+        cohort=CohortRef(folder=str(Path(cohort_dir).resolve()), fingerprint=cohort.meta.fingerprint),
         epochs=trainer.current_epoch,
         global_step=trainer.global_step,
         world_size=world,
         global_batch=global_batch,
         lr=lr,
         metrics=metrics,
-        check_subset=({"label": data.subset.label_column, "classes": data.subset.classes} if data.subset else None),
+        check_subset=CheckSubsetRecord(label=subset.label_column, classes=subset.classes) if subset else None,
     )
+    write_meta(out, meta)
     return PretrainResult(out, info, metrics)
 
 
-def read_run(folder: Path) -> dict:
-    return read_meta(folder, "run")
+def read_run(folder: Path) -> RunMeta:
+    return read_meta(folder, RunMeta)
