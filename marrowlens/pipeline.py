@@ -158,8 +158,7 @@ def _probe_stages(config: RunConfig, emb_fingerprint: str, emb_dir: Path, out: P
         if study.done(f"probe {name}", keys[name], (folder / "report.md").is_file()):
             study.lines += [f"- probe `{name}` ({stage.task}): see {folder / 'report.md'}"]
             continue
-        fit_command = ["probe", "fit", stage.task, "--embeddings", emb_dir, "--out", folder, *_options(stage)]
-        with recording(command_line(*fit_command, *(["--blast-probe", blast_dir] if blast_dir else []), "--overwrite")):
+        with recording(_probe_command(stage, emb_dir, folder, blast_dir)):
             outcome = probes.fit(stage.task, emb_dir, folder, probe_config, blast_probe=blast_dir, overwrite=True)
         study.record(f"probe {name}", keys[name])
         for line in outcome.headline:
@@ -175,10 +174,15 @@ def _index_stage(config: RunConfig, emb_fingerprint: str, emb_dir: Path, index_d
 
     key = _key(emb_fingerprint, config.index.model_dump(mode="json"))
     if not study.done("index", key, (index_dir / "meta.json").is_file()):
-        stage = config.index
-        build = ["index", "build", "--embeddings", emb_dir, "--out", index_dir, "--kind", stage.kind]
-        with recording(command_line(*build, "--metric", stage.metric, *_options(stage), "--overwrite")):
-            build_index(emb_dir, index_dir, kind=stage.kind, metric=stage.metric, overrides=stage.set, overwrite=True)
+        with recording(_index_command(config.index, emb_dir, index_dir)):
+            build_index(
+                emb_dir,
+                index_dir,
+                kind=config.index.kind,
+                metric=config.index.metric,
+                overrides=config.index.set,
+                overwrite=True,
+            )
         study.record("index", key)
     study.lines.append(f"- similar-cell index: {index_dir}; browse with `marrowlens serve --index {index_dir}`")
 
@@ -236,3 +240,14 @@ def _embed_command(config: RunConfig, run_dir: Path, cohort_dir: Path, emb_dir: 
     words += ["--num-workers", embed.num_workers] if embed.num_workers is not None else []
     words += ["--stain-normalize", embed.stain_normalize, *(["--overwrite"] if overwrite else [])]
     return command_line(*words)
+
+
+def _probe_command(stage: ProbeStageConfig, emb_dir: Path, folder: Path, blast_dir: Path | None) -> str:
+    blast = ["--blast-probe", blast_dir] if blast_dir else []
+    options = [*_options(stage), *blast, "--overwrite"]
+    return command_line("probe", "fit", stage.task, "--embeddings", emb_dir, "--out", folder, *options)
+
+
+def _index_command(stage: IndexStageConfig, emb_dir: Path, index_dir: Path) -> str:
+    build = ["index", "build", "--embeddings", emb_dir, "--out", index_dir]
+    return command_line(*build, "--kind", stage.kind, "--metric", stage.metric, *_options(stage), "--overwrite")
