@@ -180,7 +180,7 @@ def read_meta(folder: str | Path, model: type[M]) -> M:
     kind = model.kind_name()
     data = _read_meta_json(folder, f"a {kind} folder")
     found = data.get("kind")
-    if found != kind and found in KINDS:
+    if found != kind and isinstance(found, str) and found in KINDS:
         raise MarrowLensError(f"{folder} holds a {found!r} artifact, expected {kind!r}")
     missing = [name for name in Meta.model_fields if name not in data]
     if found != kind or missing:

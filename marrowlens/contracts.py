@@ -3,7 +3,7 @@
 Every ``meta.json`` is written from and read into these models (``artifacts.write_meta`` /
 ``artifacts.read_meta``), so each field is spelt once, typed, and a folder that does not fit (another
 version's, a hand-edited one) is refused as it is opened rather than half-way through a command.
-The JSON is the one earlier releases wrote: folders they made still load.
+The JSON keeps the layout earlier releases wrote, so the folders they made still load.
 """
 
 from __future__ import annotations

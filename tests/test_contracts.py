@@ -279,9 +279,10 @@ def test_wrong_type_names_the_field(tmp_path: Path) -> None:
     assert "MarrowLens 0.1.0" in message and "at sources.0.path: " in message and "(and 2 more)" in message
 
 
-def test_unknown_kind_names_the_release(tmp_path: Path) -> None:
-    message = _one_line_error(_write_json(tmp_path, {**OLD_FORMAT["probe"], "kind": "hologram"}), ProbeMeta)
-    assert "MarrowLens 0.1.0" in message and "'hologram'" in message
+@pytest.mark.parametrize("kind", ["hologram", ["probe"], None])
+def test_unknown_kind_names_the_release(kind: object, tmp_path: Path) -> None:
+    message = _one_line_error(_write_json(tmp_path, {**OLD_FORMAT["probe"], "kind": kind}), ProbeMeta)
+    assert "MarrowLens 0.1.0" in message and f"it names kind {kind!r}" in message
 
 
 def test_foreign_json_says_no_release_made_it(tmp_path: Path) -> None:

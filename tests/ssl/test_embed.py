@@ -88,7 +88,7 @@ class TestEmbedCli:
         )
         assert code == 0, output
         store = load_embeddings(tmp_path / "emb")
-        assert store.meta["model"]["fingerprint"].startswith("sha256:")
+        assert store.meta.model.fingerprint.startswith("sha256:")
         code, output = cli(
             "embed",
             "--model",
@@ -171,10 +171,10 @@ def test_stain_normalised_store_records_its_target(cli, labelled_cohort: Path, t
     )
     assert code == 0, output
     store = load_embeddings(tmp_path / "emb")
-    stain = store.meta["preprocessing"]["stain"]
+    stain = store.meta.preprocessing.stain
     assert stain["method"] == "reinhard" and len(stain["mean"]) == 3
     plain = embed_cohort("test_resnet", labelled_cohort, tmp_path / "plain", image_size=32, num_workers=0)
-    assert plain.meta["preprocessing"]["stain"] is None
+    assert plain.meta.preprocessing.stain is None
     assert not np.allclose(np.asarray(plain.vectors), np.asarray(store.vectors))
     code, output = cli(
         "embed",
