@@ -261,6 +261,7 @@ WBC = "configs/probes/cell_type.yaml"
 def real(args: argparse.Namespace) -> None:
     from marrowlens.artifacts import read_meta
     from marrowlens.cohort.manifest import IndexOptions, index_cohort
+    from marrowlens.contracts import EmbeddingsMeta
     from marrowlens.probes import commands
     from marrowlens.ssl.embed import embed_cohort
 
@@ -295,7 +296,7 @@ def real(args: argparse.Namespace) -> None:
                 accelerator="cpu",
                 num_workers=args.workers,
             )
-        fingerprint = read_meta(emb, "embeddings")["fingerprint"]
+        fingerprint = read_meta(emb, EmbeddingsMeta).fingerprint
         for task, config_path in (("blast", None), ("cell_type", REPO / WBC)):
             for head in ("knn", "linear"):
                 config = commands.probe_config(

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from marrowlens.cohort.images import load_rgb, pad_to_square
 from marrowlens.cohort.manifest import IndexOptions, index_cohort, load_cohort
+from marrowlens.contracts import EmbeddingsOrigin
 from marrowlens.embeddings import load_embeddings, write_embeddings
 from marrowlens.probes import commands as probes
 from marrowlens.ssl.embed import embed_cohort
@@ -59,8 +60,16 @@ def pixel_store(cohort_dir: Path, out: Path) -> Path:
         for p in tqdm(loaded.cells["path"], desc="raw pixels", disable=None)
     ]
     meta = {
-        "model": {"timm_name": "raw-pixels", "image_size": PIXELS, "fingerprint": f"raw-pixels:{PIXELS}"},
-        "cohort": {"folder": str(cohort_dir), "fingerprint": loaded.meta["fingerprint"]},
+        "model": {
+            "timm_name": "raw-pixels",
+            "image_size": PIXELS,
+            "mean": [0.0] * 3,
+            "std": [1.0] * 3,
+            "num_features": PIXELS * PIXELS * 3,
+            "fingerprint": f"raw-pixels:{PIXELS}",
+            "source": "raw pixels",
+        },
+        "cohort": {"folder": str(cohort_dir), "fingerprint": loaded.meta.fingerprint},
     }
     write_embeddings(out, np.stack(rows), loaded.cells, meta)
     return out
@@ -97,8 +106,8 @@ def deepapl_only(store: Path) -> Path:
     if not (out / "meta.json").is_file():
         emb = load_embeddings(store)
         rows = np.flatnonzero(emb.cells["domain"].to_numpy() == "deepapl_jhu")
-        meta = {k: emb.meta[k] for k in ("model", "cohort", "preprocessing") if k in emb.meta}
-        write_embeddings(out, np.asarray(emb.vectors[rows]), emb.cells.iloc[rows].reset_index(drop=True), meta)
+        origin = EmbeddingsOrigin(model=emb.meta.model, cohort=emb.meta.cohort, preprocessing=emb.meta.preprocessing)
+        write_embeddings(out, np.asarray(emb.vectors[rows]), emb.cells.iloc[rows].reset_index(drop=True), origin)
     return out
 
 

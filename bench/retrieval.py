@@ -152,7 +152,7 @@ def worker_build(args: argparse.Namespace) -> dict:
         "build_s": seconds,
         "baseline_rss_mib": baseline,
         "params": index.params,
-        "factory": index.meta["factory"],
+        "factory": index.meta.factory,
         "file_mib": (Path(args.out) / "index.faiss").stat().st_size / 2**20,
     }
 
@@ -174,7 +174,7 @@ def worker_search(args: argparse.Namespace) -> dict:
     rows = []
     for value in sweep:
         if key:
-            index.meta["params"][key] = value
+            index.params[key] = value
         index.search(queries[:20], 10)  # warm-up
         single, cpu = [], []
         for q in queries[: args.single]:

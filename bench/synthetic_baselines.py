@@ -36,7 +36,7 @@ def load_images(args: argparse.Namespace) -> tuple[pd.DataFrame, np.ndarray, dic
 
         cohort = load_cohort(args.cohort)
         images = np.stack([np.asarray(load_rgb(cohort.image_path(p))) for p in cohort.cells["path"]])
-        return cohort.cells.reset_index(drop=True), images, cohort.meta.get("synthetic", {})
+        return cohort.cells.reset_index(drop=True), images, cohort.meta.synthetic or {}
     from marrowlens.cohort.synthetic import GENERATOR_VERSION, plan_patients, render_cells
 
     plan = plan_patients(args.patients, args.seed, args.domains)

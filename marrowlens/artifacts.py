@@ -10,22 +10,24 @@ can refuse inputs that do not belong together.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import hashlib
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+import pydantic
 
 from marrowlens import __version__
+from marrowlens.contracts import KINDS, Meta
 from marrowlens.errors import MarrowLensError
+
+M = TypeVar("M", bound=Meta)
 
 META_FILE = "meta.json"
 _CHUNK = 1 << 22
@@ -143,21 +145,14 @@ def short(fingerprint: str) -> str:
     return fingerprint.split(":")[-1][:12]
 
 
-def meta_record(kind: str, **fields: Any) -> dict[str, Any]:
-    """The contents of a ``meta.json``: what made the folder, and ``fields``."""
-    return {
-        "kind": kind,
-        "marrowlens_version": __version__,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        **fields,
-    }
+def meta_text(meta: Meta) -> str:
+    """``meta`` as the JSON of a ``meta.json``."""
+    return json_text(meta.model_dump())
 
 
-def write_meta(folder: str | Path, kind: str, **fields: Any) -> dict[str, Any]:
+def write_meta(folder: str | Path, meta: M) -> M:
     """Write ``folder/meta.json`` recording what made the folder, and return it."""
-    meta = meta_record(kind, **fields)
-    write_json_atomic(Path(folder) / META_FILE, meta)
+    write_text_atomic(Path(folder) / META_FILE, meta_text(meta))
     return meta
 
 
@@ -177,23 +172,64 @@ def commit_files(folder: str | Path, names: list[str]) -> Iterator[dict[str, Pat
         (folder / META_FILE).unlink(missing_ok=True)
 
 
-def read_meta(folder: str | Path, kind: str | None = None) -> dict[str, Any]:
-    """Read ``folder/meta.json``; refuse a folder that is not an artifact of the expected kind."""
+def read_meta(folder: str | Path, model: type[M]) -> M:
+    """Read ``folder/meta.json`` as ``model``; refuse a folder that is not an artifact of that kind.
+
+    A folder another release made that this one cannot read is a one-line error naming that release.
+    """
+    kind = model.kind_name()
+    data = _read_meta_json(folder, f"a {kind} folder")
+    found = data.get("kind")
+    if found != kind and isinstance(found, str) and found in KINDS:
+        raise MarrowLensError(f"{folder} holds a {found!r} artifact, expected {kind!r}")
+    missing = [name for name in Meta.model_fields if name not in data]
+    if found != kind or missing:
+        reason = f"it names kind {found!r}" if found != kind else f"it lacks {', '.join(missing)}"
+        raise _unreadable(folder, data, reason)
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "its top level"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise _unreadable(folder, data, f"at {where}: {first['msg']}{more}") from None
+
+
+def artifact_kind(folder: str | Path) -> str | None:
+    """The kind of MarrowLens artifact ``folder`` holds (None: none, or not a MarrowLens ``meta.json``)."""
+    try:
+        data = json.loads((Path(folder) / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or "marrowlens_version" not in data:
+        return None
+    return str(data.get("kind"))
+
+
+def _read_meta_json(folder: str | Path, what: str) -> dict[str, Any]:
     path = Path(folder) / META_FILE
     if not path.is_file():
-        what = f"a {kind} folder" if kind else "a MarrowLens folder"
         raise MarrowLensError(f"{folder} is not {what}: {META_FILE} is missing")
     try:
-        meta = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise MarrowLensError(f"{path} is unreadable: {exc}") from exc
-    if not isinstance(meta, dict):
+    if not isinstance(data, dict):
         raise MarrowLensError(
-            f"{path} is not a MarrowLens {META_FILE}: it holds a JSON {type(meta).__name__}, not an object"
+            f"{path} is not a MarrowLens {META_FILE}: it holds a JSON {type(data).__name__}, not an object"
         )
-    if kind is not None and meta.get("kind") != kind:
-        raise MarrowLensError(f"{folder} holds a {meta.get('kind')!r} artifact, expected {kind!r}")
-    return meta
+    return data
+
+
+def _unreadable(folder: str | Path, data: dict[str, Any], reason: str) -> MarrowLensError:
+    """One line: which folder, which release made it, what does not fit, what to do."""
+    version = data.get("marrowlens_version")
+    made_by = f"MarrowLens {version}" if isinstance(version, str) else "no known MarrowLens version"
+    reason = " ".join(reason.split())
+    return MarrowLensError(
+        f"{Path(folder) / META_FILE} was written by {made_by} and cannot be read by MarrowLens {__version__} "
+        f"({reason}); re-create {folder} with this version"
+    )
 
 
 def require_same_fingerprint(what: str, expected: str, expected_from: str, got: str, got_from: str) -> None:

@@ -7,10 +7,12 @@ with status 130, saying what continues the interrupted work.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
+from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from marrowlens.config import (
@@ -29,12 +31,24 @@ from marrowlens.config import (
     STRATEGIES,
 )
 from marrowlens.errors import Interrupted, MarrowLensError
+from marrowlens.provenance import command_line, recording
+
+
+class _RecordingGroup(TyperGroup):
+    """The ``marrowlens`` group: what a command writes records the command line it was given."""
+
+    def main(self, args: Sequence[str] | None = None, *rest: Any, **extra: Any) -> Any:
+        words = sys.argv[1:] if args is None else list(args)  # None: click parses sys.argv too
+        with recording(command_line(*words)):
+            return super().main(args, *rest, **extra)
+
 
 if TYPE_CHECKING:  # the commands import what they need when they run: `--help` stays fast
     from marrowlens.cohort.manifest import Cohort
     from marrowlens.probes.commands import Outcome
 
 app = typer.Typer(
+    cls=_RecordingGroup,
     help="MarrowLens: self-supervised representations, probes and retrieval for single-cell AML images.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -96,10 +110,10 @@ def cohort_index(
 
 def _print_cohort(cohort: Cohort) -> None:
     meta = cohort.meta
-    say(f"wrote {cohort.folder / 'cells.parquet'}: {meta['n_cells']} cells, {meta['n_patients']} patients")
-    for name, counts in meta["counts"].items():
+    say(f"wrote {cohort.folder / 'cells.parquet'}: {meta.n_cells} cells, {meta.n_patients} patients")
+    for name, counts in meta.counts.items():
         say(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-    say(f"wrote {cohort.folder / 'quarantine.csv'}: {meta['n_quarantined']} unreadable file(s)")
+    say(f"wrote {cohort.folder / 'quarantine.csv'}: {meta.n_quarantined} unreadable file(s)")
 
 
 @cohort_app.command("check")
@@ -198,9 +212,7 @@ def embed(
         stain_normalize=stain_normalize,
     )
     if store is not None:
-        say(
-            f"wrote {store.folder / 'vectors.npy'}: {len(store)} x {store.meta['dim']} float32 ({store.fingerprint[:19]})"
-        )
+        say(f"wrote {store.folder / 'vectors.npy'}: {len(store)} x {store.meta.dim} float32 ({store.fingerprint[:19]})")
         say(f"wrote {store.folder / 'cells.parquet'} and {store.folder / 'meta.json'}")
 
 
@@ -291,9 +303,9 @@ def index_build(
     index = build_index(embeddings, out, kind=kind, metric=metric, overrides=set_, overwrite=overwrite)
     files = current_files(index.meta)
     say(
-        f"wrote {index.folder / files['index']}: {len(index)} cells, {index.kind} index ({index.meta['factory']}, {index.metric})"
+        f"wrote {index.folder / files.index}: {len(index)} cells, {index.kind} index ({index.meta.factory}, {index.metric})"
     )
-    say(f"wrote {index.folder / files['cells']} and {index.folder / 'meta.json'}")
+    say(f"wrote {index.folder / files.cells} and {index.folder / 'meta.json'}")
 
 
 @index_app.command("add")
@@ -309,8 +321,8 @@ def index_add(
 
     index, added = add_to_index(folder, embeddings)
     files = current_files(index.meta)
-    say(f"wrote {index.folder / files['index']}: added {added} cells, {len(index)} in all")
-    say(f"wrote {index.folder / files['cells']} and {index.folder / 'meta.json'}")
+    say(f"wrote {index.folder / files.index}: added {added} cells, {len(index)} in all")
+    say(f"wrote {index.folder / files.cells} and {index.folder / 'meta.json'}")
     advice = kind_advice(index)
     if advice:
         say(advice)
@@ -405,11 +417,9 @@ def serve(
     from marrowlens.retrieval.web.app import LOOPBACK_HOSTS, image_root
 
     searcher = Searcher.open(index, model)
-    for source in searcher.index.meta["sources"]:
+    for source in searcher.index.meta.sources:
         if image_root(source) is None:
-            say(
-                f"warning: the images of {source['embeddings']} are not on this machine; their thumbnails will be missing"
-            )
+            say(f"warning: the images of {source.embeddings} are not on this machine; their thumbnails will be missing")
     app_ = create_app(
         index,
         searcher=searcher,

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ from marrowlens.artifacts import (
     write_meta,
     write_parquet_atomic,
 )
+from marrowlens.contracts import EmbeddingsMeta, EmbeddingsOrigin
 from marrowlens.errors import MarrowLensError
+from marrowlens.provenance import python_api
 
 VECTORS_FILE = "vectors.npy"
 CELLS_FILE = "cells.parquet"
@@ -51,15 +54,15 @@ class Embeddings:
     folder: Path
     vectors: np.ndarray
     cells: pd.DataFrame
-    meta: dict[str, Any]
+    meta: EmbeddingsMeta
 
     @property
     def fingerprint(self) -> str:
-        return self.meta["fingerprint"]
+        return self.meta.fingerprint
 
     @property
     def model_fingerprint(self) -> str:
-        return self.meta["model"]["fingerprint"]
+        return self.meta.model.fingerprint
 
     def __len__(self) -> int:
         return len(self.cells)
@@ -68,7 +71,7 @@ class Embeddings:
 def load_embeddings(folder: str | Path, mmap: bool = True, check_finite: bool = True) -> Embeddings:
     """Load a store; refuse missing files, misaligned rows and (by default) NaN/inf vectors."""
     folder = Path(folder)
-    meta = read_meta(folder, "embeddings")
+    meta = read_meta(folder, EmbeddingsMeta)
     vectors_path = folder / VECTORS_FILE
     cells_path = folder / CELLS_FILE
     for path in (vectors_path, cells_path):
@@ -99,21 +102,21 @@ def store_fingerprint(digests: dict[str, str]) -> str:
 
 def _stats(folder: Path) -> dict[str, list[int]]:
     """What changes when a file is rewritten, replaced or touched: ctime and inode cannot be set back."""
-    stats = {}
+    stats: dict[str, list[int]] = {}
     for name in (VECTORS_FILE, CELLS_FILE):
         st = (folder / name).stat()
         stats[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     return stats
 
 
-def verify_store(folder: Path, meta: dict[str, Any]) -> None:
+def verify_store(folder: Path, meta: EmbeddingsMeta) -> None:
     """Refuse a store whose files are not the ones fingerprinted in its meta.json, naming the file.
 
     Hashing is skipped when ``.verified.json`` says this very fingerprint was checked against files
     with the same stats as now; a stale or missing record means hashing again.
     """
-    digests = meta.get("digests")
-    if not isinstance(digests, dict) or store_fingerprint(digests) != meta.get("fingerprint"):
+    digests = meta.digests or {}
+    if set(digests) != {VECTORS_FILE, CELLS_FILE} or store_fingerprint(digests) != meta.fingerprint:
         raise MarrowLensError(
             f"{folder} was embedded before MarrowLens fingerprinted the cell table (or its meta.json was edited); "
             "embed it again with --overwrite"
@@ -121,14 +124,14 @@ def verify_store(folder: Path, meta: dict[str, Any]) -> None:
     stats = _stats(folder)
     record = folder / _VERIFIED
     with contextlib.suppress(OSError, ValueError):
-        if json.loads(record.read_text()) == {"fingerprint": meta["fingerprint"], "stats": stats}:
+        if json.loads(record.read_text()) == {"fingerprint": meta.fingerprint, "stats": stats}:
             return
     for name in (VECTORS_FILE, CELLS_FILE):
         if "sha256:" + sha256_file(folder / name) != digests[name]:
             raise MarrowLensError(
                 f"{folder / name} does not match the fingerprint in {folder / 'meta.json'}: it was changed or replaced"
             )
-    _remember_verified(folder, meta["fingerprint"], stats)
+    _remember_verified(folder, meta.fingerprint, stats)
 
 
 def _remember_verified(folder: Path, fingerprint: str, stats: dict[str, list[int]]) -> None:
@@ -231,7 +234,7 @@ class EmbeddingWriter:
             self._fd = -1
         self._done.flush()
 
-    def finish(self, cells: pd.DataFrame, meta: dict[str, Any]) -> Embeddings:
+    def finish(self, cells: pd.DataFrame, origin: EmbeddingsOrigin) -> Embeddings:
         """Check every row is written, fingerprint, move into place, write cells and meta."""
         self.close()
         missing = int((self._done == 0).sum())
@@ -248,9 +251,16 @@ class EmbeddingWriter:
         digests[CELLS_FILE] = "sha256:" + sha256_file(self.folder / CELLS_FILE)
         os.replace(self.partial, self.folder / VECTORS_FILE)
         fingerprint = store_fingerprint(digests)
-        write_meta(
-            self.folder, "embeddings", n=self.n_rows, dim=self.dim, fingerprint=fingerprint, digests=digests, **meta
+        meta = EmbeddingsMeta(
+            n=self.n_rows,
+            dim=self.dim,
+            fingerprint=fingerprint,
+            digests=digests,
+            model=origin.model,
+            cohort=origin.cohort,
+            preprocessing=origin.preprocessing,
         )
+        write_meta(self.folder, meta)
         _remember_verified(self.folder, fingerprint, _stats(self.folder))
         del self._done
         self.done_path.unlink(missing_ok=True)
@@ -260,12 +270,19 @@ class EmbeddingWriter:
         return load_embeddings(self.folder, check_finite=False)
 
 
-def write_embeddings(folder: str | Path, vectors: np.ndarray, cells: pd.DataFrame, meta: dict[str, Any]) -> Embeddings:
-    """Write a whole in-memory store at once (small stores, tests, derived stores)."""
+@python_api
+def write_embeddings(
+    folder: str | Path, vectors: np.ndarray, cells: pd.DataFrame, origin: EmbeddingsOrigin | Mapping[str, Any]
+) -> Embeddings:
+    """Write a whole in-memory store at once (small stores, tests, derived stores).
+
+    ``origin`` (or its JSON form: ``{"model": ..., "cohort": ..., "preprocessing": ...}``) says what made the vectors.
+    """
+    origin = EmbeddingsOrigin.model_validate(origin)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     writer = EmbeddingWriter(
-        folder, len(vectors), int(vectors.shape[1]), key={"in_memory": True, **meta.get("model", {})}
+        folder, len(vectors), int(vectors.shape[1]), key={"in_memory": True, **origin.model.model_dump(mode="json")}
     )
     writer.write(np.arange(len(vectors)), vectors)
-    return writer.finish(cells, meta)
+    return writer.finish(cells, origin)

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from marrowlens.artifacts import write_json_atomic, write_meta, write_text_atomic
+from marrowlens.artifacts import artifact_kind, read_meta, write_json_atomic, write_meta, write_text_atomic
 from marrowlens.cohort.manifest import load_cohort
 from marrowlens.config import (
+    IndexStageConfig,
     PretrainConfig,
     PretrainStageConfig,
     ProbeConfig,
@@ -28,7 +29,9 @@ from marrowlens.config import (
     shipped_probe_config,
     validate_config,
 )
+from marrowlens.contracts import CohortMeta, CohortRef, StudyMeta
 from marrowlens.errors import Interrupted, MarrowLensError
+from marrowlens.provenance import command_line, python_api, recording
 
 STAGES_FILE = "stages.json"
 REPORT_FILE = "report.md"
@@ -92,6 +95,7 @@ class Study:
         write_json_atomic(self.out / STAGES_FILE, self.stages)
 
 
+@python_api
 def run_study(cohort_dir: Path, config: RunConfig, out: Path, say: Callable[[str], None] = print) -> Path | None:
     """Run (or finish) a study; returns the report path on the main process, None on other ranks."""
     from marrowlens.ssl.backbones import INFO_FILE
@@ -105,12 +109,13 @@ def run_study(cohort_dir: Path, config: RunConfig, out: Path, say: Callable[[str
     run_dir, emb_dir = out / "run", out / "emb"
 
     pretrain_config = stage_pretrain_config(config.pretrain)
-    key = _key(pretrain_config.model_dump(mode="json"), cohort.meta["fingerprint"])
+    key = _key(pretrain_config.model_dump(mode="json"), cohort.meta.fingerprint)
     finished = (run_dir / INFO_FILE).is_file()
     if not study.done("pretrain", key, finished):
         resume = study.begin("pretrain", key) and (run_dir / LAST_CKPT).is_file()
         try:
-            result = pretrain(pretrain_config, cohort_dir, run_dir, resume=resume, overwrite=not resume)
+            with recording(_pretrain_command(config, cohort_dir, run_dir, resume)):
+                result = pretrain(pretrain_config, cohort_dir, run_dir, resume=resume, overwrite=not resume)
         except Interrupted as exc:
             raise Interrupted(f"pretraining interrupted; {_how_to_continue(run_dir / LAST_CKPT)}") from exc
         if result is None:
@@ -119,26 +124,28 @@ def run_study(cohort_dir: Path, config: RunConfig, out: Path, say: Callable[[str
     backbone = json.loads((run_dir / INFO_FILE).read_text())
     study.lines.append(f"- backbone: `{backbone['timm_name']}` at {backbone['image_size']} px ({run_dir})")
 
-    emb_key = _key(backbone["fingerprint"], cohort.meta["fingerprint"], config.embed.model_dump(mode="json"))
+    emb_key = _key(backbone["fingerprint"], cohort.meta.fingerprint, config.embed.model_dump(mode="json"))
     if not study.done("embed", emb_key, (emb_dir / "meta.json").is_file()):
         from marrowlens.ssl.embed import embed_cohort
 
         resume = study.begin("embed", emb_key)
-        embed_cohort(
-            run_dir,
-            cohort_dir,
-            emb_dir,
-            batch_size=config.embed.batch_size,
-            precision=config.embed.precision,
-            num_workers=config.embed.num_workers,
-            stain_normalize=config.embed.stain_normalize,
-            overwrite=not resume or (emb_dir / "meta.json").is_file(),
-        )
+        overwrite = not resume or (emb_dir / "meta.json").is_file()
+        with recording(_embed_command(config, run_dir, cohort_dir, emb_dir, overwrite)):
+            embed_cohort(
+                run_dir,
+                cohort_dir,
+                emb_dir,
+                batch_size=config.embed.batch_size,
+                precision=config.embed.precision,
+                num_workers=config.embed.num_workers,
+                stain_normalize=config.embed.stain_normalize,
+                overwrite=overwrite,
+            )
         study.record("embed", emb_key)
     from marrowlens.embeddings import load_embeddings
 
     store = load_embeddings(emb_dir)
-    study.lines.append(f"- embeddings: {len(store)} cells x {store.meta['dim']} ({emb_dir})")
+    study.lines.append(f"- embeddings: {len(store)} cells x {store.meta.dim} ({emb_dir})")
     _probe_stages(config, store.fingerprint, emb_dir, out, study)
     if config.index.enabled:
         _index_stage(config, store.fingerprint, emb_dir, out / "idx", study)
@@ -164,7 +171,8 @@ def _probe_stages(config: RunConfig, emb_fingerprint: str, emb_dir: Path, out: P
         if study.done(f"probe {name}", keys[name], (folder / "report.md").is_file()):
             study.lines += [f"- probe `{name}` ({stage.task}): see {folder / 'report.md'}"]
             continue
-        outcome = probes.fit(stage.task, emb_dir, folder, probe_config, blast_probe=blast_dir, overwrite=True)
+        with recording(_probe_command(stage, emb_dir, folder, blast_dir)):
+            outcome = probes.fit(stage.task, emb_dir, folder, probe_config, blast_probe=blast_dir, overwrite=True)
         study.record(f"probe {name}", keys[name])
         for line in outcome.headline:
             study.say(f"  {line}")
@@ -181,30 +189,31 @@ def _index_stage(config: RunConfig, emb_fingerprint: str, emb_dir: Path, index_d
     override = [config.index.override] if config.index.override else []
     key = _key(emb_fingerprint, config.index.model_dump(mode="json", exclude={"override"}), *override)
     if not study.done("index", key, (index_dir / "meta.json").is_file()):
-        build_index(
-            emb_dir,
-            index_dir,
-            kind=config.index.kind,
-            metric=config.index.metric,
-            overrides=config.index.set,
-            values=config.index.override,
-            overwrite=True,
-        )
+        with recording(_index_command(config.index, emb_dir, index_dir)):
+            build_index(
+                emb_dir,
+                index_dir,
+                kind=config.index.kind,
+                metric=config.index.metric,
+                overrides=config.index.set,
+                values=config.index.override,
+                overwrite=True,
+            )
         study.record("index", key)
     study.lines.append(f"- similar-cell index: {index_dir}; browse with `marrowlens serve --index {index_dir}`")
 
 
-def _write_report(out: Path, cohort_dir: Path, cohort_meta: dict[str, Any], study: Study) -> Path:
+def _write_report(out: Path, cohort_dir: Path, cohort_meta: CohortMeta, study: Study) -> Path:
     counts = "; ".join(
-        f"{name}: " + ", ".join(f"{k} {v}" for k, v in values.items()) for name, values in cohort_meta["counts"].items()
+        f"{name}: " + ", ".join(f"{k} {v}" for k, v in values.items()) for name, values in cohort_meta.counts.items()
     )
     text = "\n".join(
         [
             "# MarrowLens study",
             "",
             (
-                f"- cohort: {cohort_dir} ({cohort_meta['n_cells']} cells, {cohort_meta['n_patients']} patients, "
-                f"{cohort_meta['n_quarantined']} quarantined)"
+                f"- cohort: {cohort_dir} ({cohort_meta.n_cells} cells, {cohort_meta.n_patients} patients, "
+                f"{cohort_meta.n_quarantined} quarantined)"
             ),
             f"- labels: {counts}",
             *study.lines,
@@ -212,22 +221,61 @@ def _write_report(out: Path, cohort_dir: Path, cohort_meta: dict[str, Any], stud
         ]
     )
     write_text_atomic(out / REPORT_FILE, text)
-    write_meta(
-        out,
-        "study",
-        cohort={"folder": str(Path(cohort_dir).resolve()), "fingerprint": cohort_meta["fingerprint"]},
-        stages=study.stages,
-    )
+    cohort = CohortRef(folder=str(Path(cohort_dir).resolve()), fingerprint=cohort_meta.fingerprint)
+    write_meta(out, StudyMeta(cohort=cohort, stages=study.stages))
     return out / REPORT_FILE
 
 
 def _refuse_foreign_results(out: Path, cohort_dir: Path) -> None:
     """A results folder belongs to one cohort; another cohort needs another folder."""
-    meta_path = out / "meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        current = load_cohort(cohort_dir).meta["fingerprint"]
-        if meta.get("kind") == "study" and meta["cohort"]["fingerprint"] != current:
-            raise MarrowLensError(
-                f"{out} holds a study of another cohort ({meta['cohort']['folder']}); choose another --out"
-            )
+    if artifact_kind(out) == "study":
+        meta = read_meta(out, StudyMeta)
+        if meta.cohort.fingerprint != load_cohort(cohort_dir).meta.fingerprint:
+            raise MarrowLensError(f"{out} holds a study of another cohort ({meta.cohort.folder}); choose another --out")
+
+
+# ---------------------------------------------------------------- the command each stage stands for
+
+
+def _options(stage: PretrainStageConfig | ProbeStageConfig | IndexStageConfig) -> list[Any]:
+    """A stage's ``--config`` (if any), its ``override:`` mapping and ``set:`` strings, as ``--set`` words."""
+    config = getattr(stage, "config", None)
+    settings = [*_flat_settings(stage.override), *stage.set]
+    return [*(["--config", config] if config else []), *[word for item in settings for word in ("--set", item)]]
+
+
+def _flat_settings(mapping: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``{"model": {"image_size": 64}}`` -> ``["model.image_size=64"]`` (values as YAML reads them back)."""
+    items: list[str] = []
+    for key, value in mapping.items():
+        if isinstance(value, Mapping) and value:
+            items += _flat_settings(value, f"{prefix}{key}.")
+        else:
+            items.append(f"{prefix}{key}={value if isinstance(value, str) else json.dumps(value)}")
+    return items
+
+
+def _pretrain_command(config: RunConfig, cohort_dir: Path, run_dir: Path, resume: bool) -> str:
+    """`marrowlens pretrain` with the study's config and overrides (``--pretrain-set`` among them)."""
+    again = "--resume" if resume else "--overwrite"
+    return command_line("pretrain", "--cohort", cohort_dir, "--out", run_dir, *_options(config.pretrain), again)
+
+
+def _embed_command(config: RunConfig, run_dir: Path, cohort_dir: Path, emb_dir: Path, overwrite: bool) -> str:
+    embed = config.embed
+    words: list[Any] = ["embed", "--model", run_dir, "--cohort", cohort_dir, "--out", emb_dir]
+    words += ["--batch-size", embed.batch_size, "--precision", embed.precision]
+    words += ["--num-workers", embed.num_workers] if embed.num_workers is not None else []
+    words += ["--stain-normalize", embed.stain_normalize, *(["--overwrite"] if overwrite else [])]
+    return command_line(*words)
+
+
+def _probe_command(stage: ProbeStageConfig, emb_dir: Path, folder: Path, blast_dir: Path | None) -> str:
+    blast = ["--blast-probe", blast_dir] if blast_dir else []
+    options = [*_options(stage), *blast, "--overwrite"]
+    return command_line("probe", "fit", stage.task, "--embeddings", emb_dir, "--out", folder, *options)
+
+
+def _index_command(stage: IndexStageConfig, emb_dir: Path, index_dir: Path) -> str:
+    build = ["index", "build", "--embeddings", emb_dir, "--out", index_dir]
+    return command_line(*build, "--kind", stage.kind, "--metric", stage.metric, *_options(stage), "--overwrite")

@@ -14,7 +14,9 @@ from marrowlens.artifacts import (
     write_meta,
     write_text_atomic,
 )
+from marrowlens.contracts import CohortMeta
 from marrowlens.errors import MarrowLensError
+from tests.test_contracts import EXAMPLES
 
 
 def test_atomic_path_leaves_the_old_file_when_the_writer_fails(tmp_path: Path) -> None:
@@ -27,20 +29,13 @@ def test_atomic_path_leaves_the_old_file_when_the_writer_fails(tmp_path: Path) -
     assert list(tmp_path.iterdir()) == [target]
 
 
-def test_meta_round_trip_and_kind_check(tmp_path: Path) -> None:
-    write_meta(tmp_path, "index", count=3)
-    assert read_meta(tmp_path, "index")["count"] == 3
-    with pytest.raises(MarrowLensError, match="holds a 'index' artifact, expected 'embeddings'"):
-        read_meta(tmp_path, "embeddings")
-
-
 def test_fingerprint_mismatch_names_both_sides() -> None:
     with pytest.raises(MarrowLensError, match="idx/ has 111111111111 but emb/ has 222222222222"):
         require_same_fingerprint("model", "sha256:" + "1" * 64, "idx/", "sha256:" + "2" * 64, "emb/")
 
 
 def test_prepare_out_dir_refuses_finished_artifacts(tmp_path: Path) -> None:
-    write_meta(tmp_path, "probe")
+    write_meta(tmp_path, EXAMPLES["probe"])
     with pytest.raises(MarrowLensError, match="--overwrite"):
         prepare_out_dir(tmp_path, overwrite=False)
     assert prepare_out_dir(tmp_path, overwrite=True) == tmp_path
@@ -83,7 +78,7 @@ def test_prepare_out_dir_cleans_stale_temporaries(tmp_path: Path) -> None:
 def test_meta_json_that_is_not_an_object(tmp_path: Path) -> None:
     (tmp_path / "meta.json").write_text("[]")
     with pytest.raises(MarrowLensError, match="meta.json is not a MarrowLens meta.json: it holds a JSON list"):
-        read_meta(tmp_path, "cohort")
+        read_meta(tmp_path, CohortMeta)
 
 
 def test_commit_files_swaps_all_or_nothing(tmp_path: Path) -> None:

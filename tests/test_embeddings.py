@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from marrowlens.artifacts import sha256_file
+from marrowlens.contracts import EmbeddingsOrigin
 from marrowlens.embeddings import EmbeddingWriter, load_embeddings, write_embeddings
 from marrowlens.errors import MarrowLensError
 
@@ -15,7 +16,19 @@ def _cells(n: int) -> pd.DataFrame:
     return pd.DataFrame({"cell_id": [f"c{i}" for i in range(n)], "patient_id": ["p"] * n})
 
 
-META = {"model": {"fingerprint": "sha256:abc"}}
+META = EmbeddingsOrigin.model_validate(
+    {
+        "model": {
+            "timm_name": "test_resnet",
+            "image_size": 32,
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "num_features": 4,
+            "fingerprint": "sha256:abc",
+            "source": "random init",
+        }
+    }
+)
 
 
 class TestEmbeddingWriter:
@@ -26,7 +39,7 @@ class TestEmbeddingWriter:
             writer.write(np.array(rows), vectors[rows])
         store = writer.finish(_cells(10), META)
         np.testing.assert_array_equal(np.asarray(store.vectors), vectors)
-        assert store.fingerprint.startswith("sha256:") and store.meta["dim"] == 4
+        assert store.fingerprint.startswith("sha256:") and store.meta.dim == 4
         assert isinstance(store.vectors, np.memmap)
         assert not (tmp_path / "vectors.partial.npy").exists()
 

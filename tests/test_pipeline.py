@@ -10,11 +10,14 @@ import pandas as pd
 import pytest
 import yaml
 
+from marrowlens.artifacts import read_meta
 from marrowlens.cohort.manifest import IndexOptions, index_cohort
 from marrowlens.cohort.synthetic import make_synthetic_cohort
 from marrowlens.config import IndexStageConfig, PretrainStageConfig, RunConfig
+from marrowlens.contracts import EmbeddingsMeta, IndexMeta, ProbeMeta, RunMeta, StudyMeta
 from marrowlens.errors import Interrupted
 from marrowlens.pipeline import load_run_config, run_study
+from marrowlens.provenance import command_line
 from tests.conftest import REPO_ROOT, InterruptAtEpoch
 
 TINY_PRETRAIN = [
@@ -68,6 +71,22 @@ def deepapl_like(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "cohort"
 
 
+def _assert_stage_commands(cohort: Path, out: Path) -> None:
+    """Each stage records the command it stands for; the study, called from Python here, the function."""
+    assert read_meta(out, StudyMeta).command == "python: marrowlens.pipeline.run_study"
+    pretrain = read_meta(out / "run", RunMeta).command
+    assert pretrain.startswith(command_line("pretrain", "--cohort", cohort, "--out", out / "run", "--config"))
+    assert " --set model.backbone=test_resnet " in pretrain and pretrain.endswith(" --overwrite")
+    embed = read_meta(out / "emb", EmbeddingsMeta).command
+    assert embed.startswith(command_line("embed", "--model", out / "run", "--cohort", cohort, "--out", out / "emb"))
+    blast = read_meta(out / "probes" / "blast", ProbeMeta).command
+    assert blast.startswith(
+        command_line("probe", "fit", "blast", "--embeddings", out / "emb", "--out", out / "probes" / "blast")
+    )
+    index = read_meta(out / "idx", IndexMeta).command
+    assert index.startswith(command_line("index", "build", "--embeddings", out / "emb", "--out", out / "idx"))
+
+
 class TestDeepAPLStudy:
     def test_whole_study_then_skips_then_redoes_what_changed(self, deepapl_like: Path, tmp_path: Path) -> None:
         config_path = _shipped("deepapl", tmp_path)
@@ -83,6 +102,7 @@ class TestDeepAPLStudy:
         assert apl["classes"] == ["PML_RARA", "other_AML"]
         assert (out / "idx" / "index.faiss").is_file() and "marrowlens serve --index" in text
         assert json.loads((out / "meta.json").read_text())["kind"] == "study"
+        _assert_stage_commands(deepapl_like, out)
 
         messages.clear()
         run_study(deepapl_like, load_run_config(config_path, [], []), out, say=messages.append)
@@ -147,7 +167,7 @@ def test_hehr_layout_with_blast_labels_from_a_second_source(tmp_path: Path) -> N
         (lmu / code).mkdir(parents=True, exist_ok=True)
         shutil.copy(synthetic.image_path(row.path), lmu / code / f"{row.patient_id}_{Path(row.path).name}")
     cohort = index_cohort([hehr, lmu], tmp_path / "cohort", IndexOptions())
-    layouts = [source["layout"] for source in cohort.meta["sources"]]
+    layouts = [source.layout for source in cohort.meta.sources]
     assert layouts == ["mutation_patient", "cell_type"]
     assert cohort.cells.loc[cohort.cells["domain"] == "AML_Hehr", "is_blast"].isna().all()
     report = run_study(

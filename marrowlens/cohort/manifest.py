@@ -10,7 +10,6 @@ left without cells, an empty folder) are one-line errors raised before anything 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -21,16 +20,17 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from marrowlens.artifacts import META_FILE, commit_files, json_text, meta_record, read_meta, read_parquet
+from marrowlens.artifacts import META_FILE, artifact_kind, commit_files, meta_text, read_meta, read_parquet
 from marrowlens.cohort.images import IMAGE_SUFFIXES, ImageDecodeError, inspect_image
 from marrowlens.cohort.labels import MutationVocabulary, cell_type_name, is_blast_type, parse_bool
+from marrowlens.cohort.schema import CELL_COLUMNS, CELL_DTYPES, COUNTED_COLUMNS, LABEL_COLUMNS
 from marrowlens.config import LAYOUTS
+from marrowlens.contracts import CohortMeta, CohortSource
 from marrowlens.errors import MarrowLensError, listing
+from marrowlens.provenance import python_api
 
 CELLS_FILE = "cells.parquet"
 QUARANTINE_FILE = "quarantine.csv"
-COLUMNS = ["cell_id", "path", "patient_id", "cell_type", "is_blast", "mutation", "domain", "split", "width", "height"]
-LABEL_COLUMNS = ["patient_id", "cell_type", "is_blast", "mutation", "domain", "split"]
 DEEPAPL_MUTATIONS = {"APL": "PML_RARA", "AML": "other_AML"}
 # CSV column names we recognise without being told, in order of preference.
 _CSV_SYNONYMS = {
@@ -64,7 +64,7 @@ class Cohort:
     folder: Path
     root: Path
     cells: pd.DataFrame
-    meta: dict[str, Any]
+    meta: CohortMeta
 
     def image_path(self, relative: str) -> Path:
         return self.root / relative
@@ -100,11 +100,7 @@ def _resolve(path: Path) -> Path:
 
 def _is_artifact(folder: Path) -> bool:
     """Whether ``folder`` holds a MarrowLens output (its meta.json names a version): not images to index."""
-    try:
-        meta = json.loads((folder / META_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and "marrowlens_version" in meta
+    return artifact_kind(folder) is not None
 
 
 def _readable_dir(folder: Path, skip: tuple[Path, ...]) -> bool:
@@ -132,11 +128,12 @@ def _image_files(root: Path, skip: tuple[Path, ...] = ()) -> tuple[list[Path], l
 def _read_csv(path: Path, **kwargs: Any) -> pd.DataFrame:
     """``pd.read_csv`` with unreadable, empty or malformed files as one-line errors naming the file."""
     try:
-        return pd.read_csv(path, **kwargs)
+        frame: pd.DataFrame = pd.read_csv(path, **kwargs)
     except pd.errors.EmptyDataError:
         raise MarrowLensError(f"{path} is empty: expected a header line with a 'path' column") from None
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise MarrowLensError(f"cannot read {path}: {exc}") from exc
+    return frame
 
 
 def detect_layout(root: Path, skip: tuple[Path, ...] = ()) -> str:
@@ -307,12 +304,13 @@ def _common_root(sources: list[Path]) -> Path:
     return Path(os.path.commonpath([str(f) for f in folders]))
 
 
+@python_api
 def index_cohort(
-    sources: list[Path], out: Path, options: IndexOptions | None = None, extra_meta: dict[str, Any] | None = None
+    sources: list[Path], out: Path, options: IndexOptions | None = None, synthetic: dict[str, Any] | None = None
 ) -> Cohort:
     """Index image sources into a cohort folder; returns the loaded cohort.
 
-    ``extra_meta`` adds fields to ``meta.json`` (e.g. the settings of the synthetic generator).
+    ``synthetic`` records the settings of the generator that drew the images, if one did.
     """
     if not sources:
         raise MarrowLensError("give at least one image folder or CSV")
@@ -352,29 +350,28 @@ def index_cohort(
     _refuse_empty_classes(cells, class_folders)
     out.mkdir(parents=True, exist_ok=True)
     layouts = [layout for layout, *_ in read]
-    meta = meta_record(
-        "cohort",
+    meta = CohortMeta(
         root=str(root),
         root_relative=os.path.relpath(root, out.resolve()),
-        sources=[{"path": str(s), "layout": layout} for s, layout in zip(sources, layouts)],
+        sources=[CohortSource(path=str(s), layout=layout) for s, layout in zip(sources, layouts)],
         n_cells=len(cells),
         n_quarantined=len(quarantine),
         n_patients=int(cells["patient_id"].nunique()),
         mutation_map=options.map_mutation,
         counts=label_counts(cells),
         fingerprint=cohort_fingerprint(cells),
-        **(extra_meta or {}),
+        synthetic=synthetic,
     )
     _commit(out, cells, _quarantine_frame(root, quarantine), meta)
     return Cohort(folder=out, root=root, cells=cells, meta=meta)
 
 
-def _commit(out: Path, cells: pd.DataFrame, quarantine: pd.DataFrame, meta: dict[str, Any]) -> None:
+def _commit(out: Path, cells: pd.DataFrame, quarantine: pd.DataFrame, meta: CohortMeta) -> None:
     """Replace the cohort's three files together: a reader sees the old cohort or the new one, never a mix."""
     with commit_files(out, [CELLS_FILE, QUARANTINE_FILE, META_FILE]) as paths:
         cells.to_parquet(paths[CELLS_FILE], index=False)
         quarantine.to_csv(paths[QUARANTINE_FILE], index=False)
-        paths[META_FILE].write_text(json_text(meta))
+        paths[META_FILE].write_text(meta_text(meta))
 
 
 def _refuse_duplicates(rows: list[_Candidate]) -> None:
@@ -404,13 +401,7 @@ def _cells_frame(good: list[tuple[_Candidate, tuple[int, int]]], root: Path) -> 
         record = {name: candidate.labels.get(name) for name in LABEL_COLUMNS}
         record.update(cell_id=cell_id_of(relative), path=relative, width=width, height=height)
         records.append(record)
-    cells = pd.DataFrame.from_records(records, columns=COLUMNS)
-    for name in ("cell_id", "path", "patient_id", "cell_type", "mutation", "domain", "split"):
-        cells[name] = cells[name].astype("string")
-    cells["is_blast"] = cells["is_blast"].astype("boolean")
-    cells["width"] = cells["width"].astype("int32")
-    cells["height"] = cells["height"].astype("int32")
-    return cells
+    return pd.DataFrame.from_records(records, columns=CELL_COLUMNS).astype(CELL_DTYPES)
 
 
 def _refuse_empty_classes(cells: pd.DataFrame, class_folders: dict[str, str]) -> None:
@@ -438,7 +429,7 @@ def _read_quarantine(folder: Path) -> pd.DataFrame:
 
 def label_counts(cells: pd.DataFrame) -> dict[str, dict[str, int]]:
     counts = {}
-    for name in ("mutation", "cell_type", "is_blast", "domain"):
+    for name in COUNTED_COLUMNS:
         values = cells[name].dropna()
         if not values.empty:
             counts[name] = {str(k): int(v) for k, v in values.value_counts().sort_index().items()}
@@ -457,24 +448,25 @@ def cohort_fingerprint(cells: pd.DataFrame) -> str:
 def load_cohort(folder: str | Path) -> Cohort:
     """Load a cohort folder; refuse a folder that is not one or whose table is malformed."""
     folder = Path(folder)
-    meta = read_meta(folder, "cohort")
+    meta = read_meta(folder, CohortMeta)
     table = folder / CELLS_FILE
     if not table.is_file():
         raise MarrowLensError(f"{folder} has no {CELLS_FILE}")
     cells = read_parquet(table)
-    missing = [c for c in COLUMNS if c not in cells.columns]
+    missing = [c for c in CELL_COLUMNS if c not in cells.columns]
     if missing:
         raise MarrowLensError(f"{table} lacks column(s) {', '.join(missing)}")
-    root = (folder / meta["root_relative"]).resolve()
+    root = (folder / meta.root_relative).resolve()
     if not root.is_dir():
-        root = Path(meta["root"])
+        root = Path(meta.root)
     if not root.is_dir():
         raise MarrowLensError(
-            f"the images of {folder} are gone: neither {folder / meta['root_relative']} nor {meta['root']} exists"
+            f"the images of {folder} are gone: neither {folder / meta.root_relative} nor {meta.root} exists"
         )
     return Cohort(folder=folder, root=root, cells=cells, meta=meta)
 
 
+@python_api
 def check_cohort(folder: str | Path, workers: int = 8, fix: bool = False) -> tuple[Cohort, list[tuple[str, str]]]:
     """Re-validate a cohort: schema, unique ids, every image still decodes.
 
@@ -492,10 +484,9 @@ def check_cohort(folder: str | Path, workers: int = 8, fix: bool = False) -> tup
             [_read_quarantine(Path(folder)), pd.DataFrame(problems, columns=["path", "reason"])], ignore_index=True
         )
         kept = cells[~cells["path"].isin(broken)].reset_index(drop=True)
-        fields = {k: v for k, v in cohort.meta.items() if k not in ("kind", "marrowlens_version", "created", "command")}
-        fields.update(
+        meta = cohort.meta.renewed(
             n_cells=len(kept), n_quarantined=len(frame), counts=label_counts(kept), fingerprint=cohort_fingerprint(kept)
         )
-        _commit(Path(folder), kept, frame, meta_record("cohort", **fields))
+        _commit(Path(folder), kept, frame, meta)
         cohort = load_cohort(folder)
     return cohort, problems

@@ -282,4 +282,4 @@ def make_synthetic_cohort(
         "patients_file": PATIENTS_FILE,
     }
     options = IndexOptions(layout="csv", workers=max(2, workers))
-    return index_cohort([out / LABELS_FILE], out, options, extra_meta={"synthetic": settings})
+    return index_cohort([out / LABELS_FILE], out, options, synthetic=settings)

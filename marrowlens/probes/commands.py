@@ -24,6 +24,7 @@ from marrowlens.artifacts import (
 )
 from marrowlens.cohort.manifest import patient_groups
 from marrowlens.config import ProbeConfig, load_config, nest, shipped_probe_config, validate_config
+from marrowlens.contracts import NoiseSweepMeta, SweptStore
 from marrowlens.embeddings import Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.probes.evaluate import (
@@ -48,6 +49,7 @@ from marrowlens.probes.report import (
     write_sweep_plot,
 )
 from marrowlens.probes.tasks import MutationTask, Probe, Task, make_task
+from marrowlens.provenance import python_api
 
 PREDICT_BLOCK = 65536
 
@@ -148,6 +150,7 @@ def _header(config: ProbeConfig, task: Task, emb: Embeddings) -> dict[str, Any]:
 # ---------------------------------------------------------------- commands
 
 
+@python_api
 def fit(
     task_name: str,
     embeddings: Path,
@@ -263,6 +266,7 @@ def predict(probe_dir: Path, embeddings: Path, out: Path, overwrite: bool = Fals
     return Outcome([out, patients_out], lines)
 
 
+@python_api
 def noise_sweep(
     embeddings: Path,
     out: Path,
@@ -322,7 +326,7 @@ def noise_sweep(
     write_json_atomic(out / "sweep.json", result)
     write_text_atomic(out / "sweep.md", sweep_markdown(result))
     written = [out / "sweep.json", out / "sweep.md", write_sweep_plot(out, result)]
-    write_meta(out, "noise-sweep", embeddings=result["embeddings"], task=config.task)
+    write_meta(out, NoiseSweepMeta(embeddings=SweptStore.model_validate(result["embeddings"]), task=config.task))
     return Outcome(written, [sweep_line(r) for r in rows])
 
 

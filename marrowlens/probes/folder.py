@@ -31,6 +31,7 @@ from marrowlens.artifacts import (
     write_meta,
 )
 from marrowlens.config import ProbeConfig, dump_config, validate_config
+from marrowlens.contracts import ModelRef, ProbeMeta, StoreRef
 from marrowlens.embeddings import Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.probes.heads import head_class
@@ -81,14 +82,13 @@ def save_probe(folder: Path, probe: Probe, emb: Embeddings, extra: dict[str, Any
         }
     dump_config(probe.config, folder / CONFIG_FILE)
     write_json_atomic(folder / PROBE_FILE, info)
-    write_meta(
-        folder,
-        "probe",
+    meta = ProbeMeta(
         task=info["task"],
         fingerprint=info["fingerprint"],
-        embeddings=info["embeddings"],
-        model={"fingerprint": info["model_fingerprint"]},
+        embeddings=StoreRef.model_validate(info["embeddings"]),
+        model=ModelRef(fingerprint=info["model_fingerprint"]),
     )
+    write_meta(folder, meta)
     return info
 
 
@@ -106,7 +106,7 @@ def copy_probe(source: Path, target: Path) -> dict[str, Any]:
 
 def read_probe_info(folder: Path) -> dict[str, Any]:
     folder = Path(folder)
-    read_meta(folder, "probe")
+    read_meta(folder, ProbeMeta)
     try:
         info: dict[str, Any] = json.loads((folder / PROBE_FILE).read_text())
         return info

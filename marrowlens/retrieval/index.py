@@ -41,9 +41,12 @@ from marrowlens.artifacts import (
     short,
     write_meta,
 )
+from marrowlens.cohort.schema import CLASS_COLUMNS
 from marrowlens.config import load_config
+from marrowlens.contracts import EmbeddingsMeta, IndexFiles, IndexMeta, IndexSource, SourceCohort
 from marrowlens.embeddings import Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
+from marrowlens.provenance import python_api
 from marrowlens.retrieval.kinds import INDEX_KINDS, IndexKind
 
 INDEX_FILE = "index.faiss"
@@ -112,23 +115,23 @@ class CellIndex:
     folder: Path
     index: faiss.Index
     cells: pd.DataFrame
-    meta: dict[str, Any]
+    meta: IndexMeta
 
     @property
     def kind(self) -> str:
-        return self.meta["index_kind"]
+        return self.meta.index_kind
 
     @property
     def metric(self) -> str:
-        return self.meta["metric"]
+        return self.meta.metric
 
     @property
     def params(self) -> dict[str, Any]:
-        return self.meta["params"]
+        return self.meta.params
 
     @property
     def model_fingerprint(self) -> str:
-        return self.meta["model"]["fingerprint"]
+        return self.meta.model.fingerprint
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -162,7 +165,7 @@ class CellIndex:
 
     def vector(self, row: int) -> np.ndarray:
         """The stored (normalised for cosine; decoded for PQ, so approximate) vector of a cell."""
-        return self.index.reconstruct(int(row))
+        return np.asarray(self.index.reconstruct(int(row)))
 
 
 def _training_sample(vectors: np.ndarray, size: int, seed: int, metric: str) -> np.ndarray:
@@ -182,24 +185,26 @@ def _add_blocks(index: faiss.Index, vectors: np.ndarray, first_id: int, metric: 
             bar.update(len(block))
 
 
-def _source_record(store: Embeddings, first_row: int) -> dict[str, Any]:
+def _source_record(store: Embeddings, first_row: int) -> IndexSource:
     """Where a store's cells came from, including the image root thumbnails are read from."""
-    cohort = dict(store.meta.get("cohort") or {})
+    cohort = store.meta.cohort
     root = None
-    if cohort.get("folder"):
+    if cohort is not None:
         from marrowlens.cohort.manifest import load_cohort
 
         try:
-            root = str(load_cohort(cohort["folder"]).root)
+            root = str(load_cohort(cohort.folder).root)
         except MarrowLensError:
             root = None  # searchable without images; the server says thumbnails are unavailable
-    return {
-        "embeddings": str(store.folder.resolve()),
-        "fingerprint": store.fingerprint,
-        "first_row": first_row,
-        "count": len(store),
-        "cohort": {"folder": cohort.get("folder"), "fingerprint": cohort.get("fingerprint"), "root": root},
-    }
+    return IndexSource(
+        embeddings=str(store.folder.resolve()),
+        fingerprint=store.fingerprint,
+        first_row=first_row,
+        count=len(store),
+        cohort=SourceCohort(
+            folder=cohort.folder if cohort else None, fingerprint=cohort.fingerprint if cohort else None, root=root
+        ),
+    )
 
 
 def _refuse_duplicate_ids(cells: pd.DataFrame, where: str) -> None:
@@ -208,21 +213,19 @@ def _refuse_duplicate_ids(cells: pd.DataFrame, where: str) -> None:
         raise MarrowLensError(f"{where} holds {len(duplicated)} duplicate cell id(s), e.g. {duplicated.iloc[0]}")
 
 
-def _version_files(version: int) -> dict[str, str]:
+def _version_files(version: int) -> IndexFiles:
     """File names of a version: version 0 (a build) keeps the plain names older releases used."""
     if version == 0:
-        return {"index": INDEX_FILE, "cells": CELLS_FILE}
-    return {"index": f"index.{version}.faiss", "cells": f"cells.{version}.parquet"}
+        return IndexFiles(index=INDEX_FILE, cells=CELLS_FILE)
+    return IndexFiles(index=f"index.{version}.faiss", cells=f"cells.{version}.parquet")
 
 
-def current_files(meta: dict[str, Any]) -> dict[str, str]:
+def current_files(meta: IndexMeta) -> IndexFiles:
     """The files meta.json points at (the plain names in folders from before versions)."""
-    return meta.get("files") or _version_files(0)
+    return meta.files or _version_files(0)
 
 
-def _write(
-    folder: Path, index: faiss.Index, cells: pd.DataFrame, meta_fields: dict[str, Any], version: int
-) -> dict[str, Any]:
+def _write(folder: Path, index: faiss.Index, cells: pd.DataFrame, meta: IndexMeta, version: int) -> IndexMeta:
     """Write ``version``'s index and cells (each atomic), then meta.json naming them, then drop other versions.
 
     meta.json is the commit record and the pointer to the current files: until it is renamed into
@@ -231,17 +234,18 @@ def _write(
     """
     files = _version_files(version)
     with contextlib.ExitStack() as stack:
-        cells_tmp = stack.enter_context(atomic_path(folder / files["cells"]))
-        index_tmp = stack.enter_context(atomic_path(folder / files["index"]))
+        cells_tmp = stack.enter_context(atomic_path(folder / files.cells))
+        index_tmp = stack.enter_context(atomic_path(folder / files.index))
         cells.reset_index(drop=True).to_parquet(cells_tmp, index=False)
         faiss.write_index(index, str(index_tmp))
-    meta = write_meta(folder, "index", **meta_fields, version=version, files=files)
+    meta = write_meta(folder, meta.renewed(version=version, files=files))
     for path in folder.iterdir():  # older versions, and any a killed ``add`` left unreferenced
-        if _VERSION_FILE.fullmatch(path.name) and path.name not in files.values():
+        if _VERSION_FILE.fullmatch(path.name) and path.name not in (files.index, files.cells):
             path.unlink(missing_ok=True)
     return meta
 
 
+@python_api
 def build_index(
     embeddings: str | Path,
     out: str | Path,
@@ -272,27 +276,23 @@ def build_index(
 
     cells = store.cells.copy()
     cells["source"] = np.int32(0)
-    meta = _write(
-        out,
-        index,
-        cells,
-        {
-            "index_kind": chosen,
-            "requested_kind": kind,
-            "factory": factory,
-            "metric": metric,
-            "params": params,
-            "count": n,
-            "dim": dim,
-            "model": store.meta["model"],
-            "preprocessing": store.meta.get("preprocessing") or {},
-            "sources": [_source_record(store, 0)],
-        },
-        version=0,
+    meta = IndexMeta(
+        index_kind=chosen,
+        requested_kind=kind,
+        factory=factory,
+        metric=metric,
+        params=params,
+        count=n,
+        dim=dim,
+        model=store.meta.model,
+        preprocessing=store.meta.preprocessing,
+        sources=[_source_record(store, 0)],
     )
+    meta = _write(out, index, cells, meta, version=0)
     return CellIndex(folder=out, index=index, cells=cells, meta=meta)
 
 
+@python_api
 def add_to_index(folder: str | Path, embeddings: str | Path) -> tuple[CellIndex, int]:
     """Append the cells of another store made by the same backbone; returns the index and how many were added."""
     current = load_index(folder)
@@ -309,9 +309,9 @@ def add_to_index(folder: str | Path, embeddings: str | Path) -> tuple[CellIndex,
         raise MarrowLensError(
             f"stain normalisation mismatch: index {folder} was embedded with {ours or 'none'}, embeddings {embeddings} with {theirs or 'none'}"
         )
-    if store.vectors.shape[1] != current.meta["dim"]:
+    if store.vectors.shape[1] != current.meta.dim:
         raise MarrowLensError(
-            f"embeddings {embeddings} have dimension {store.vectors.shape[1]}, the index {current.meta['dim']}"
+            f"embeddings {embeddings} have dimension {store.vectors.shape[1]}, the index {current.meta.dim}"
         )
     if len(store) == 0:
         raise MarrowLensError(f"{embeddings} holds no vectors")
@@ -325,67 +325,63 @@ def add_to_index(folder: str | Path, embeddings: str | Path) -> tuple[CellIndex,
     first = len(current)
     _add_blocks(current.index, store.vectors, first, current.metric, desc="adding to index")
     cells = store.cells.copy()
-    cells["source"] = np.int32(len(current.meta["sources"]))
+    cells["source"] = np.int32(len(current.meta.sources))
     merged = pd.concat([current.cells, cells], ignore_index=True)
-    fields = {
-        k: v
-        for k, v in current.meta.items()
-        if k not in ("kind", "marrowlens_version", "created", "command", "version", "files")
-    }
-    fields.update(count=len(merged), sources=[*current.meta["sources"], _source_record(store, first)])
-    meta = _write(current.folder, current.index, merged, fields, version=current.meta.get("version", 0) + 1)
+    grown = current.meta.renewed(count=len(merged), sources=[*current.meta.sources, _source_record(store, first)])
+    meta = _write(current.folder, current.index, merged, grown, version=current.meta.version + 1)
     return CellIndex(folder=current.folder, index=current.index, cells=merged, meta=meta), len(store)
 
 
-def _stain(meta: dict[str, Any]) -> dict[str, Any] | None:
+def _stain(meta: IndexMeta | EmbeddingsMeta) -> dict[str, Any] | None:
     """The stain normalisation target vectors were embedded with (None: no normalisation)."""
-    return (meta.get("preprocessing") or {}).get("stain")
+    return meta.preprocessing.stain if meta.preprocessing else None
 
 
 def load_index(folder: str | Path) -> CellIndex:
     """Load ``idx/``; refuse a folder that is not an index or whose files disagree with each other."""
     folder = Path(folder)
-    meta = read_meta(folder, "index")
+    meta = read_meta(folder, IndexMeta)
     files = current_files(meta)
-    for name in files.values():
+    for name in (files.index, files.cells):
         if not (folder / name).is_file():
             raise MarrowLensError(f"index {folder} is incomplete: {name} is missing")
     try:
-        index = faiss.read_index(str(folder / files["index"]))
+        index = faiss.read_index(str(folder / files.index))
     except RuntimeError as exc:
-        raise MarrowLensError(f"{folder / files['index']} is not a readable FAISS index") from exc
-    cells = read_parquet(folder / files["cells"])
-    if not (index.ntotal == len(cells) == meta.get("count")) or index.d != meta.get("dim"):
+        raise MarrowLensError(f"{folder / files.index} is not a readable FAISS index") from exc
+    cells = read_parquet(folder / files.cells)
+    if not (index.ntotal == len(cells) == meta.count) or index.d != meta.dim:
         raise MarrowLensError(
             f"index {folder} is inconsistent ({index.ntotal} vectors, {len(cells)} cells, meta.json says "
-            f"{meta.get('count')}): a write was interrupted; build it again"
+            f"{meta.count}): a write was interrupted; build it again"
         )
     return CellIndex(folder=folder, index=index, cells=cells, meta=meta)
 
 
 def describe(index: CellIndex) -> list[str]:
     """Lines for ``index info``: what the index holds and how it searches."""
-    meta, model = index.meta, index.meta["model"]
-    size = (index.folder / current_files(meta)["index"]).stat().st_size
-    params = ", ".join(f"{k}={v}" for k, v in meta["params"].items()) or "exact search"
-    auto = " (auto)" if meta.get("requested_kind") == "auto" else ""
+    meta, model = index.meta, index.meta.model
+    size = (index.folder / current_files(meta).index).stat().st_size
+    params = ", ".join(f"{k}={v}" for k, v in meta.params.items()) or "exact search"
+    auto = " (auto)" if meta.requested_kind == "auto" else ""
     lines = [
-        f"index {index.folder}: {len(index)} cells x {meta['dim']} dims, {index.kind}{auto}, {index.metric} metric",
-        f"  faiss: {meta['factory']} ({params}), {size / 2**20:.1f} MiB on disk",
-        f"  model: {model['timm_name']} @ {model['image_size']} px, {short(model['fingerprint'])} from {model['source']}",
+        f"index {index.folder}: {len(index)} cells x {meta.dim} dims, {index.kind}{auto}, {index.metric} metric",
+        f"  faiss: {meta.factory} ({params}), {size / 2**20:.1f} MiB on disk",
+        f"  model: {model.timm_name} @ {model.image_size} px, {short(model.fingerprint)} from {model.source}",
     ]
-    if _stain(meta):
-        lines.append(f"  queries are stain-normalised ({_stain(meta)['method']}) like the cells")
-    for source in meta["sources"]:
-        root = source["cohort"].get("root") or "unknown (no thumbnails)"
+    stain = _stain(meta)
+    if stain:
+        lines.append(f"  queries are stain-normalised ({stain['method']}) like the cells")
+    for source in meta.sources:
+        root = source.cohort.root or "unknown (no thumbnails)"
         lines.append(
-            f"  source: {source['count']} cells from {source['embeddings']} ({short(source['fingerprint'])}), images in {root}"
+            f"  source: {source.count} cells from {source.embeddings} ({short(source.fingerprint)}), images in {root}"
         )
     cells = index.cells
     lines.append(
         f"  patients: {cells['patient_id'].nunique()} (cells without one: {int(cells['patient_id'].isna().sum())})"
     )
-    for column in ("mutation", "cell_type", "is_blast"):
+    for column in CLASS_COLUMNS:
         if cells[column].notna().any():
             counts = cells[column].value_counts()
             shown = ", ".join(f"{k}={v}" for k, v in counts.head(8).items())
@@ -400,6 +396,6 @@ def describe(index: CellIndex) -> list[str]:
 def kind_advice(index: CellIndex) -> str | None:
     """A note when cells added since an ``auto`` build have outgrown the kind it chose."""
     better = choose_kind(len(index))
-    if index.meta.get("requested_kind") == "auto" and better != index.kind:
+    if index.meta.requested_kind == "auto" and better != index.kind:
         return f"note: at {len(index)} cells `auto` would now build {better}; rebuild to switch"
     return None

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -27,6 +27,8 @@ from torch import nn
 from marrowlens.artifacts import require_same_fingerprint
 from marrowlens.cohort.images import ImageDecodeError, load_rgb
 from marrowlens.cohort.labels import parse_bool
+from marrowlens.cohort.schema import CLASS_COLUMNS, LABEL_COLUMNS
+from marrowlens.contracts import BackboneRecord
 from marrowlens.errors import MarrowLensError
 from marrowlens.retrieval.batching import BatchingEmbedder
 from marrowlens.retrieval.index import CellIndex, load_index
@@ -34,18 +36,13 @@ from marrowlens.ssl.backbones import BackboneInfo, load_backbone
 from marrowlens.ssl.embed import embed_images, stain_target_of
 from marrowlens.ssl.preprocessing import eval_transform
 
-FILTER_COLUMNS = ("patient_id", "cell_type", "is_blast", "mutation", "domain", "split")
-VOTE_COLUMNS = ("cell_type", "is_blast", "mutation")
+FILTER_COLUMNS = tuple(LABEL_COLUMNS)
+VOTE_COLUMNS = tuple(sorted(CLASS_COLUMNS))  # cell_type, is_blast, mutation: the order votes are shown in
 NEIGHBOUR_COLUMNS = [
     "rank",
     "row",
     "cell_id",
-    "patient_id",
-    "cell_type",
-    "is_blast",
-    "mutation",
-    "domain",
-    "split",
+    *LABEL_COLUMNS,
     "path",
     "similarity",
     "distance",
@@ -119,7 +116,7 @@ def load_query_images(paths: Sequence[str | Path]) -> list[Image.Image]:
 
 
 def _backbone_reference(
-    model_meta: dict[str, Any], override: str | Path | None, index_dir: Path
+    model_meta: BackboneRecord, override: str | Path | None, index_dir: Path
 ) -> tuple[str | Path, Path | None]:
     """Where the index's backbone lives: (run folder or timm name, weights file or None)."""
     if override is not None:
@@ -127,16 +124,16 @@ def _backbone_reference(
         if path.is_dir():
             return path, None
         if path.is_file():
-            return model_meta["timm_name"], path
+            return model_meta.timm_name, path
         return str(override), None
-    source = model_meta.get("source", "")
+    source = model_meta.source
     if source == "random init":
-        return model_meta["timm_name"], None
+        return model_meta.timm_name, None
     path = Path(source)
     if path.is_dir():
         return path, None
     if path.is_file():
-        return model_meta["timm_name"], path
+        return model_meta.timm_name, path
     raise MarrowLensError(
         f"the backbone of index {index_dir} ({source}) no longer exists; pass --model with where it is now"
     )
@@ -170,9 +167,9 @@ class Searcher:
     def open(cls, index_dir: str | Path, model: str | Path | None = None) -> Searcher:
         """Load an index and its backbone; refuse a backbone whose fingerprint is not the index's."""
         index = load_index(index_dir)
-        model_meta = index.meta["model"]
+        model_meta = index.meta.model
         reference, weights = _backbone_reference(model_meta, model, Path(index_dir))
-        backbone, info = load_backbone(reference, weights=weights, image_size=model_meta["image_size"])
+        backbone, info = load_backbone(reference, weights=weights, image_size=model_meta.image_size)
         require_same_fingerprint(
             "backbone fingerprint",
             index.model_fingerprint,
@@ -194,7 +191,7 @@ class Searcher:
 
     def exact_row(self, cell_id: str) -> int | None:
         """Row of the indexed cell with exactly this id, or None."""
-        return int(self._ids.get_loc(cell_id)) if cell_id in self._ids else None
+        return int(cast(int, self._ids.get_loc(cell_id))) if cell_id in self._ids else None  # ids are unique
 
     def row_of(self, cell_id: str) -> int:
         """Row of an indexed cell, by full id or a unique prefix of at least 6 characters."""
@@ -321,7 +318,7 @@ def query(
     decoded = load_query_images(images)  # before loading the model: a bad image fails fast
     searcher = Searcher.open(index_dir, model)
     rows = [searcher.row_of(c) for c in cell_ids]
-    results = []
+    results: list[tuple[str, pd.DataFrame]] = []
     if decoded:
         results += zip(map(str, images), searcher.search_images(decoded, k, wanted))
     if rows:
@@ -361,7 +358,8 @@ def format_vote(table: pd.DataFrame) -> str:
 
 def _bitmap_selector(mask: np.ndarray) -> faiss.IDSelector:
     """A FAISS selector over row ids from a boolean mask (one bit per row: cheap even at 1M rows)."""
-    return faiss.IDSelectorBitmap(np.packbits(mask, bitorder="little"))
+    # faiss's Python wrapper takes the array alone (its stubs only know the C++ (n, bitmap) form)
+    return faiss.IDSelectorBitmap(np.packbits(mask, bitorder="little"))  # type: ignore[call-arg, arg-type]
 
 
 def _plain(value: Any) -> Any:

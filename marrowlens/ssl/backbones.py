@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from marrowlens.artifacts import atomic_path, sha256_file, write_json_atomic
+from marrowlens.contracts import Preprocessing
 from marrowlens.errors import MarrowLensError
-from marrowlens.ssl.preprocessing import RGB, Preprocessing
+from marrowlens.ssl.preprocessing import RGB, for_backbone
 
 WEIGHTS_FILE = "backbone.safetensors"
 INFO_FILE = "backbone.json"
@@ -58,7 +59,7 @@ class BackboneInfo:
             "num_features": self.num_features,
             "fingerprint": self.fingerprint,
             "source": self.source,
-            "preprocessing": self.preprocessing.to_dict(),
+            "preprocessing": self.preprocessing.model_dump(),
         }
 
     @classmethod
@@ -69,7 +70,7 @@ class BackboneInfo:
             num_features=int(data["num_features"]),
             fingerprint=str(data["fingerprint"]),
             source=str(data["source"]),
-            preprocessing=Preprocessing.from_dict(data.get("preprocessing") or data),
+            preprocessing=Preprocessing.model_validate(data.get("preprocessing") or data),
         )
 
 
@@ -182,6 +183,6 @@ def load_backbone(
         torch.manual_seed(seed)
     model = create_backbone(name, size, weights)
     fingerprint = "sha256:" + sha256_file(weights) if weights else f"random:{name}:seed{seed}"
-    record = Preprocessing.for_backbone(name, size)
+    record = for_backbone(name, size)
     info = BackboneInfo(name, feature_width(model), fingerprint, str(weights or "random init"), record)
     return model.eval(), info

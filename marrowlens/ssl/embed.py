@@ -27,16 +27,26 @@ from marrowlens.cohort.images import ImageDecodeError, load_rgb
 from marrowlens.cohort.manifest import Cohort, load_cohort
 from marrowlens.cohort.stain import ReinhardTarget, fit_reinhard
 from marrowlens.config import PRECISIONS, STAIN_NORMALIZATIONS, Precision, is_precision
+from marrowlens.contracts import (
+    BackboneRecord,
+    CohortRef,
+    EmbeddingsMeta,
+    EmbeddingsOrigin,
+    IndexMeta,
+    Preprocessing,
+    StorePreprocessing,
+)
 from marrowlens.embeddings import Embeddings, EmbeddingWriter
 from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
+from marrowlens.provenance import python_api
 from marrowlens.ssl.backbones import BackboneInfo, load_backbone
-from marrowlens.ssl.preprocessing import Preprocessing, eval_transform, resize_transform
+from marrowlens.ssl.preprocessing import eval_transform, resize_transform
 from marrowlens.ssl.rank import is_global_zero
 
 
-def stain_target_of(meta: dict[str, Any]) -> ReinhardTarget | None:
+def stain_target_of(meta: EmbeddingsMeta | IndexMeta) -> ReinhardTarget | None:
     """The stain target an embedding store (or an index built from one) was made with."""
-    return ReinhardTarget.from_dict(meta.get("preprocessing", {}).get("stain"))
+    return ReinhardTarget.from_dict(meta.preprocessing.stain if meta.preprocessing else None)
 
 
 def _fit_stain_target(cohort: Cohort, record: Preprocessing, sample: int = 256, seed: int = 0) -> ReinhardTarget:
@@ -137,6 +147,7 @@ def _clear_store(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+@python_api
 def embed_cohort(
     model_ref: str | Path,
     cohort_dir: str | Path,
@@ -172,7 +183,7 @@ def embed_cohort(
     stain = _fit_stain_target(cohort, info.preprocessing) if stain_normalize == "reinhard" else None
     key = {
         "model": info.fingerprint,
-        "cohort": cohort.meta["fingerprint"],
+        "cohort": cohort.meta.fingerprint,
         "image_size": info.image_size,
         "stain": stain.to_dict() if stain else None,
     }
@@ -186,12 +197,12 @@ def embed_cohort(
     if not is_global_zero():
         return None
     final = EmbeddingWriter(out, len(cohort.cells), info.num_features, key=key, create=False)
-    meta = {
-        "model": info.to_dict(),
-        "cohort": {"folder": str(Path(cohort_dir).resolve()), "fingerprint": cohort.meta["fingerprint"]},
-        "preprocessing": {**info.preprocessing.to_dict(), "stain": stain.to_dict() if stain else None},
-    }
-    return final.finish(cohort.cells, meta)
+    origin = EmbeddingsOrigin(
+        model=BackboneRecord.model_validate(info.to_dict()),
+        cohort=CohortRef(folder=str(Path(cohort_dir).resolve()), fingerprint=cohort.meta.fingerprint),
+        preprocessing=StorePreprocessing(**info.preprocessing.model_dump(), stain=stain.to_dict() if stain else None),
+    )
+    return final.finish(cohort.cells, origin)
 
 
 def _predict(

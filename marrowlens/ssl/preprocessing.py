@@ -1,14 +1,12 @@
 """How a backbone sees a cell at eval time: one record (after timm's ``PretrainedCfg``) and one transform.
 
-The record is saved with the backbone (``backbone.json``). Training's online k-NN check, ``embed``,
+The record (``marrowlens.contracts.Preprocessing``) is saved with the backbone (``backbone.json``). Training's online k-NN check, ``embed``,
 ``search`` and the web page all build their preprocessing from it by :func:`eval_transform`, so a
 query image is fed to the backbone exactly as the indexed cells were.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import timm
@@ -16,6 +14,7 @@ from torchvision import transforms as T
 
 from marrowlens.cohort.images import pad_to_square
 from marrowlens.cohort.stain import ReinhardNormalize, ReinhardTarget
+from marrowlens.contracts import Preprocessing
 
 # ImageNet's statistics: what timm models without a pretrained config are normalised with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,35 +35,10 @@ def _rgb(values: Any) -> RGB:
     return red, green, blue
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """Input size, pad-to-square, interpolation and normalisation of a backbone's input."""
-
-    image_size: int
-    mean: RGB
-    std: RGB
-    interpolation: str = "bicubic"
-    pad_to_square: bool = True
-
-    @classmethod
-    def for_backbone(cls, timm_name: str, image_size: int) -> Preprocessing:
-        """A timm model's record at ``image_size``: what training normalises its views with."""
-        mean, std = default_norm(timm_name)
-        return cls(image_size=image_size, mean=mean, std=std)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
-        """Read a saved record; extra keys (an embedding store's ``stain``) are not part of it."""
-        return cls(
-            image_size=int(data["image_size"]),
-            mean=_rgb(data["mean"]),
-            std=_rgb(data["std"]),
-            interpolation=str(data.get("interpolation", "bicubic")),
-            pad_to_square=bool(data.get("pad_to_square", True)),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+def for_backbone(timm_name: str, image_size: int) -> Preprocessing:
+    """A timm model's record at ``image_size``: what training normalises its views with."""
+    mean, std = default_norm(timm_name)
+    return Preprocessing(image_size=image_size, mean=mean, std=std)
 
 
 def resize_transform(record: Preprocessing) -> T.Compose:

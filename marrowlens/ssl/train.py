@@ -26,12 +26,14 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from marrowlens.artifacts import clean_stale_temporaries, require_same_fingerprint, write_json_atomic, write_meta
 from marrowlens.cohort.manifest import load_cohort
 from marrowlens.config import PretrainConfig, dump_config, load_config
+from marrowlens.contracts import BackboneRecord, CheckSubsetRecord, CohortRef, RunMeta
 from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
+from marrowlens.provenance import python_api
 from marrowlens.ssl.backbones import BackboneInfo, export_backbone
 from marrowlens.ssl.base import scaled_lr
 from marrowlens.ssl.data import PretrainData, check_subset
 from marrowlens.ssl.methods import METHODS
-from marrowlens.ssl.preprocessing import Preprocessing, eval_transform
+from marrowlens.ssl.preprocessing import eval_transform, for_backbone
 from marrowlens.ssl.rank import is_global_zero
 
 CONFIG_FILE = "config.yaml"
@@ -205,6 +207,7 @@ def how_to_continue(out: Path) -> str:
     )
 
 
+@python_api
 def pretrain(
     config: PretrainConfig, cohort_dir: Path, out: Path, resume: bool = False, overwrite: bool = False
 ) -> PretrainResult | None:
@@ -217,9 +220,9 @@ def pretrain(
     if launching:
         prepare_run_dir(out, resume, overwrite)
     config = resolve_config(config, out, resume)
-    require_same_cohort(out, cohort_dir, cohort.meta["fingerprint"], resume, launching)
+    require_same_cohort(out, cohort_dir, cohort.meta.fingerprint, resume, launching)
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
-    record = Preprocessing.for_backbone(config.model.backbone, config.model.image_size)
+    record = for_backbone(config.model.backbone, config.model.image_size)
     method = METHODS[config.model.method]
     views = method.build_views(config, record.mean, record.std)
     world = trainer.world_size
@@ -256,18 +259,18 @@ def pretrain(
         return None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     info = export_backbone(module.embedding_backbone, config.model.backbone, record, out)
-    write_meta(
-        out,
-        "run",
+    subset = data.subset
+    meta = RunMeta(
         method=config.model.method,
-        backbone=info.to_dict(),
-        cohort={"folder": str(Path(cohort_dir).resolve()), "fingerprint": cohort.meta["fingerprint"]},
+        backbone=BackboneRecord.model_validate(info.to_dict()),
+        cohort=CohortRef(folder=str(Path(cohort_dir).resolve()), fingerprint=cohort.meta.fingerprint),
         epochs=trainer.current_epoch,
         global_step=trainer.global_step,
         world_size=world,
         global_batch=global_batch,
         lr=lr,
         metrics=metrics,
-        check_subset=({"label": data.subset.label_column, "classes": data.subset.classes} if data.subset else None),
+        check_subset=CheckSubsetRecord(label=subset.label_column, classes=subset.classes) if subset else None,
     )
+    write_meta(out, meta)
     return PretrainResult(out, info, metrics)

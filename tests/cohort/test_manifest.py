@@ -23,7 +23,7 @@ class TestMutationPatientLayout:
         row = cells[cells["path"] == "NPM1/NPM1_p0/cell0.png"].iloc[0]
         assert row["cell_id"] == cell_id_of("NPM1/NPM1_p0/cell0.png")
         assert row["patient_id"] == "NPM1_p0" and row["width"] == 32
-        assert cohort.meta["sources"][0]["layout"] == "mutation_patient"
+        assert cohort.meta.sources[0].layout == "mutation_patient"
         assert load_cohort(tmp_path / "cohort").cells.equals(cells)
 
     def test_bad_files_are_quarantined_not_fatal(self, mutation_tree: Path, tmp_path: Path) -> None:
@@ -41,7 +41,7 @@ class TestMutationPatientLayout:
         assert quarantine["control/control_p0/notes.txt"].startswith("not an image file type")
         assert quarantine["control/control_p0/text.png"].startswith("not an image")
         assert "outside" in quarantine["control/stray.png"]
-        assert cohort.meta["n_quarantined"] == 5
+        assert cohort.meta.n_quarantined == 5
 
     def test_a_tiff_bomb_is_quarantined_by_its_declared_size(
         self, mutation_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -121,7 +121,7 @@ class TestOtherLayouts:
         pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
         cohort = index_cohort([root], tmp_path / "cohort")
         cells = cohort.cells
-        assert cohort.meta["sources"][0]["layout"] == "deepapl"
+        assert cohort.meta.sources[0].layout == "deepapl"
         assert set(cells["mutation"]) == {"PML_RARA", "other_AML"}
         assert cells.loc[cells["cell_type"] == "Blast, no lineage spec", "is_blast"].all()
         assert not cells.loc[cells["cell_type"] != "Blast, no lineage spec", "is_blast"].any()
@@ -251,7 +251,7 @@ class TestReplacingACohort:
         (tmp_path / "cohort" / "quarantine.csv").unlink()
         (mutation_tree / "control" / "control_p1" / "cell2.png").write_bytes(b"")
         cohort, _ = check_cohort(tmp_path / "cohort", fix=True)
-        assert len(cohort.cells) == 11 and cohort.meta["n_quarantined"] == 1
+        assert len(cohort.cells) == 11 and cohort.meta.n_quarantined == 1
         assert _quarantine(tmp_path / "cohort")["path"].tolist() == ["control/control_p1/cell2.png"]
 
 

@@ -19,7 +19,8 @@ from sklearn.preprocessing import StandardScaler
 
 from marrowlens.cohort.drawing import CELL_TYPES, domain_stain, draw_cell
 from marrowlens.cohort.labels import MUTATIONS
-from marrowlens.cohort.manifest import COLUMNS, load_cohort
+from marrowlens.cohort.manifest import load_cohort
+from marrowlens.cohort.schema import CELL_COLUMNS
 from marrowlens.cohort.synthetic import make_synthetic_cohort, plan_cells, plan_patients, render_cells
 from marrowlens.errors import MarrowLensError
 
@@ -137,7 +138,7 @@ class TestCohortOnDisk:
         )
         loaded = load_cohort(tmp_path / "c")
         cells = loaded.cells
-        assert list(cells.columns) == COLUMNS and len(cells) == 42 and cells.equals(cohort.cells)
+        assert list(cells.columns) == CELL_COLUMNS and len(cells) == 42 and cells.equals(cohort.cells)
         for column in ("patient_id", "mutation", "cell_type", "is_blast", "domain"):
             assert cells[column].notna().all(), column
         assert str(cells["is_blast"].dtype) == "boolean"
@@ -173,10 +174,10 @@ class TestCohortOnDisk:
         one = make_synthetic_cohort(tmp_path / "one", workers=1, **args)
         two = make_synthetic_cohort(tmp_path / "two", workers=2, **args)
         assert _tree_bytes(tmp_path / "one") == _tree_bytes(tmp_path / "two")
-        assert one.meta["fingerprint"] == two.meta["fingerprint"]
+        assert one.meta.fingerprint == two.meta.fingerprint
         other = make_synthetic_cohort(tmp_path / "other", **{**args, "seed": 12})
         assert _tree_bytes(tmp_path / "one") != _tree_bytes(tmp_path / "other")
-        assert one.meta["fingerprint"] != other.meta["fingerprint"]
+        assert one.meta.fingerprint != other.meta.fingerprint
 
     def test_refuses_non_empty_folder_and_overwrites_only_its_own(self, tmp_path: Path) -> None:
         out = tmp_path / "c"

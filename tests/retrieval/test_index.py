@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from marrowlens.contracts import IndexFiles
 from marrowlens.errors import MarrowLensError
 from marrowlens.retrieval import index as index_module
 from marrowlens.retrieval.index import (
@@ -56,7 +57,7 @@ class TestChooseKind:
 
     def test_auto_build_of_a_small_store_is_exact(self, store: Path, tmp_path: Path) -> None:
         built = build_index(store, tmp_path / "idx")
-        assert built.kind == "flat" and built.meta["requested_kind"] == "auto"
+        assert built.kind == "flat" and built.meta.requested_kind == "auto"
 
 
 class TestRoundTrip:
@@ -137,7 +138,7 @@ class TestRecall:
         make_store(tmp_path / "emb2", n=20, dim=16, seed=2, prefix="x")
         build_index(tmp_path / "emb", tmp_path / "idx", kind="ivfpq", overrides=["pq_m=4", "pq_nbits=4"])
         index, _ = add_to_index(tmp_path / "idx", tmp_path / "emb2")
-        assert index.meta["factory"] == "IDMap2,IVF10,PQ4x4" and len(index) == 420
+        assert index.meta.factory == "IDMap2,IVF10,PQ4x4" and len(index) == 420
         vectors = np.concatenate(
             [np.load(tmp_path / "emb" / "vectors.npy"), np.load(tmp_path / "emb2" / "vectors.npy")]
         )
@@ -178,7 +179,7 @@ class TestParams:
     def test_overrides_are_recorded(self, store: Path, tmp_path: Path) -> None:
         built = build_index(store, tmp_path / "idx", kind="hnsw", overrides=["ef_search=99", "hnsw_m=8"])
         assert load_index(tmp_path / "idx").params == {"hnsw_m": 8, "ef_construction": 40, "ef_search": 99}
-        assert built.meta["factory"] == "IDMap2,HNSW8"
+        assert built.meta.factory == "IDMap2,HNSW8"
 
     @pytest.mark.parametrize(
         "kind, overrides, message",
@@ -246,7 +247,7 @@ class TestAdd:
         index, added = add_to_index(tmp_path / "idx", tmp_path / "emb2")
         assert added == 50 and len(index) == 2050
         loaded = load_index(tmp_path / "idx")
-        assert len(loaded) == 2050 and loaded.meta["count"] == 2050 and len(loaded.meta["sources"]) == 2
+        assert len(loaded) == 2050 and loaded.meta.count == 2050 and len(loaded.meta.sources) == 2
         assert list(loaded.cells["source"].unique()) == [0, 1]
         _, found = loaded.search(np.asarray(extra.vectors), 1)
         np.testing.assert_array_equal(found[:, 0], np.arange(2000, 2050))
@@ -323,7 +324,7 @@ class TestAddIsOldOrNew:
         add_to_index(small / "idx", small / "emb2")
         add_to_index(small / "idx", small / "emb3")
         loaded = load_index(small / "idx")
-        assert len(loaded) == 55 and loaded.meta["version"] == 2
+        assert len(loaded) == 55 and loaded.meta.version == 2
         assert sorted(p.name for p in (small / "idx").iterdir()) == ["cells.2.parquet", "index.2.faiss", "meta.json"]
         assert "0.0 MiB on disk" in describe(loaded)[1]
         build_index(small / "emb", small / "idx", overwrite=True)  # a rebuild goes back to the plain names
@@ -336,4 +337,4 @@ class TestAddIsOldOrNew:
         meta_path.write_text(json.dumps(meta))
         assert len(load_index(small / "idx")) == 40
         assert len(add_to_index(small / "idx", small / "emb2")[0]) == 50
-        assert load_index(small / "idx").meta["files"] == {"index": "index.1.faiss", "cells": "cells.1.parquet"}
+        assert load_index(small / "idx").meta.files == IndexFiles(index="index.1.faiss", cells="cells.1.parquet")

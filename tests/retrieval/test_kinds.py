@@ -82,7 +82,7 @@ def test_an_ivfpq_folder_with_the_older_parameter_order_loads(store: Path, tmp_p
 def test_a_registered_kind_needs_no_other_change(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(INDEX_KINDS, "sq8", SQ8())
     built = build_index(store, tmp_path / "idx", kind="sq8", overrides=["train_size=200"])
-    assert built.meta["factory"] == "IDMap2,SQ8" and built.params == {"train_size": 200}
+    assert built.meta.factory == "IDMap2,SQ8" and built.params == {"train_size": 200}
     loaded = load_index(tmp_path / "idx")
     vectors = np.load(store / "vectors.npy")
     rows = np.arange(0, 600, 37)

@@ -102,7 +102,7 @@ class TestSearch:
     def test_filtered_results_are_the_exact_filtered_neighbours(self, searcher: Searcher) -> None:
         """Even a selective filter (1 cell in 30) gets its true k nearest, however approximate the index."""
         queries = random_vectors(5, 16, seed=4)
-        vectors = np.load(Path(searcher.index.meta["sources"][0]["embeddings"]) / "vectors.npy")
+        vectors = np.load(Path(searcher.index.meta.sources[0].embeddings) / "vectors.npy")
         normed = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
         allowed = np.flatnonzero((np.arange(1200) % 5 == 0) & (np.arange(1200) % 2 == 0) & (np.arange(1200) % 3 == 0))
         for query, table in zip(

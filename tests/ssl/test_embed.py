@@ -14,12 +14,12 @@ from safetensors.torch import save_file
 
 from marrowlens.cohort.images import load_rgb
 from marrowlens.config import PretrainConfig, load_config
+from marrowlens.contracts import Preprocessing
 from marrowlens.embeddings import EmbeddingWriter, load_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.ssl import train
 from marrowlens.ssl.backbones import load_backbone
 from marrowlens.ssl.embed import embed_cohort, embed_images
-from marrowlens.ssl.preprocessing import Preprocessing
 from tests.conftest import REPO_ROOT
 from tests.ssl.conftest import TINY
 
@@ -89,7 +89,7 @@ class TestEmbedCli:
         )
         assert code == 0, output
         store = load_embeddings(tmp_path / "emb")
-        assert store.meta["model"]["fingerprint"].startswith("sha256:")
+        assert store.meta.model.fingerprint.startswith("sha256:")
         code, output = cli(
             "embed",
             "--model",
@@ -172,10 +172,10 @@ def test_stain_normalised_store_records_its_target(cli, labelled_cohort: Path, t
     )
     assert code == 0, output
     store = load_embeddings(tmp_path / "emb")
-    stain = store.meta["preprocessing"]["stain"]
+    stain = store.meta.preprocessing.stain
     assert stain["method"] == "reinhard" and len(stain["mean"]) == 3
     plain = embed_cohort("test_resnet", labelled_cohort, tmp_path / "plain", image_size=32, num_workers=0)
-    assert plain.meta["preprocessing"]["stain"] is None
+    assert plain.meta.preprocessing.stain is None
     assert not np.allclose(np.asarray(plain.vectors), np.asarray(store.vectors))
     code, output = cli(
         "embed",
@@ -227,7 +227,7 @@ def test_a_run_folder_without_a_preprocessing_record_embeds_as_before(
     record = info.pop("preprocessing")
     (old / "backbone.json").write_text(json.dumps(info))
     _, loaded = load_backbone(old)
-    assert loaded.preprocessing == Preprocessing.from_dict(record)
+    assert loaded.preprocessing == Preprocessing.model_validate(record)
     assert record == {
         **{k: info[k] for k in ("image_size", "mean", "std")},
         "interpolation": "bicubic",

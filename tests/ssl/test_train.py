@@ -371,7 +371,7 @@ def test_resume_on_another_cohort_is_refused(cli, labelled_cohort: Path, tmp_pat
     meta_before = (tmp_path / "r" / "meta.json").read_text()
     code, output = cli(*base, "--cohort", other.folder, "--max-epochs", "2", "--resume")
     assert code == 2 and "cohort mismatch" in output and "\n" not in output.strip()
-    assert short(started["fingerprint"]) in output and short(other.meta["fingerprint"]) in output
+    assert short(started["fingerprint"]) in output and short(other.meta.fingerprint) in output
     assert (tmp_path / "r" / "meta.json").read_text() == meta_before
 
 

@@ -36,7 +36,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -51,6 +51,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from marrowlens import __version__
 from marrowlens.cohort.images import ImageDecodeError, decode_bytes, load_rgb
+from marrowlens.contracts import IndexSource
 from marrowlens.errors import MarrowLensError
 from marrowlens.retrieval.search import Searcher, UnknownCellError, cell_record, neighbour_records, parse_filters, vote
 
@@ -115,7 +116,7 @@ class Thumbnails:
 
     def __init__(self, searcher: Searcher, size: int, cache_size: int = 4096) -> None:
         self.searcher, self.size = searcher, size
-        self.roots = [image_root(source) for source in searcher.index.meta["sources"]]
+        self.roots = [image_root(source) for source in searcher.index.meta.sources]
         self.render = functools.lru_cache(maxsize=cache_size)(self._render)
 
     def _render(self, row: int) -> bytes:
@@ -136,16 +137,16 @@ class Thumbnails:
         return buffer.getvalue()
 
 
-def image_root(source: dict[str, Any]) -> Path | None:
+def image_root(source: IndexSource) -> Path | None:
     """The folder a source's cell paths are relative to, if it is still there."""
-    cohort = source.get("cohort") or {}
-    if cohort.get("root") and Path(cohort["root"]).is_dir():
-        return Path(cohort["root"]).resolve()
-    if cohort.get("folder"):
+    cohort = source.cohort
+    if cohort.root and Path(cohort.root).is_dir():
+        return Path(cohort.root).resolve()
+    if cohort.folder:
         from marrowlens.cohort.manifest import load_cohort
 
         try:
-            return load_cohort(cohort["folder"]).root.resolve()
+            return load_cohort(cohort.folder).root.resolve()
         except MarrowLensError:
             return None
     return None
@@ -243,7 +244,7 @@ def create_app(
     def docs() -> HTMLResponse:
         """The interactive API docs, working offline."""
         return get_swagger_ui_html(
-            openapi_url=app.openapi_url,
+            openapi_url=app.openapi_url or "/openapi.json",
             title=f"{app.title} - API docs",
             swagger_js_url="/docs-assets/swagger-ui-bundle.js",
             swagger_css_url="/docs-assets/swagger-ui.css",
@@ -318,7 +319,7 @@ def create_app(
                 kind="upload", filename=image.filename, cell=None if itself is None else cell_model(searcher, itself)
             )
         else:
-            row = searcher.row_of(cell_id)
+            row = searcher.row_of(str(cell_id))  # not None: exactly one of image and cell_id was sent
             table = searcher.search_cells([row], k, filters)[0]
             query = Query(kind="cell", cell=cell_model(searcher, row))
         neighbours = [
