@@ -11,7 +11,15 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from marrowlens import __version__
 from marrowlens.provenance import current_command
@@ -74,16 +82,40 @@ class StorePreprocessing(Preprocessing):
 
 
 class BackboneRecord(Record):
-    """A backbone as ``backbone.json`` describes it: enough to rebuild it and feed it images."""
+    """A backbone as ``backbone.json`` (and every ``meta.json`` naming one) records it: enough to rebuild
+    it and feed it images exactly as in training."""
 
     timm_name: str
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
     num_features: int
     fingerprint: str
     source: str
-    preprocessing: Preprocessing | None = None  # None: written before the record existed
+    preprocessing: Preprocessing
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preprocessing_from_top_level(cls, data: Any) -> Any:
+        """Folders written before the record existed kept the size, mean and std at the top level."""
+        if isinstance(data, dict) and not data.get("preprocessing"):
+            return {**data, "preprocessing": {k: data[k] for k in ("image_size", "mean", "std") if k in data}}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _top_level_too(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Size, mean and std stay at the top level as well, where earlier releases read them."""
+        data: dict[str, Any] = handler(self)
+        return {**data, "image_size": self.image_size, "mean": self.mean, "std": self.std}
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocessing.image_size
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.preprocessing.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.preprocessing.std
 
 
 class CohortRef(Record):

@@ -295,3 +295,21 @@ def test_renewed_is_stamped_now_and_validated() -> None:
     new = old.renewed(n_cells=11)
     assert (new.n_cells, new.marrowlens_version, new.root) == (11, __version__, old.root)
     assert new.created != old.created and new.command != old.command
+
+
+def test_a_backbone_record_keeps_its_preprocessing_and_the_top_level_fields_older_readers_use() -> None:
+    written = BACKBONE.model_dump(mode="json")
+    assert written["preprocessing"]["image_size"] == written["image_size"] == 224
+    assert written["mean"] == list(BACKBONE.preprocessing.mean)
+    assert BackboneRecord.model_validate(written) == BACKBONE
+    before_the_record = {k: v for k, v in written.items() if k not in ("preprocessing",)}
+    assert BackboneRecord.model_validate(before_the_record).preprocessing == BACKBONE.preprocessing
+
+
+def test_a_broken_backbone_json_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    from marrowlens.ssl.backbones import INFO_FILE, load_backbone
+
+    (tmp_path / INFO_FILE).write_text(json.dumps({"timm_name": "resnet18", "num_features": "many"}))
+    with pytest.raises(MarrowLensError, match=r"backbone\.json is not a backbone record \(") as caught:
+        load_backbone(tmp_path)
+    assert "\n" not in str(caught.value)

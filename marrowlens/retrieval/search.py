@@ -32,7 +32,7 @@ from marrowlens.contracts import BackboneRecord
 from marrowlens.errors import MarrowLensError
 from marrowlens.retrieval.batching import BatchingEmbedder
 from marrowlens.retrieval.index import CellIndex, load_index
-from marrowlens.ssl.backbones import BackboneInfo, load_backbone
+from marrowlens.ssl.backbones import load_backbone
 from marrowlens.ssl.embed import embed_images, stain_target_of
 from marrowlens.ssl.preprocessing import eval_transform
 
@@ -145,7 +145,7 @@ class Searcher:
 
     index: CellIndex
     model: nn.Module
-    info: BackboneInfo
+    info: BackboneRecord
 
     def __post_init__(self) -> None:
         self.stain = stain_target_of(self.index.meta)  # queries get the cells' stain normalisation

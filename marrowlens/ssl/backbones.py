@@ -7,71 +7,22 @@ fingerprint). Everything that embeds images loads it through :func:`load_backbon
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from marrowlens.artifacts import atomic_path, sha256_file, write_json_atomic
-from marrowlens.contracts import Preprocessing
+from marrowlens.contracts import BackboneRecord, Preprocessing
 from marrowlens.errors import MarrowLensError
-from marrowlens.ssl.preprocessing import RGB, for_backbone
+from marrowlens.ssl.preprocessing import for_backbone
 
 WEIGHTS_FILE = "backbone.safetensors"
 INFO_FILE = "backbone.json"
-
-
-@dataclass(frozen=True)
-class BackboneInfo:
-    """What is needed to rebuild a backbone and feed it images exactly as in training."""
-
-    timm_name: str
-    num_features: int
-    fingerprint: str
-    source: str
-    preprocessing: Preprocessing
-
-    @property
-    def image_size(self) -> int:
-        return self.preprocessing.image_size
-
-    @property
-    def mean(self) -> RGB:
-        return self.preprocessing.mean
-
-    @property
-    def std(self) -> RGB:
-        return self.preprocessing.std
-
-    def to_dict(self) -> dict[str, Any]:
-        """``backbone.json``; image size, mean and std stay at the top level too, where readers look."""
-        return {
-            "timm_name": self.timm_name,
-            "image_size": self.image_size,
-            "mean": self.mean,
-            "std": self.std,
-            "num_features": self.num_features,
-            "fingerprint": self.fingerprint,
-            "source": self.source,
-            "preprocessing": self.preprocessing.model_dump(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> BackboneInfo:
-        """Read ``backbone.json``; one written before the preprocessing record gets it from its top level."""
-        return cls(
-            timm_name=str(data["timm_name"]),
-            num_features=int(data["num_features"]),
-            fingerprint=str(data["fingerprint"]),
-            source=str(data["source"]),
-            preprocessing=Preprocessing.model_validate(data.get("preprocessing") or data),
-        )
 
 
 def is_vit(name: str) -> bool:
@@ -133,25 +84,25 @@ def _require_weights_fit(model: nn.Module, name: str, weights: Path, names: set[
         )
 
 
-def export_backbone(model: nn.Module, name: str, preprocessing: Preprocessing, folder: Path) -> BackboneInfo:
+def export_backbone(model: nn.Module, name: str, preprocessing: Preprocessing, folder: Path) -> BackboneRecord:
     """Write ``backbone.safetensors`` and ``backbone.json`` (with its preprocessing record) atomically."""
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"timm_name": name})
-    info = BackboneInfo(
+    info = BackboneRecord(
         timm_name=name,
         num_features=feature_width(model),
         fingerprint="sha256:" + sha256_file(folder / WEIGHTS_FILE),
         source=str(folder.resolve()),
         preprocessing=preprocessing,
     )
-    write_json_atomic(folder / INFO_FILE, info.to_dict())
+    write_json_atomic(folder / INFO_FILE, info.model_dump(mode="json"))
     return info
 
 
 def load_backbone(
     model_ref: str | Path, weights: Path | None = None, image_size: int | None = None, seed: int = 0
-) -> tuple[nn.Module, BackboneInfo]:
+) -> tuple[nn.Module, BackboneRecord]:
     """Load a backbone in eval mode from a run folder, or build a timm model by name.
 
     A run folder must hold ``backbone.json`` and ``backbone.safetensors``, and the weights must
@@ -165,7 +116,7 @@ def load_backbone(
             raise MarrowLensError(
                 f"{folder} holds no trained backbone ({INFO_FILE} is missing; did pretraining finish?)"
             )
-        info = BackboneInfo.from_dict(json.loads(info_path.read_text()))
+        info = _read_info(info_path)
         weights_path = folder / WEIGHTS_FILE
         if not weights_path.is_file():
             raise MarrowLensError(f"{folder} lacks {WEIGHTS_FILE}")
@@ -184,5 +135,21 @@ def load_backbone(
     model = create_backbone(name, size, weights)
     fingerprint = "sha256:" + sha256_file(weights) if weights else f"random:{name}:seed{seed}"
     record = for_backbone(name, size)
-    info = BackboneInfo(name, feature_width(model), fingerprint, str(weights or "random init"), record)
+    info = BackboneRecord(
+        timm_name=name,
+        num_features=feature_width(model),
+        fingerprint=fingerprint,
+        source=str(weights or "random init"),
+        preprocessing=record,
+    )
     return model.eval(), info
+
+
+def _read_info(path: Path) -> BackboneRecord:
+    """``backbone.json``, or a one-line error naming the file (hand-edited, truncated, another tool's)."""
+    try:
+        return BackboneRecord.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(map(str, problem["loc"])) or "the file"
+        raise MarrowLensError(f"{path} is not a backbone record ({where}: {problem['msg']})") from None

@@ -39,7 +39,7 @@ from marrowlens.contracts import (
 from marrowlens.embeddings import Embeddings, EmbeddingWriter
 from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
 from marrowlens.provenance import python_api
-from marrowlens.ssl.backbones import BackboneInfo, load_backbone
+from marrowlens.ssl.backbones import load_backbone
 from marrowlens.ssl.preprocessing import eval_transform, resize_transform
 from marrowlens.ssl.rank import is_global_zero
 
@@ -126,7 +126,7 @@ class _StoreWriter(BasePredictionWriter):
 
 def embed_images(
     model: nn.Module,
-    info: BackboneInfo,
+    info: BackboneRecord,
     images: Sequence[Image.Image],
     batch_size: int = 64,
     stain: ReinhardTarget | None = None,
@@ -198,7 +198,7 @@ def embed_cohort(
         return None
     final = EmbeddingWriter(out, len(cohort.cells), info.num_features, key=key, create=False)
     origin = EmbeddingsOrigin(
-        model=BackboneRecord.model_validate(info.to_dict()),
+        model=info,
         cohort=CohortRef(folder=str(Path(cohort_dir).resolve()), fingerprint=cohort.meta.fingerprint),
         preprocessing=StorePreprocessing(**info.preprocessing.model_dump(), stain=stain.to_dict() if stain else None),
     )
@@ -207,7 +207,7 @@ def embed_cohort(
 
 def _predict(
     model: nn.Module,
-    info: BackboneInfo,
+    info: BackboneRecord,
     stain: ReinhardTarget | None,
     cohort: Cohort,
     pending: np.ndarray,

@@ -29,7 +29,7 @@ from marrowlens.config import PretrainConfig, dump_config, load_config
 from marrowlens.contracts import BackboneRecord, CheckSubsetRecord, CohortRef, RunMeta
 from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
 from marrowlens.provenance import python_api
-from marrowlens.ssl.backbones import BackboneInfo, export_backbone
+from marrowlens.ssl.backbones import export_backbone
 from marrowlens.ssl.base import scaled_lr
 from marrowlens.ssl.data import PretrainData, check_subset
 from marrowlens.ssl.methods import METHODS
@@ -83,7 +83,7 @@ def checkpoint_callbacks(folder: Path, monitor: str | None) -> list[ModelCheckpo
 @dataclass
 class PretrainResult:
     run_dir: Path
-    backbone: BackboneInfo
+    backbone: BackboneRecord
     metrics: dict[str, float]
 
 
@@ -262,7 +262,7 @@ def pretrain(
     subset = data.subset
     meta = RunMeta(
         method=config.model.method,
-        backbone=BackboneRecord.model_validate(info.to_dict()),
+        backbone=info,
         cohort=CohortRef(folder=str(Path(cohort_dir).resolve()), fingerprint=cohort.meta.fingerprint),
         epochs=trainer.current_epoch,
         global_step=trainer.global_step,
