@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: install browser
+# the linters first (`lint`), so CI (`.ci/run`: `make test`) runs them too
+test: install browser lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-all: install browser
+test-all: install browser lint
 	$(PY) -m pytest -q -m '' $(PYTEST_ARGS)
 
 # ruff (lint + format, 120 columns) and mypy (strict), configured in pyproject.toml; the venv's own

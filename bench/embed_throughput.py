@@ -33,7 +33,9 @@ MEASURE = textwrap.dedent(
     start = time.perf_counter()
     if mode == "marrowlens":
         from marrowlens.ssl.embed import embed_cohort
-        store = embed_cohort(backbone, cohort, out, image_size=int(size), batch_size=int(batch), num_workers=int(workers), overwrite=True)
+        store = embed_cohort(
+            backbone, cohort, out, image_size=int(size), batch_size=int(batch), num_workers=int(workers), overwrite=True
+        )
         n = len(store)
     else:
         from torch.utils.data import DataLoader

@@ -166,8 +166,10 @@ def main() -> None:
         ours.append(marrowlens_run(config, args.cohort, args.warmup, args.steps))
     ratios = [a / b for a, b in zip(ours, reference)]
     result = {
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        + (torch.cuda.get_device_name() if device == "cuda" else "CPU only"),
+        "machine": (
+            f"{platform.node()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            + (torch.cuda.get_device_name() if device == "cuda" else "CPU only")
+        ),
         "settings": vars(args) | {"cohort": str(args.cohort), "json": None},
         "marrowlens_cells_per_s": [round(x, 1) for x in ours],
         "reference_cells_per_s": [round(x, 1) for x in reference],

@@ -179,13 +179,15 @@ def speed(args: argparse.Namespace) -> None:
         if r["case"] == "linear" and ref:
             lines.append(
                 f"\nTime ratio on {r['n']} x {r['dim']}, linear probe (5 weight decays trained together, early "
-                f"stopping, refit) / one scikit-learn lbfgs LogisticRegression fit (same run): {r['fit_s'] / ref['fit_s']:.1f}"
+                f"stopping, refit) / one scikit-learn lbfgs LogisticRegression fit (same run): "
+                f"{r['fit_s'] / ref['fit_s']:.1f}"
             )
         ref = next((x for x in rows if x["case"] == "sklearn-knn" and x["n"] == r["n"]), None)
         if r["case"] == "knn" and ref:
             lines.append(
                 f"\nTime ratio on {r['n']} x {r['dim']}, k-NN probe predict / scikit-learn brute-force cosine "
-                f"KNeighborsClassifier predict, {r['queries']} queries (same run): {r['predict_s'] / ref['predict_s']:.2f}"
+                f"KNeighborsClassifier predict, {r['queries']} queries (same run): "
+                f"{r['predict_s'] / ref['predict_s']:.2f}"
             )
     write(Path(args.out), "speed", {"machine": machine(), "rows": rows}, "\n".join(lines))
 
@@ -236,14 +238,16 @@ def synthetic(args: argparse.Namespace) -> None:
             ci = r.get("patient_accuracy_ci") or [float("nan")] * 2
             lines.append(
                 f"| {r['loss']} | {r['noise']:.1f} | {r['cell_balanced_accuracy']:.3f} | "
-                f"{r.get('patient_accuracy', float('nan')):.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {r.get('undetermined_patients')} |"
+                f"{r.get('patient_accuracy', float('nan')):.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
+                f"{r.get('undetermined_patients')} |"
             )
         acc = {(r["loss"], r["noise"]): r.get("patient_accuracy") for r in data["rows"]}
         top = max(rates)
         if ("gce", 0.0) in acc and ("gce", top) in acc:
             lines.append(
                 f"\nGoal checks ({kind}): GCE at {top:.0%} within 5 points of its 0% figure: "
-                f"{acc[('gce', 0.0)] - acc[('gce', top)] <= 0.05} ({acc[('gce', 0.0)]:.3f} -> {acc[('gce', top)]:.3f}); "
+                f"{acc[('gce', 0.0)] - acc[('gce', top)] <= 0.05} "
+                f"({acc[('gce', 0.0)]:.3f} -> {acc[('gce', top)]:.3f}); "
                 f"above CE at {top:.0%}: {acc[('gce', top)] > acc[('ce', top)]} ({acc[('ce', top)]:.3f})"
             )
         lines.append("")
@@ -316,8 +320,10 @@ def real(args: argparse.Namespace) -> None:
                 rows.append(row)
                 acc, f1 = cell["accuracy"], cell["macro_f1"]
                 lines.append(
-                    f"| {row['backbone']} | {task} | {head} | {acc['value']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}] | "
-                    f"{cell['balanced_accuracy']['value']:.3f} | {f1['value']:.3f} [{f1['ci'][0]:.3f}, {f1['ci'][1]:.3f}] | {cell['n']} |"
+                    f"| {row['backbone']} | {task} | {head} | "
+                    f"{acc['value']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}] | "
+                    f"{cell['balanced_accuracy']['value']:.3f} | "
+                    f"{f1['value']:.3f} [{f1['ci'][0]:.3f}, {f1['ci'][1]:.3f}] | {cell['n']} |"
                 )
                 print(lines[-1], flush=True)
         # the seed paper's setting: PML_RARA vs other_AML per patient, from the cells the linear blast probe keeps
@@ -337,8 +343,9 @@ def real(args: argparse.Namespace) -> None:
             }
         )
         lines.append(
-            f"| {label} {arch} @{size} | mutation, per patient ({patient['n_undetermined']} undetermined) | linear, GCE | "
-            f"{acc['value']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}] | {bal['value']:.3f} | – | {patient['n_determined']} patients |"
+            f"| {label} {arch} @{size} | mutation, per patient ({patient['n_undetermined']} undetermined) | "
+            f"linear, GCE | {acc['value']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}] | {bal['value']:.3f} | – | "
+            f"{patient['n_determined']} patients |"
         )
         print(lines[-1], flush=True)
     write(out, "real", {"machine": machine(), "rows": rows}, "\n".join(lines))

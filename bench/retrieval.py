@@ -283,7 +283,8 @@ def _print_record(r: dict) -> None:
         name = next(iter(row))
         recall = "-" if row["recall@10"] is None else f"{row['recall@10']:.4f}"
         print(
-            f"      {name}={row[name]}: p50 {row['p50_ms']:.3f} ms  p99 {row['p99_ms']:.3f} ms  CPU {row['cpu_ms']:.3f} ms  single {row['single_qps']:.0f} q/s  "
+            f"      {name}={row[name]}: p50 {row['p50_ms']:.3f} ms  p99 {row['p99_ms']:.3f} ms  "
+            f"CPU {row['cpu_ms']:.3f} ms  single {row['single_qps']:.0f} q/s  "
             f"batched {row['batched_qps']:.0f} q/s  recall@10 {recall}",
             flush=True,
         )
@@ -395,11 +396,14 @@ def _bench_server(args: argparse.Namespace, payloads: list[tuple[str, bytes]], i
             run["load_average"] = os.getloadavg()[0]
             info["runs"].append(run)
             print(
-                f"  --max-queue {max_queue}, {clients:>3} clients x {args.duration:.0f} s: {run['requests']} answered ({run['throughput']:.1f}/s), "
-                f"503 {run['refused']}, errors {run['errors']}, latency p50 {run['p50_ms']:.1f} p95 {run['p95_ms']:.1f} "
+                f"  --max-queue {max_queue}, {clients:>3} clients x {args.duration:.0f} s: "
+                f"{run['requests']} answered ({run['throughput']:.1f}/s), "
+                f"503 {run['refused']}, errors {run['errors']}, "
+                f"latency p50 {run['p50_ms']:.1f} p95 {run['p95_ms']:.1f} "
                 f"p99 {run['p99_ms']:.1f} max {run['max_ms']:.1f} ms; server time p50 {run['server_p50_ms']:.1f} ms "
                 f"p99 {run['server_p99_ms']:.1f} ms, server CPU {run['server_cpu_ms_per_request']:.1f} ms/request; "
-                f"server RSS {run['rss_before_mib']:.0f} -> {run['rss_after_mib']:.0f} MiB (peak {run['peak_rss_mib']:.0f}); "
+                f"server RSS {run['rss_before_mib']:.0f} -> {run['rss_after_mib']:.0f} MiB "
+                f"(peak {run['peak_rss_mib']:.0f}); "
                 f"load {run['load_average']:.1f}",
                 flush=True,
             )

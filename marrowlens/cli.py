@@ -290,7 +290,10 @@ def index_build(
     set_: list[str] = typer.Option(
         [],
         "--set",
-        help="FAISS parameter of the chosen --kind, e.g. --set nprobe=32 (ivf) or --set ef_search=128 (hnsw); a key the kind does not take is refused with the list of those it does",
+        help=(
+            "FAISS parameter of the chosen --kind, e.g. --set nprobe=32 (ivf) or --set ef_search=128 (hnsw); "
+            "a key the kind does not take is refused with the list of those it does"
+        ),
     ),
     overwrite: bool = typer.Option(False, help="replace an existing index in --out"),
 ) -> None:
@@ -303,7 +306,8 @@ def index_build(
     index = build_index(embeddings, out, kind=kind, metric=metric, overrides=set_, overwrite=overwrite)
     files = current_files(index.meta)
     say(
-        f"wrote {index.folder / files.index}: {len(index)} cells, {index.kind} index ({index.meta.factory}, {index.metric})"
+        f"wrote {index.folder / files.index}: {len(index)} cells, "
+        f"{index.kind} index ({index.meta.factory}, {index.metric})"
     )
     say(f"wrote {index.folder / files.cells} and {index.folder / 'meta.json'}")
 
@@ -381,7 +385,8 @@ def search(
         say(f"query {label}:")
         if "query_cell" in table.attrs:
             say(
-                f"  (this image is indexed cell {table.attrs['query_cell'][:12]}: left out of its own neighbours and vote)"
+                f"  (this image is indexed cell {table.attrs['query_cell'][:12]}: "
+                "left out of its own neighbours and vote)"
             )
         say(format_table(table))
         say(format_vote(table))
@@ -400,7 +405,10 @@ def serve(
     allow_host: list[str] = typer.Option(
         [],
         "--allow-host",
-        help="another name clients reach the server by (e.g. its DNS name with --host 0.0.0.0); other Host headers get 400",
+        help=(
+            "another name clients reach the server by (e.g. its DNS name with --host 0.0.0.0); "
+            "other Host headers get 400"
+        ),
     ),
     max_queue: int = typer.Option(
         8, min=1, help="searches in flight at once; more get 503 + Retry-After: 1 at once instead of waiting"
@@ -551,7 +559,7 @@ def probe_noise_sweep(
 ) -> None:
     """Inject known label noise into training labels only and compare losses (cell and patient level).
 
-    Example: marrowlens probe noise-sweep --embeddings emb/ --task mutation --noise 0,0.2,0.4 --kind symmetric --out sweeps/mutation
+    Example: marrowlens probe noise-sweep --embeddings emb/ --task mutation --noise 0,0.2,0.4 --out sweeps/mutation
     """
     from marrowlens.probes import commands
 

@@ -288,7 +288,8 @@ def noise_sweep(
     config = config.model_copy(update={"linear": config.linear.model_copy(update={"solver": "torch"})})
     if not head_for(config).trains_with_loss:
         raise MarrowLensError(
-            f"noise-sweep compares training losses, so it needs a head trained with one (--head linear), not {config.head}"
+            "noise-sweep compares training losses, so it needs a head trained with one (--head linear), "
+            f"not {config.head}"
         )
     if config.eval.cv < 2:
         raise MarrowLensError("noise-sweep needs cross-validation: --cv 2 or more")

@@ -72,7 +72,8 @@ def grouped_folds(
     n_groups = len(np.unique(groups))
     if n_groups < n_splits:
         raise MarrowLensError(
-            f"{n_groups} patient(s) but {n_splits} folds: patient-grouped CV needs at least as many patients as folds; lower --cv"
+            f"{n_groups} patient(s) but {n_splits} folds: "
+            "patient-grouped CV needs at least as many patients as folds; lower --cv"
         )
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():

@@ -191,7 +191,10 @@ class Head:
         tensors: dict[str, torch.Tensor],
         training_vectors: Callable[[], np.ndarray] | None = None,
     ) -> Head:
-        """The fitted head from its saved parameters and tensors; ``training_vectors`` reads its training store if it needs one."""
+        """The fitted head from its saved parameters and tensors.
+
+        ``training_vectors`` reads its training store if it needs one.
+        """
         raise NotImplementedError
 
     def fitted_state(self) -> dict[str, Any]:

@@ -156,9 +156,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         if "accuracy" in patient:
             lines += [
                 (
-                    f"{patient['n_patients']} patients: {patient['n_determined']} determined, {patient['n_undetermined']} "
-                    f"undetermined (no kept cell; coverage {_fmt(patient['coverage'])}). Patient prediction = argmax of the "
-                    "mean log-probability of its kept cells. Accuracy counting undetermined patients as wrong: "
+                    f"{patient['n_patients']} patients: {patient['n_determined']} determined, "
+                    f"{patient['n_undetermined']} undetermined (no kept cell; coverage {_fmt(patient['coverage'])}). "
+                    "Patient prediction = argmax of the mean log-probability of its kept cells. "
+                    "Accuracy counting undetermined patients as wrong: "
                     f"{_fmt(patient.get('accuracy_counting_undetermined_as_wrong'))}."
                 ),
                 "",
@@ -170,7 +171,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             value, ci = _with_ci(patient["blast_fraction_mae"])
             lines += [
                 (
-                    f"{patient['n_patients']} patients. Blast fraction (true vs predicted) mean absolute error: {value} {ci}; "
+                    f"{patient['n_patients']} patients. "
+                    f"Blast fraction (true vs predicted) mean absolute error: {value} {ci}; "
                     f"Pearson r: {_fmt(patient.get('blast_fraction_pearson_r'))}."
                 ),
                 "",

@@ -307,7 +307,8 @@ def add_to_index(folder: str | Path, embeddings: str | Path) -> tuple[CellIndex,
     ours, theirs = _stain(current.meta), _stain(store.meta)
     if ours != theirs:
         raise MarrowLensError(
-            f"stain normalisation mismatch: index {folder} was embedded with {ours or 'none'}, embeddings {embeddings} with {theirs or 'none'}"
+            f"stain normalisation mismatch: index {folder} was embedded with {ours or 'none'}, "
+            f"embeddings {embeddings} with {theirs or 'none'}"
         )
     if store.vectors.shape[1] != current.meta.dim:
         raise MarrowLensError(

@@ -80,7 +80,8 @@ def _require_weights_fit(model: nn.Module, name: str, weights: Path, names: set[
     missing = [k for k in expected if k not in names]
     if len(missing) > 0.1 * len(expected):
         raise MarrowLensError(
-            f"weights {weights} do not fit {name}: {len(missing)} of {len(expected)} tensors are missing (e.g. {missing[0]})"
+            f"weights {weights} do not fit {name}: {len(missing)} of {len(expected)} tensors are missing "
+            f"(e.g. {missing[0]})"
         )
 
 

@@ -58,7 +58,10 @@ class SharedArgs(TypedDict):
 
 
 class SSLModule(pl.LightningModule):
-    """Shared training logic; subclasses define ``build_views``, ``trainable`` modules, ``embedding_backbone`` and the step."""
+    """Shared training logic.
+
+    Subclasses define ``build_views``, ``trainable`` modules, ``embedding_backbone`` and the step.
+    """
 
     def __init__(
         self,

@@ -1,8 +1,9 @@
 """How a backbone sees a cell at eval time: one record (after timm's ``PretrainedCfg``) and one transform.
 
-The record (``marrowlens.contracts.Preprocessing``) is saved with the backbone (``backbone.json``). Training's online k-NN check, ``embed``,
-``search`` and the web page all build their preprocessing from it by :func:`eval_transform`, so a
-query image is fed to the backbone exactly as the indexed cells were.
+The record (``marrowlens.contracts.Preprocessing``) is saved with the backbone (``backbone.json``).
+Training's online k-NN check, ``embed``, ``search`` and the web page all build their preprocessing
+from it by :func:`eval_transform`, so a query image is fed to the backbone exactly as the indexed
+cells were.
 """
 
 from __future__ import annotations

@@ -194,7 +194,8 @@ def require_steps(cells: int, world: int, batch: int, config: PretrainConfig) ->
     if math.ceil(batches / config.trainer.accumulate_grad_batches) < 1:
         kept = "" if limit is None else f", of which trainer.limit_train_batches={limit} keeps {batches}"
         raise MarrowLensError(
-            f"this run trains 0 steps: {cells} cells on {world} device(s) give {full} full batches of {batch} per epoch{kept}"
+            f"this run trains 0 steps: {cells} cells on {world} device(s) "
+            f"give {full} full batches of {batch} per epoch{kept}"
         )
 
 

@@ -71,7 +71,7 @@ def _check_level(block: dict, classes: list[str]) -> None:
 
 class TestRoundTrip:
     def test_a_fit_without_config_saves_the_shipped_config(self, fitted: Path) -> None:
-        """`probe fit blast --embeddings emb/ --head linear` (the README) must train as configs/probes/blast.yaml says."""
+        """`probe fit blast --embeddings emb/ --head linear` (the README) trains as configs/probes/blast.yaml says."""
         import yaml
 
         from marrowlens.config import ProbeConfig, load_config

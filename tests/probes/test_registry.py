@@ -1,4 +1,5 @@
-"""The HEADS registry: config's list of heads, save/load of every head, old probe folders, and a head added by a test alone."""
+"""The HEADS registry: config's list of heads, save/load of every head, old probe folders, and a head added by a
+test alone."""
 
 from __future__ import annotations
 

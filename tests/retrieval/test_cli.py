@@ -181,8 +181,8 @@ class TestSearch:
         code, output = cli("search", "--index", image_index.idx, "--image", image_index.image(), "--model", "test_vit")
         assert code == 2
         assert (
-            f"backbone fingerprint mismatch: index {image_index.idx} has random:test_resnet:seed0 but model test_vit has random:test_vit:seed0"
-            in output
+            f"backbone fingerprint mismatch: index {image_index.idx} has random:test_resnet:seed0 "
+            "but model test_vit has random:test_vit:seed0" in output
         )
 
     def test_error_is_one_line_with_status_2_from_a_real_process(self, image_index: ImageIndex) -> None:

@@ -258,7 +258,10 @@ class TestAdd:
         make_store(tmp_path / "emb2", n=20, dim=32, prefix="x", fingerprint="sha256:" + "ab" * 32)
         with pytest.raises(
             MarrowLensError,
-            match=r"backbone fingerprint mismatch: index .*idx has random:test_resnet:seed0.* but embeddings .*emb2 has abababab",
+            match=(
+                r"backbone fingerprint mismatch: index .*idx has random:test_resnet:seed0.* "
+                r"but embeddings .*emb2 has abababab"
+            ),
         ):
             add_to_index(tmp_path / "idx", tmp_path / "emb2")
 

@@ -209,9 +209,8 @@ class TestVoteAndFormat:
             "path",
         ]
         assert "aaaaaaaaaaaa " in text and "0.9000" in text and " - " in text
-        assert (
-            format_vote(self.table)
-            == "k-NN vote: cell_type: myeloblast 2/3; is_blast: blast 2/3, non-blast 1/3; mutation: NPM1 2/3, control 1/3"
+        assert format_vote(self.table) == (
+            "k-NN vote: cell_type: myeloblast 2/3; is_blast: blast 2/3, non-blast 1/3; mutation: NPM1 2/3, control 1/3"
         )
 
 

@@ -25,14 +25,20 @@ async function search(form, queryImage, queryCaption) {
     let detail = response.statusText;
     if (response.status === 413) detail = "the image is larger than the upload limit";
     else {
-      try { const body = await response.json(); detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail); } catch (_) {}
+      try {
+        const body = await response.json();
+        detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+      } catch (_) {}
     }
     setStatus(`error: ${detail}`, true);
     return;
   }
   const result = await response.json();
   render(result, queryImage, queryCaption);
-  setStatus(`${result.neighbours.length} neighbours in ${result.elapsed_ms.toFixed(0)} ms (${result.index_kind} index, ${result.metric})`);
+  setStatus(
+    `${result.neighbours.length} neighbours in ${result.elapsed_ms.toFixed(0)} ms ` +
+      `(${result.index_kind} index, ${result.metric})`,
+  );
 }
 
 function searchFile(file) {
@@ -55,8 +61,12 @@ function blastLabel(value) {
 }
 
 function describe(cell) {
-  return [cell.patient_id ? `patient ${cell.patient_id}` : null, cell.cell_type, blastLabel(cell.is_blast), cell.mutation]
-    .filter((x) => x);
+  return [
+    cell.patient_id ? `patient ${cell.patient_id}` : null,
+    cell.cell_type,
+    blastLabel(cell.is_blast),
+    cell.mutation,
+  ].filter((x) => x);
 }
 
 function line(text, className) {
@@ -126,13 +136,24 @@ function render(result, queryImage, queryCaption) {
   const itself = result.query.cell, note = $("self-note");
   note.hidden = !itself;
   note.textContent = itself
-    ? `${result.query.kind === "upload" ? "This image is" : "The query is"} indexed cell ${itself.cell_id.slice(0, 12)} ` +
+    ? `${result.query.kind === "upload" ? "This image is" : "The query is"} ` +
+      `indexed cell ${itself.cell_id.slice(0, 12)} ` +
       `(${describe(itself).join(" · ")}): it is left out of its own neighbours and vote.`
     : "";
   $("grid").replaceChildren(...result.neighbours.map(card));
 }
 
 fileInput.addEventListener("change", () => searchFile(fileInput.files[0]));
-["dragenter", "dragover"].forEach((name) => drop.addEventListener(name, (e) => { e.preventDefault(); drop.classList.add("over"); }));
-["dragleave", "drop"].forEach((name) => drop.addEventListener(name, (e) => { e.preventDefault(); drop.classList.remove("over"); }));
+["dragenter", "dragover"].forEach((name) =>
+  drop.addEventListener(name, (e) => {
+    e.preventDefault();
+    drop.classList.add("over");
+  }),
+);
+["dragleave", "drop"].forEach((name) =>
+  drop.addEventListener(name, (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+  }),
+);
 drop.addEventListener("drop", (e) => searchFile(e.dataTransfer.files[0]));
