@@ -515,6 +515,27 @@ def probe_eval(
     )
 
 
+@probe_app.command("test")
+def probe_test(
+    probe: Path = typer.Argument(..., help="fitted probe folder"),
+    embeddings: Path = typer.Option(
+        ..., "--embeddings", help="embeddings of another cohort, made by the probe's backbone"
+    ),
+    out: Path = typer.Option(..., "--out", help="report folder to write"),
+    bootstrap: int | None = typer.Option(
+        None, "--bootstrap", min=0, help="bootstrap resamples of patients for the 95% intervals"
+    ),
+    overwrite: bool = typer.Option(False, help="replace an existing report in --out"),
+) -> None:
+    """Test a fitted probe, as is, on a cohort it never saw: the measure of generalisation that CV is not.
+
+    Example: marrowlens probe test probes/mutation --embeddings other_emb/ --out tests/mutation-other
+    """
+    from marrowlens.probes import commands
+
+    _print_outcome(commands.external_test(probe, embeddings, out, bootstrap=bootstrap, overwrite=overwrite))
+
+
 @probe_app.command("predict")
 def probe_predict(
     probe: Path = typer.Argument(..., help="probe folder"),

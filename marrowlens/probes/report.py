@@ -119,8 +119,9 @@ def _level(title: str, block: dict[str, Any]) -> list[str]:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Probe report: {report['task']}", ""]
     ev = report.get("evaluation", {})
+    title = "External test" if ev.get("kind") == "external-test" else "Probe report"
+    lines = [f"# {title}: {report['task']}", ""]
     lines += _table(
         ["", ""],
         [
@@ -135,6 +136,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             ["model", report.get("embeddings", {}).get("model_fingerprint")],
         ],
     )
+    if ev.get("left_out"):
+        lines += [unseen_note(ev["left_out"]), ""]
     if report.get("cell") is None:
         lines += ["No evaluation was run.", ""]
     else:
@@ -246,6 +249,12 @@ def headline(report: dict[str, Any]) -> list[str]:
             f"macro-F1 {row.get('macro_f1', float('nan')):.3f}"
         )
     return lines
+
+
+def unseen_note(unseen: dict[str, dict[str, int]]) -> str:
+    """One line: the test cells of classes the probe never learned, left out of every figure."""
+    parts = [f"{name} ({n['cells']} cells, {n['patients']} patients)" for name, n in unseen.items()]
+    return f"left out, classes the probe never learned: {', '.join(parts)}"
 
 
 def predict_headline(n_kept: int, n_cells: int, filtered: bool, n_patients: int, n_undetermined: int) -> list[str]:
