@@ -15,8 +15,7 @@ from marrowlens.cohort.manifest import index_cohort, load_cohort
 from marrowlens.contracts import ModelRef, ProbeMeta, StoreRef
 from marrowlens.embeddings import write_embeddings
 from marrowlens.provenance import PYTHON, command_line, current_command, python_api, recording
-from tests.conftest import Cli
-from tests.conftest import model_meta
+from tests.conftest import Cli, model_meta
 
 
 def test_cli_records_its_own_command_line(cli: Cli, mutation_tree: Path, tmp_path: Path) -> None:
