@@ -603,14 +603,20 @@ def run_command(
     pretrain_set: list[str] = typer.Option(
         [], "--pretrain-set", help="pretrain override, e.g. trainer.max_epochs=5 (repeatable)"
     ),
+    test_cohort: Path | None = typer.Option(
+        None, "--test-cohort", help="another cohort to test every probe on, as is (overrides the config's test_cohort)"
+    ),
 ) -> None:
-    """Pretrain -> embed -> probes -> index -> report, resuming whatever is already done.
+    """Pretrain -> embed -> probes -> index -> [external test] -> report, resuming whatever is already done.
 
     Example: marrowlens run --cohort cohort/ --config configs/run/deepapl.yaml --out results/deepapl
     """
     from marrowlens.pipeline import load_run_config, run_study
 
-    report = run_study(cohort, load_run_config(config, set_, pretrain_set), out, say=say)
+    run_config = load_run_config(config, set_, pretrain_set)
+    if test_cohort is not None:
+        run_config = run_config.model_copy(update={"test_cohort": test_cohort.resolve()})
+    report = run_study(cohort, run_config, out, say=say)
     if report is not None:
         say(f"wrote {report}")
 

@@ -200,6 +200,48 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The headline metrics a study report sets side by side: (level, key, label).
+COMPARED = (
+    ("cell", "accuracy", "cell accuracy"),
+    ("cell", "balanced_accuracy", "cell balanced accuracy"),
+    ("cell", "macro_f1", "cell macro-F1"),
+    ("cell", "roc_auc_ovr", "cell ROC-AUC"),
+    ("patient", "accuracy", "patient accuracy"),
+    ("patient", "balanced_accuracy", "patient balanced accuracy"),
+    ("patient", "roc_auc_ovr", "patient ROC-AUC"),
+    ("patient", "blast_fraction_mae", "patient blast-fraction MAE"),
+)
+
+
+def comparison_markdown(name: str, internal: dict[str, Any], external: dict[str, Any]) -> list[str]:
+    """One probe's headline metrics with 95% intervals: internal CV beside the external test.
+
+    A gap between the columns is what CV on one cohort cannot show (e.g. APL: 0.87-0.90 in CV, 0.71 outside).
+    """
+
+    def entry(report: dict[str, Any], level: str, key: str) -> Any:
+        return (report.get(level) or {}).get(key)
+
+    def shown(value: Any) -> str:
+        point, ci = _with_ci(value)
+        return point if ci == "–" else f"{point} {ci}"
+
+    rows = [
+        [label, shown(entry(internal, level, key)), shown(entry(external, level, key))]
+        for level, key, label in COMPARED
+        if entry(internal, level, key) is not None or entry(external, level, key) is not None
+    ]
+    header = ["metric", _column("internal CV", internal), _column("external test", external)]
+    left_out = (external.get("evaluation") or {}).get("left_out")
+    note = [unseen_note(left_out), ""] if left_out else []
+    return [f"### Probe `{name}` ({external['task']})", "", *note, *_table(header, rows)]
+
+
+def _column(title: str, report: dict[str, Any]) -> str:
+    units = report.get("units") or {}
+    return f"{title} ({units.get('cells', '?')} cells, {units.get('patients', '?')} patients)"
+
+
 # ---------------------------------------------------------------- what the commands print
 
 
