@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from marrowlens.artifacts import (
     prepare_out_dir,
+    read_parquet,
     short,
     write_json_atomic,
     write_meta,
@@ -25,7 +26,7 @@ from marrowlens.artifacts import (
 from marrowlens.cohort.manifest import patient_groups
 from marrowlens.config import ProbeConfig, load_config, nest, shipped_probe_config, validate_config
 from marrowlens.contracts import ModelRef, NoiseSweepMeta, ProbeTestMeta, StoreRef, SweptStore, TestedProbe
-from marrowlens.embeddings import Embeddings, load_embeddings
+from marrowlens.embeddings import CELLS_FILE, Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.probes.evaluate import (
     Predictions,
@@ -43,6 +44,7 @@ from marrowlens.probes.report import (
     predict_headline,
     reliability_bins,
     selection_note,
+    shared_note,
     sweep_line,
     sweep_markdown,
     unseen_note,
@@ -197,6 +199,7 @@ def evaluate(
     config = validate_config(ProbeConfig, data, "command line")
     task = make_task(config, emb, probe.blast)
     same_store = emb.fingerprint == info["embeddings"]["fingerprint"]
+    unseen = {} if same_store else _keep_known_classes(task, probe.classes)  # a fitted probe knows its classes
     report = _header(config, task, emb)
     patients = None
     if same_store and config.eval.cv:
@@ -211,6 +214,7 @@ def evaluate(
             f"(trained on {short(info['embeddings']['fingerprint'])}); no refitting",
             "grouping": "none needed: no cell of this store was used for training",
             "blast_filter": "the probe's own blast filter" if probe.blast is not None else None,
+            "left_out": unseen,
         }
     else:
         report.update(cell=None, patient=None, evaluation={"kind": "none", "description": "skipped (--cv 0)"})
@@ -219,7 +223,7 @@ def evaluate(
     if out is None:
         out = Path(probe_dir) if same_store else Path(probe_dir) / f"external-{short(emb.fingerprint)}"
     written = write_report(out, report, patients)
-    return Outcome(written, headline(report))
+    return Outcome(written, [*([unseen_note(unseen)] if unseen else []), *headline(report)])
 
 
 def external_test(
@@ -240,6 +244,7 @@ def external_test(
     config = validate_config(ProbeConfig, data, "command line")
     task = make_task(config, emb, probe.blast)
     unseen = _keep_known_classes(task, probe.classes)
+    shared = _shared_patients(info, task)
     out = prepare_out_dir(out, overwrite)
     report = _header(config, task, emb)
     evaluation, patients = _apply_as_is(probe, emb, task, config)
@@ -253,10 +258,11 @@ def external_test(
         "grouping": "none needed: no cell of this store was used for training",
         "blast_filter": _saved_filter_note(probe),
         "left_out": unseen,
+        "shared_patients": shared,
     }
     written = write_report(out, report, patients)
     write_meta(out, _test_meta(config.task, Path(probe_dir), info, emb))
-    notes = [unseen_note(unseen)] if unseen else []
+    notes = [*([unseen_note(unseen)] if unseen else []), *([shared_note(shared)] if shared else [])]
     return Outcome([*written, out / "meta.json"], [*notes, *headline(report)])
 
 
@@ -288,6 +294,18 @@ def _keep_known_classes(task: Task, classes: list[str]) -> dict[str, dict[str, i
     task.rows, task.y, task.groups = task.rows[known], task.y[known], task.groups[known]
     task.classes = list(classes)
     return unseen
+
+
+def _shared_patients(info: dict[str, Any], task: Task) -> list[str]:
+    """Test patients whose ids the probe's training store has too: the same patients, or a clash of names.
+
+    Best effort: a training store that moved or cannot be read is not checked.
+    """
+    try:
+        trained = read_parquet(Path(info["embeddings"]["folder"]) / CELLS_FILE)["patient_id"].dropna()
+    except (MarrowLensError, KeyError):
+        return []
+    return sorted(set(task.groups) & set(trained.astype(str)))
 
 
 def _apply_as_is(

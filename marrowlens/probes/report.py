@@ -138,6 +138,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     )
     if ev.get("left_out"):
         lines += [unseen_note(ev["left_out"]), ""]
+    if ev.get("shared_patients"):
+        lines += [shared_note(ev["shared_patients"]), ""]
     if report.get("cell") is None:
         lines += ["No evaluation was run.", ""]
     else:
@@ -232,8 +234,9 @@ def comparison_markdown(name: str, internal: dict[str, Any], external: dict[str,
         if entry(internal, level, key) is not None or entry(external, level, key) is not None
     ]
     header = ["metric", _column("internal CV", internal), _column("external test", external)]
-    left_out = (external.get("evaluation") or {}).get("left_out")
-    note = [unseen_note(left_out), ""] if left_out else []
+    evaluation = external.get("evaluation") or {}
+    left_out, shared = evaluation.get("left_out"), evaluation.get("shared_patients")
+    note = [*([unseen_note(left_out), ""] if left_out else []), *([shared_note(shared), ""] if shared else [])]
     return [f"### Probe `{name}` ({external['task']})", "", *note, *_table(header, rows)]
 
 
@@ -297,6 +300,14 @@ def unseen_note(unseen: dict[str, dict[str, int]]) -> str:
     """One line: the test cells of classes the probe never learned, left out of every figure."""
     parts = [f"{name} ({n['cells']} cells, {n['patients']} patients)" for name, n in unseen.items()]
     return f"left out, classes the probe never learned: {', '.join(parts)}"
+
+
+def shared_note(shared: list[str]) -> str:
+    """One line: test patients whose ids the training store has too (a leak if they are the same patients)."""
+    return (
+        f"warning: {len(shared)} test patient id(s) are in the probe's training store too (e.g. {shared[0]}); "
+        "if they are the same patients, this is no external test"
+    )
 
 
 def predict_headline(n_kept: int, n_cells: int, filtered: bool, n_patients: int, n_undetermined: int) -> list[str]:

@@ -60,6 +60,7 @@ def test_a_fitted_probe_on_another_cohort_reports_cells_and_patients(cli, fitted
     )
     assert code == 0, text
     assert "cell level" in text and "patient level (" in text and f"wrote {out / 'meta.json'}" in text
+    assert "warning" not in text and "left out" not in text
     report = _report(out)
     assert report["evaluation"]["kind"] == "external-test" and "nothing refitted" in report["evaluation"]["description"]
     assert report["probe"]["fingerprint"] == json.loads((fitted / "mutation" / "probe.json").read_text())["fingerprint"]
@@ -100,6 +101,26 @@ def test_classes_the_probe_never_learned_are_left_out_saying_so(cli, fitted: Pat
     assert report["classes"] == ["NPM1", "PML_RARA", "control"] and report["patient"]["n_patients"] == 6
     assert report["evaluation"]["left_out"] == {"CBFB_MYH11": {"cells": 60, "patients": 3}}
     assert "classes the probe never learned: CBFB_MYH11" in (tmp_path / "t" / "report.md").read_text()
+
+
+def test_patient_ids_the_training_store_has_too_are_flagged(cli, fitted: Path, tmp_path: Path) -> None:
+    cells = synthetic_cells(patients_per_class=2, cells_per_patient=20, seed=5)  # named as the training patients
+    synthetic_store(tmp_path / "same", cells=cells, vectors=synthetic_vectors(cells, seed=5))
+    code, text = cli("probe", "test", fitted / "blast", "--embeddings", tmp_path / "same", "--out", tmp_path / "t")
+    assert code == 0 and "warning: 6 test patient id(s) are in the probe's training store too" in text, text
+    assert "this is no external test" in (tmp_path / "t" / "report.md").read_text()
+
+
+def test_probe_eval_on_another_store_scores_against_the_probes_classes(fitted: Path, tmp_path: Path) -> None:
+    """A store with fewer classes than the probe: its labels must map to the probe's columns, not its own."""
+    from marrowlens.probes.commands import evaluate
+
+    outcome = evaluate(
+        fitted / "mutation", other_cohort(tmp_path / "other", ("NPM1", "control")), tmp_path / "e", bootstrap=0
+    )
+    report = _report(tmp_path / "e")
+    assert report["cell"]["confusion_matrix"]["labels"] == ["NPM1", "PML_RARA", "control"]
+    assert report["cell"]["accuracy"]["value"] > 0.8 and outcome.headline[0].startswith("cell level")
 
 
 @pytest.mark.parametrize(
