@@ -172,6 +172,20 @@ def test_a_test_cohort_is_tested_as_is_beside_internal_cv(deepapl_like: Path, tm
         run_study(deepapl_like, own, out, say=lambda _: None)
 
 
+def test_a_probe_the_test_cohort_cannot_test_is_reported_and_the_others_go_on(tmp_path: Path, monkeypatch) -> None:
+    from marrowlens.pipeline import Study, _external_test
+    from marrowlens.probes import commands
+
+    def refuse(*args, **kwargs):
+        raise MarrowLensError("/test/emb has no cell_type labels")
+
+    monkeypatch.setattr(commands, "external_test", refuse)
+    study = Study(tmp_path, say=lambda _: None)
+    lines = _external_test("wbc", "0123", tmp_path / "test" / "emb", tmp_path, study)
+    assert lines[0] == "- probe `wbc`: not tested on this cohort (/test/emb has no cell_type labels)"
+    assert "test wbc" not in study.stages
+
+
 def test_interrupted_pretraining_resumes_inside_a_study(deepapl_like: Path, tmp_path: Path, monkeypatch) -> None:
     from marrowlens.ssl import train
 

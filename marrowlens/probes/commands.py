@@ -15,6 +15,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from marrowlens.artifacts import (
+    META_FILE,
     prepare_out_dir,
     read_parquet,
     short,
@@ -246,6 +247,7 @@ def external_test(
     unseen = _keep_known_classes(task, probe.classes)
     shared = _shared_patients(info, task)
     out = prepare_out_dir(out, overwrite)
+    (out / META_FILE).unlink(missing_ok=True)  # the "finished" marker: back only once every file is
     report = _header(config, task, emb)
     evaluation, patients = _apply_as_is(probe, emb, task, config)
     report.update(evaluation)
@@ -263,7 +265,7 @@ def external_test(
     written = write_report(out, report, patients)
     write_meta(out, _test_meta(config.task, Path(probe_dir), info, emb))
     notes = [*([unseen_note(unseen)] if unseen else []), *([shared_note(shared)] if shared else [])]
-    return Outcome([*written, out / "meta.json"], [*notes, *headline(report)])
+    return Outcome([*written, out / META_FILE], [*notes, *headline(report)])
 
 
 def _require_unseen_store(info: dict[str, Any], folder: Path, emb: Embeddings) -> None:
