@@ -241,6 +241,8 @@ def comparison_markdown(name: str, internal: dict[str, Any], external: dict[str,
 
 
 def _column(title: str, report: dict[str, Any]) -> str:
+    if report.get("cell") is None:
+        return f"{title} (not run)"
     units = report.get("units") or {}
     return f"{title} ({units.get('cells', '?')} cells, {units.get('patients', '?')} patients)"
 

@@ -144,3 +144,21 @@ def test_refusals(cli, fitted: Path, tmp_path: Path, make, message: str) -> None
 def test_the_probes_own_store_is_no_external_test(cli, fitted: Path, tmp_path: Path) -> None:
     code, text = cli("probe", "test", fitted / "blast", "--embeddings", fitted / "emb", "--out", tmp_path / "t")
     assert code == 2 and "is the store probe" in text and "`probe eval`" in text
+
+
+def test_the_study_table_sets_internal_cv_beside_the_external_test() -> None:
+    from marrowlens.probes.report import comparison_markdown
+
+    internal = {
+        "task": "blast",
+        "units": {"cells": 10, "patients": 2},
+        "cell": {"accuracy": {"value": 0.9, "ci": [0.8, 1.0]}},
+    }
+    external = {"task": "blast", "units": {"cells": 8, "patients": 3}, "cell": {"accuracy": {"value": 0.7, "ci": None}}}
+    lines = comparison_markdown("b", internal, external)
+    assert lines[0] == "### Probe `b` (blast)"
+    assert "| metric | internal CV (10 cells, 2 patients) | external test (8 cells, 3 patients) |" in lines
+    assert "| cell accuracy | 0.900 [0.800, 1.000] | 0.700 |" in lines and len(lines) == 6
+    assert "| metric | internal CV (not run) | external test (8 cells, 3 patients) |" in comparison_markdown(
+        "b", {"task": "blast", "cell": None}, external
+    )
