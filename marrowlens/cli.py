@@ -523,6 +523,27 @@ def probe_eval(
     )
 
 
+@probe_app.command("test")
+def probe_test(
+    probe: Path = typer.Argument(..., help="fitted probe folder"),
+    embeddings: Path = typer.Option(
+        ..., "--embeddings", help="embeddings of another cohort, made by the probe's backbone"
+    ),
+    out: Path = typer.Option(..., "--out", help="report folder to write"),
+    bootstrap: int | None = typer.Option(
+        None, "--bootstrap", min=0, help="bootstrap resamples of patients for the 95% intervals"
+    ),
+    overwrite: bool = typer.Option(False, help="replace an existing report in --out"),
+) -> None:
+    """Test a fitted probe, as is, on a cohort it never saw: the measure of generalisation that CV is not.
+
+    Example: marrowlens probe test probes/mutation --embeddings other_emb/ --out tests/mutation-other
+    """
+    from marrowlens.probes import commands
+
+    _print_outcome(commands.external_test(probe, embeddings, out, bootstrap=bootstrap, overwrite=overwrite))
+
+
 @probe_app.command("predict")
 def probe_predict(
     probe: Path = typer.Argument(..., help="probe folder"),
@@ -590,14 +611,20 @@ def run_command(
     pretrain_set: list[str] = typer.Option(
         [], "--pretrain-set", help="pretrain override, e.g. trainer.max_epochs=5 (repeatable)"
     ),
+    test_cohort: Path | None = typer.Option(
+        None, "--test-cohort", help="another cohort to test every probe on, as is (overrides the config's test_cohort)"
+    ),
 ) -> None:
-    """Pretrain -> embed -> probes -> index -> report, resuming whatever is already done.
+    """Pretrain -> embed -> probes -> index -> [external test] -> report, resuming whatever is already done.
 
     Example: marrowlens run --cohort cohort/ --config configs/run/deepapl.yaml --out results/deepapl
     """
     from marrowlens.pipeline import load_run_config, run_study
 
-    report = run_study(cohort, load_run_config(config, set_, pretrain_set), out, say=say)
+    run_config = load_run_config(config, set_, pretrain_set)
+    if test_cohort is not None:
+        run_config = run_config.model_copy(update={"test_cohort": test_cohort.resolve()})
+    report = run_study(cohort, run_config, out, say=say)
     if report is not None:
         say(f"wrote {report}")
 

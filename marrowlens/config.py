@@ -594,6 +594,9 @@ class RunConfig(_Strict):
     embed: EmbedStageConfig = EmbedStageConfig()
     probes: dict[str, ProbeStageConfig] = Field(default_factory=dict)
     index: IndexStageConfig = IndexStageConfig()
+    test_cohort: Path | None = Field(
+        None, description="another cohort to test every probe on, as is (relative to the run config's folder)"
+    )
 
     @model_validator(mode="after")
     def _filters_come_first(self) -> RunConfig:
@@ -610,7 +613,7 @@ class RunConfig(_Strict):
         return self
 
     def resolve_paths(self, base: Path) -> RunConfig:
-        """Make the stage config paths absolute, relative to the run config file's folder."""
+        """Make the stage config and test cohort paths absolute, relative to the run config file's folder."""
 
         def fix(path: Path | None) -> Path | None:
             return path if path is None or path.is_absolute() else (base / path).resolve()
@@ -619,4 +622,5 @@ class RunConfig(_Strict):
         copy.pretrain.config = fix(copy.pretrain.config)
         for probe in copy.probes.values():
             probe.config = fix(probe.config)
+        copy.test_cohort = fix(copy.test_cohort)
         return copy

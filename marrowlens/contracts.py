@@ -209,6 +209,24 @@ class ProbeMeta(Meta):
     model: ModelRef
 
 
+class TestedProbe(Record):
+    """The probe an external test applied, and the store it was fitted on."""
+
+    folder: str
+    fingerprint: str
+    trained_on: StoreRef
+
+
+class ProbeTestMeta(Meta):
+    """A fitted probe applied as is to a cohort it never saw (``probe test``): nothing refitted."""
+
+    kind: Literal["probe-test"] = "probe-test"
+    task: str
+    probe: TestedProbe
+    embeddings: StoreRef
+    model: ModelRef
+
+
 class SweptStore(Record):
     fingerprint: str
     model_fingerprint: str
@@ -279,5 +297,5 @@ class StudyMeta(Meta):
 
 KINDS: dict[str, type[Meta]] = {
     model.kind_name(): model
-    for model in (CohortMeta, RunMeta, EmbeddingsMeta, ProbeMeta, NoiseSweepMeta, IndexMeta, StudyMeta)
+    for model in (CohortMeta, RunMeta, EmbeddingsMeta, ProbeMeta, ProbeTestMeta, NoiseSweepMeta, IndexMeta, StudyMeta)
 }

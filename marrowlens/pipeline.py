@@ -4,6 +4,9 @@ Every stage is the library call behind its own command. A stage is skipped when 
 complete and was made from the same inputs and settings (a key of both, kept in ``stages.json``);
 an unfinished pretraining resumes from its last checkpoint and an unfinished embedding from its
 last written row; anything whose inputs changed is redone, and so is everything after it.
+
+With a test cohort (``test_cohort:``, ``--test-cohort``), it is embedded by the study's backbone and
+every probe tested on it as is (``probe test``); the report sets internal CV beside the external test.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from marrowlens.artifacts import artifact_kind, read_meta, write_json_atomic, write_meta, write_text_atomic
-from marrowlens.cohort.manifest import load_cohort
+from marrowlens.cohort.manifest import Cohort, load_cohort
 from marrowlens.config import (
     IndexStageConfig,
     PretrainConfig,
@@ -105,6 +108,7 @@ def run_study(cohort_dir: Path, config: RunConfig, out: Path, say: Callable[[str
     _refuse_foreign_results(out, cohort_dir)
     out.mkdir(parents=True, exist_ok=True)
     cohort = load_cohort(cohort_dir)
+    test_cohort = _test_cohort(config, cohort)
     study = Study(out, say)
     run_dir, emb_dir = out / "run", out / "emb"
 
@@ -125,31 +129,41 @@ def run_study(cohort_dir: Path, config: RunConfig, out: Path, say: Callable[[str
     study.lines.append(f"- backbone: `{backbone['timm_name']}` at {backbone['image_size']} px ({run_dir})")
 
     emb_key = _key(backbone["fingerprint"], cohort.meta.fingerprint, config.embed.model_dump(mode="json"))
-    if not study.done("embed", emb_key, (emb_dir / "meta.json").is_file()):
-        from marrowlens.ssl.embed import embed_cohort
-
-        resume = study.begin("embed", emb_key)
-        overwrite = not resume or (emb_dir / "meta.json").is_file()
-        with recording(_embed_command(config, run_dir, cohort_dir, emb_dir, overwrite)):
-            embed_cohort(
-                run_dir,
-                cohort_dir,
-                emb_dir,
-                batch_size=config.embed.batch_size,
-                precision=config.embed.precision,
-                num_workers=config.embed.num_workers,
-                stain_normalize=config.embed.stain_normalize,
-                overwrite=overwrite,
-            )
-        study.record("embed", emb_key)
+    _embed_stage("embed", emb_key, config, run_dir, cohort_dir, emb_dir, study)
     from marrowlens.embeddings import load_embeddings
 
     store = load_embeddings(emb_dir)
     study.lines.append(f"- embeddings: {len(store)} cells x {store.meta.dim} ({emb_dir})")
-    _probe_stages(config, store.fingerprint, emb_dir, out, study)
+    probe_keys = _probe_stages(config, store.fingerprint, emb_dir, out, study)
     if config.index.enabled:
         _index_stage(config, store.fingerprint, emb_dir, out / "idx", study)
+    if test_cohort is not None:
+        _external_test_stages(config, backbone["fingerprint"], test_cohort, probe_keys, out, study)
     return _write_report(out, cohort_dir, cohort.meta, study)
+
+
+def _embed_stage(
+    stage: str, key: str, config: RunConfig, run_dir: Path, cohort_dir: Path, emb_dir: Path, study: Study
+) -> None:
+    """Embed ``cohort_dir`` with the study's backbone and embed settings, resuming an unfinished store."""
+    if study.done(stage, key, (emb_dir / "meta.json").is_file()):
+        return
+    from marrowlens.ssl.embed import embed_cohort
+
+    resume = study.begin(stage, key)
+    overwrite = not resume or (emb_dir / "meta.json").is_file()
+    with recording(_embed_command(config, run_dir, cohort_dir, emb_dir, overwrite)):
+        embed_cohort(
+            run_dir,
+            cohort_dir,
+            emb_dir,
+            batch_size=config.embed.batch_size,
+            precision=config.embed.precision,
+            num_workers=config.embed.num_workers,
+            stain_normalize=config.embed.stain_normalize,
+            overwrite=overwrite,
+        )
+    study.record(stage, key)
 
 
 def _how_to_continue(last: Path) -> str:
@@ -159,7 +173,8 @@ def _how_to_continue(last: Path) -> str:
     return "no epoch had finished: run the same `marrowlens run` command again to start pretraining over"
 
 
-def _probe_stages(config: RunConfig, emb_fingerprint: str, emb_dir: Path, out: Path, study: Study) -> None:
+def _probe_stages(config: RunConfig, emb_fingerprint: str, emb_dir: Path, out: Path, study: Study) -> dict[str, str]:
+    """Fit every probe (skipping those up to date); returns each probe's stage key."""
     from marrowlens.probes import commands as probes
 
     keys: dict[str, str] = {}
@@ -180,6 +195,74 @@ def _probe_stages(config: RunConfig, emb_fingerprint: str, emb_dir: Path, out: P
             f"- probe `{name}` ({stage.task}): see {folder / 'report.md'}",
             *[f"  - {line}" for line in outcome.headline],
         ]
+    return keys
+
+
+def _test_cohort(config: RunConfig, cohort: Cohort) -> Cohort | None:
+    """The test cohort, checked before any stage runs: another cohort than the study's."""
+    if config.test_cohort is None:
+        return None
+    test_cohort = load_cohort(config.test_cohort)
+    if test_cohort.meta.fingerprint == cohort.meta.fingerprint:
+        raise MarrowLensError(
+            f"test cohort {config.test_cohort} is the study's own cohort; an external test needs another one"
+        )
+    return test_cohort
+
+
+def _external_test_stages(
+    config: RunConfig,
+    backbone_fingerprint: str,
+    test_cohort: Cohort,
+    probe_keys: dict[str, str],
+    out: Path,
+    study: Study,
+) -> None:
+    """Embed the test cohort with the study's backbone, test every probe on it as is, and set CV beside test."""
+    from marrowlens.embeddings import load_embeddings
+
+    test_dir = test_cohort.folder
+    emb_dir = out / "test" / "emb"
+    key = _key(backbone_fingerprint, test_cohort.meta.fingerprint, config.embed.model_dump(mode="json"))
+    _embed_stage("embed test cohort", key, config, out / "run", test_dir, emb_dir, study)
+    store = load_embeddings(emb_dir)
+    study.lines += [
+        "",
+        "## Internal CV and external test",
+        "",
+        (
+            f"Test cohort {test_dir}: {test_cohort.meta.n_cells} cells, {test_cohort.meta.n_patients} patients, "
+            f"embedded by the study's backbone ({emb_dir}); each fitted probe applied as is, nothing refitted."
+        ),
+        "",
+    ]
+    for name in config.probes:
+        study.lines += _external_test(name, _key(probe_keys[name], store.fingerprint), emb_dir, out, study)
+
+
+def _external_test(name: str, key: str, emb_dir: Path, out: Path, study: Study) -> list[str]:
+    """One probe's test (skipped when done); its lines of the study report, or why it could not be tested."""
+    from marrowlens.probes import commands as probes
+    from marrowlens.probes.report import REPORT_JSON, comparison_markdown
+
+    probe_dir, folder = out / "probes" / name, out / "test" / "probes" / name
+    stage = f"test {name}"
+    if not study.done(stage, key, (folder / "meta.json").is_file()):
+        try:
+            with recording(_test_command(probe_dir, emb_dir, folder)):
+                outcome = probes.external_test(probe_dir, emb_dir, folder, overwrite=True)
+        except MarrowLensError as exc:  # a test cohort may lack this probe's labels: the other probes go on
+            study.say(f"  not tested: {exc}")
+            return [f"- probe `{name}`: not tested on this cohort ({exc})", ""]
+        study.record(stage, key)
+        for line in outcome.headline:
+            study.say(f"  {line}")
+    internal, external = (json.loads((where / REPORT_JSON).read_text()) for where in (probe_dir, folder))
+    return [
+        *comparison_markdown(name, internal, external),
+        f"Reports: {probe_dir / 'report.md'}, {folder / 'report.md'}",
+        "",
+    ]
 
 
 def _index_stage(config: RunConfig, emb_fingerprint: str, emb_dir: Path, index_dir: Path, study: Study) -> None:
@@ -274,6 +357,10 @@ def _probe_command(stage: ProbeStageConfig, emb_dir: Path, folder: Path, blast_d
     blast = ["--blast-probe", blast_dir] if blast_dir else []
     options = [*_options(stage), *blast, "--overwrite"]
     return command_line("probe", "fit", stage.task, "--embeddings", emb_dir, "--out", folder, *options)
+
+
+def _test_command(probe_dir: Path, emb_dir: Path, folder: Path) -> str:
+    return command_line("probe", "test", probe_dir, "--embeddings", emb_dir, "--out", folder, "--overwrite")
 
 
 def _index_command(stage: IndexStageConfig, emb_dir: Path, index_dir: Path) -> str:

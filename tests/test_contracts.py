@@ -25,12 +25,14 @@ from marrowlens.contracts import (
     ModelRef,
     NoiseSweepMeta,
     ProbeMeta,
+    ProbeTestMeta,
     RunMeta,
     SourceCohort,
     StorePreprocessing,
     StoreRef,
     StudyMeta,
     SweptStore,
+    TestedProbe,
 )
 from marrowlens.errors import MarrowLensError
 
@@ -88,6 +90,12 @@ EXAMPLES: dict[str, Meta] = {
     ),
     "probe": ProbeMeta(
         task="blast", fingerprint=FP, embeddings=StoreRef(folder="/emb", fingerprint=FP), model=ModelRef(fingerprint=FP)
+    ),
+    "probe-test": ProbeTestMeta(
+        task="mutation",
+        probe=TestedProbe(folder="/probes/apl", fingerprint=FP, trained_on=StoreRef(folder="/emb", fingerprint=FP)),
+        embeddings=StoreRef(folder="/test/emb", fingerprint="ef" * 32),
+        model=ModelRef(fingerprint=FP),
     ),
     "noise-sweep": NoiseSweepMeta(embeddings=SweptStore(fingerprint=FP, model_fingerprint=FP), task="mutation"),
     "index": IndexMeta(
@@ -172,6 +180,14 @@ OLD_FORMAT: dict[str, dict[str, Any]] = {
         "task": "mutation",
         "fingerprint": FP,
         "embeddings": {"folder": "/emb", "fingerprint": FP},
+        "model": {"fingerprint": FP},
+    },
+    "probe-test": {  # new with this kind: the layout it was introduced with
+        "kind": "probe-test",
+        **_MADE,
+        "task": "blast",
+        "probe": {"folder": "/probes/blast", "fingerprint": FP, "trained_on": {"folder": "/emb", "fingerprint": FP}},
+        "embeddings": {"folder": "/test/emb", "fingerprint": FP},
         "model": {"fingerprint": FP},
     },
     "noise-sweep": {

@@ -14,8 +14,8 @@ from marrowlens.artifacts import read_meta
 from marrowlens.cohort.manifest import IndexOptions, index_cohort
 from marrowlens.cohort.synthetic import make_synthetic_cohort
 from marrowlens.config import IndexStageConfig, PretrainStageConfig, RunConfig
-from marrowlens.contracts import EmbeddingsMeta, IndexMeta, ProbeMeta, RunMeta, StudyMeta
-from marrowlens.errors import Interrupted
+from marrowlens.contracts import EmbeddingsMeta, IndexMeta, ProbeMeta, ProbeTestMeta, RunMeta, StudyMeta
+from marrowlens.errors import Interrupted, MarrowLensError
 from marrowlens.pipeline import load_run_config, run_study
 from marrowlens.provenance import command_line
 from tests.conftest import REPO_ROOT, InterruptAtEpoch
@@ -55,8 +55,13 @@ def _shipped(name: str, tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def deepapl_like(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """DeepAPL's layout: labels.csv with path, label (cell class), patient, diagnosis (APL/AML)."""
-    root = tmp_path_factory.mktemp("deepapl")
-    synthetic = make_synthetic_cohort(root / "synthetic", patients=12, cells_per_patient=14, image_size=32, seed=3)
+    return _deepapl_cohort(tmp_path_factory.mktemp("deepapl"))
+
+
+def _deepapl_cohort(root: Path, patients: int = 12, seed: int = 3) -> Path:
+    synthetic = make_synthetic_cohort(
+        root / "synthetic", patients=patients, cells_per_patient=14, image_size=32, seed=seed
+    )
     cells = synthetic.cells
     labels = pd.DataFrame(
         {
@@ -129,6 +134,56 @@ class TestDeepAPLStudy:
             "run", "--cohort", deepapl_like, "--config", config_path, "--out", tmp_path / "r", "--set", "embed.nope=1"
         )
         assert code == 2 and "embed.nope" in output
+        args = ("run", "--cohort", deepapl_like, "--config", config_path, "--out", tmp_path / "r")
+        code, output = cli(*args, "--test-cohort", deepapl_like)
+        assert code == 2 and "is the study's own cohort" in output
+
+
+def test_a_test_cohort_is_tested_as_is_beside_internal_cv(deepapl_like: Path, tmp_path: Path) -> None:
+    """`test_cohort:` (relative to the config): embedded by the study's backbone, every probe tested on it."""
+    _deepapl_cohort(tmp_path / "jhu2", patients=9, seed=8)
+    data = yaml.safe_load(_shipped("deepapl", tmp_path).read_text())
+    data["probes"] = {name: data["probes"][name] for name in ("leukemic", "apl")}
+    data.update(index={"enabled": False}, test_cohort="jhu2/cohort")
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    out = tmp_path / "results"
+    config = load_run_config(tmp_path / "study.yaml", [], [])
+    text = run_study(deepapl_like, config, out, say=lambda _: None).read_text()
+    assert "## Internal CV and external test" in text
+    for name in ("leukemic", "apl"):
+        report = json.loads((out / "test" / "probes" / name / "report.json").read_text())
+        assert report["evaluation"]["kind"] == "external-test" and report["probe"]["folder"] == str(
+            out / "probes" / name
+        )
+        assert f"### Probe `{name}`" in text
+    assert (
+        "| metric | internal CV (" in text and "| patient ROC-AUC | " in text and " patients) | external test (" in text
+    )
+    backbones = {read_meta(out / emb, EmbeddingsMeta).model.fingerprint for emb in ("emb", "test/emb")}
+    assert len(backbones) == 1
+    test_meta = read_meta(out / "test" / "probes" / "apl", ProbeTestMeta)
+    assert test_meta.command.startswith(command_line("probe", "test", out / "probes" / "apl", "--embeddings"))
+    messages: list[str] = []
+    run_study(deepapl_like, config, out, say=messages.append)
+    assert "[embed test cohort] up to date, skipped" in messages and "[test apl] up to date, skipped" in messages
+    assert all("skipped" in m for m in messages if m.startswith("[")), messages
+    own = load_run_config(tmp_path / "study.yaml", [f"test_cohort={deepapl_like}"], [])
+    with pytest.raises(MarrowLensError, match="is the study's own cohort"):
+        run_study(deepapl_like, own, out, say=lambda _: None)
+
+
+def test_a_probe_the_test_cohort_cannot_test_is_reported_and_the_others_go_on(tmp_path: Path, monkeypatch) -> None:
+    from marrowlens.pipeline import Study, _external_test
+    from marrowlens.probes import commands
+
+    def refuse(*args, **kwargs):
+        raise MarrowLensError("/test/emb has no cell_type labels")
+
+    monkeypatch.setattr(commands, "external_test", refuse)
+    study = Study(tmp_path, say=lambda _: None)
+    lines = _external_test("wbc", "0123", tmp_path / "test" / "emb", tmp_path, study)
+    assert lines[0] == "- probe `wbc`: not tested on this cohort (/test/emb has no cell_type labels)"
+    assert "test wbc" not in study.stages
 
 
 def test_interrupted_pretraining_resumes_inside_a_study(deepapl_like: Path, tmp_path: Path, monkeypatch) -> None:

@@ -1,4 +1,4 @@
-"""The ``marrowlens probe`` commands as library functions: fit, eval, predict, noise-sweep.
+"""The ``marrowlens probe`` commands as library functions: fit, eval, test, predict, noise-sweep.
 
 Each loads its inputs, refuses mismatched ones, does its work and writes atomically; the CLI only
 parses and prints what these return (its text comes from :mod:`marrowlens.probes.report`).
@@ -15,7 +15,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from marrowlens.artifacts import (
+    META_FILE,
     prepare_out_dir,
+    read_parquet,
     short,
     write_json_atomic,
     write_meta,
@@ -24,8 +26,8 @@ from marrowlens.artifacts import (
 )
 from marrowlens.cohort.manifest import patient_groups
 from marrowlens.config import ProbeConfig, load_config, nest, shipped_probe_config, validate_config
-from marrowlens.contracts import NoiseSweepMeta, SweptStore
-from marrowlens.embeddings import Embeddings, load_embeddings
+from marrowlens.contracts import ModelRef, NoiseSweepMeta, ProbeTestMeta, StoreRef, SweptStore, TestedProbe
+from marrowlens.embeddings import CELLS_FILE, Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.probes.evaluate import (
     Predictions,
@@ -35,7 +37,7 @@ from marrowlens.probes.evaluate import (
     run_folds,
     summarize,
 )
-from marrowlens.probes.folder import PROBE_FILE, load_probe, save_probe
+from marrowlens.probes.folder import PROBE_FILE, load_probe, read_probe_info, save_probe
 from marrowlens.probes.heads import head_for
 from marrowlens.probes.noise import NoiseKind, NoiseSpec
 from marrowlens.probes.report import (
@@ -43,8 +45,10 @@ from marrowlens.probes.report import (
     predict_headline,
     reliability_bins,
     selection_note,
+    shared_note,
     sweep_line,
     sweep_markdown,
+    unseen_note,
     write_report,
     write_sweep_plot,
 )
@@ -196,16 +200,14 @@ def evaluate(
     config = validate_config(ProbeConfig, data, "command line")
     task = make_task(config, emb, probe.blast)
     same_store = emb.fingerprint == info["embeddings"]["fingerprint"]
+    unseen = {} if same_store else _keep_known_classes(task, probe.classes)  # a fitted probe knows its classes
     report = _header(config, task, emb)
     patients = None
     if same_store and config.eval.cv:
         evaluation, patients = cross_validation_report(task, config)
         report.update(evaluation)
     elif not same_store:
-        pred = Predictions.empty(task)
-        pred.kept, pred.proba = _predict_blocks(probe, emb, task.rows)
-        pred.fold[:] = 0
-        evaluation, patients = _summary(task, pred, config)
+        evaluation, patients = _apply_as_is(probe, emb, task, config)
         report.update(evaluation)
         report["evaluation"] = {
             "kind": "external",
@@ -213,6 +215,7 @@ def evaluate(
             f"(trained on {short(info['embeddings']['fingerprint'])}); no refitting",
             "grouping": "none needed: no cell of this store was used for training",
             "blast_filter": "the probe's own blast filter" if probe.blast is not None else None,
+            "left_out": unseen,
         }
     else:
         report.update(cell=None, patient=None, evaluation={"kind": "none", "description": "skipped (--cv 0)"})
@@ -221,7 +224,116 @@ def evaluate(
     if out is None:
         out = Path(probe_dir) if same_store else Path(probe_dir) / f"external-{short(emb.fingerprint)}"
     written = write_report(out, report, patients)
-    return Outcome(written, headline(report))
+    return Outcome(written, [*([unseen_note(unseen)] if unseen else []), *headline(report)])
+
+
+def external_test(
+    probe_dir: Path, embeddings: Path, out: Path, bootstrap: int | None = None, overwrite: bool = False
+) -> Outcome:
+    """The fitted probe (and its blast filter) as is on a cohort it never saw: generalisation, measured honestly.
+
+    Internal CV shares scanners, stains and labelling habits with training; only another cohort shows
+    what survives. Nothing is refitted; cells of classes the probe never learned are left out, saying so.
+    """
+    emb = _load_store(embeddings)
+    info = read_probe_info(probe_dir)
+    _require_unseen_store(info, Path(probe_dir), emb)
+    probe, _ = load_probe(probe_dir, emb)
+    data = probe.config.model_dump(mode="json")
+    if bootstrap is not None:
+        data["eval"]["bootstrap"] = bootstrap
+    config = validate_config(ProbeConfig, data, "command line")
+    task = make_task(config, emb, probe.blast)
+    unseen = _keep_known_classes(task, probe.classes)
+    shared = _shared_patients(info, task)
+    out = prepare_out_dir(out, overwrite)
+    (out / META_FILE).unlink(missing_ok=True)  # the "finished" marker: back only once every file is
+    report = _header(config, task, emb)
+    evaluation, patients = _apply_as_is(probe, emb, task, config)
+    report.update(evaluation)
+    report["probe"] = {"folder": str(Path(probe_dir).resolve()), "fingerprint": info["fingerprint"]}
+    report["evaluation"] = {
+        "kind": "external-test",
+        "description": f"probe {probe_dir} ({short(info['fingerprint'])}), fitted on embeddings "
+        f"{short(info['embeddings']['fingerprint'])}, applied as is to {emb.folder} ({short(emb.fingerprint)}); "
+        "nothing refitted",
+        "grouping": "none needed: no cell of this store was used for training",
+        "blast_filter": _saved_filter_note(probe),
+        "left_out": unseen,
+        "shared_patients": shared,
+    }
+    written = write_report(out, report, patients)
+    write_meta(out, _test_meta(config.task, Path(probe_dir), info, emb))
+    notes = [*([unseen_note(unseen)] if unseen else []), *([shared_note(shared)] if shared else [])]
+    return Outcome([*written, out / META_FILE], [*notes, *headline(report)])
+
+
+def _require_unseen_store(info: dict[str, Any], folder: Path, emb: Embeddings) -> None:
+    """Another backbone's vectors live in another space; the probe's own store is no external test."""
+    if info["model_fingerprint"] != emb.model_fingerprint:
+        raise MarrowLensError(
+            f"{emb.folder} was embedded by another backbone ({short(emb.model_fingerprint)}) than probe {folder} "
+            f"({short(info['model_fingerprint'])}); embed the test cohort with the probe's backbone"
+        )
+    if info["embeddings"]["fingerprint"] == emb.fingerprint:
+        raise MarrowLensError(
+            f"{emb.folder} is the store probe {folder} was fitted on; `probe eval` cross-validates there"
+        )
+
+
+def _keep_known_classes(task: Task, classes: list[str]) -> dict[str, dict[str, int]]:
+    """Restrict ``task`` to the probe's classes; what is left out, per unseen class (cells and patients)."""
+    known = np.isin(task.y, classes)
+    if not known.any():
+        raise MarrowLensError(
+            f"{task.emb.folder}: none of its {task.name} labels ({', '.join(sorted(set(task.y)))}) "
+            f"is a class the probe knows ({', '.join(classes)})"
+        )
+    unseen = {
+        str(name): {"cells": int((task.y == name).sum()), "patients": len(set(task.groups[task.y == name]))}
+        for name in sorted(set(task.y[~known]))
+    }
+    task.rows, task.y, task.groups = task.rows[known], task.y[known], task.groups[known]
+    task.classes = list(classes)
+    return unseen
+
+
+def _shared_patients(info: dict[str, Any], task: Task) -> list[str]:
+    """Test patients whose ids the probe's training store has too: the same patients, or a clash of names.
+
+    Best effort: a training store that moved or cannot be read is not checked.
+    """
+    try:
+        trained = read_parquet(Path(info["embeddings"]["folder"]) / CELLS_FILE)["patient_id"].dropna()
+    except (MarrowLensError, KeyError):
+        return []
+    return sorted(set(task.groups) & set(trained.astype(str)))
+
+
+def _apply_as_is(
+    probe: Probe, emb: Embeddings, task: Task, config: ProbeConfig
+) -> tuple[dict[str, Any], pd.DataFrame | None]:
+    """Predict ``task``'s units with the fitted probe (its blast filter included) and summarise them."""
+    pred = Predictions.empty(task)
+    pred.kept, pred.proba = _predict_blocks(probe, emb, task.rows)
+    pred.fold[:] = 0
+    return _summary(task, pred, config)
+
+
+def _saved_filter_note(probe: Probe) -> str | None:
+    if probe.blast is None:
+        return None
+    return f"the probe's own blast filter, as saved (P(blast) >= {probe.config.mutation.blast_threshold}); not refitted"
+
+
+def _test_meta(task: str, probe_dir: Path, info: dict[str, Any], emb: Embeddings) -> ProbeTestMeta:
+    tested = TestedProbe(
+        folder=str(probe_dir.resolve()),
+        fingerprint=info["fingerprint"],
+        trained_on=StoreRef.model_validate(info["embeddings"]),
+    )
+    store = StoreRef(folder=str(Path(emb.folder).resolve()), fingerprint=emb.fingerprint)
+    return ProbeTestMeta(task=task, probe=tested, embeddings=store, model=ModelRef(fingerprint=emb.model_fingerprint))
 
 
 def _predict_blocks(probe: Probe, emb: Embeddings, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

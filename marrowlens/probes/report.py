@@ -119,8 +119,9 @@ def _level(title: str, block: dict[str, Any]) -> list[str]:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Probe report: {report['task']}", ""]
     ev = report.get("evaluation", {})
+    title = "External test" if ev.get("kind") == "external-test" else "Probe report"
+    lines = [f"# {title}: {report['task']}", ""]
     lines += _table(
         ["", ""],
         [
@@ -135,6 +136,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             ["model", report.get("embeddings", {}).get("model_fingerprint")],
         ],
     )
+    if ev.get("left_out"):
+        lines += [unseen_note(ev["left_out"]), ""]
+    if ev.get("shared_patients"):
+        lines += [shared_note(ev["shared_patients"]), ""]
     if report.get("cell") is None:
         lines += ["No evaluation was run.", ""]
     else:
@@ -199,6 +204,51 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The headline metrics a study report sets side by side: (level, key, label).
+COMPARED = (
+    ("cell", "accuracy", "cell accuracy"),
+    ("cell", "balanced_accuracy", "cell balanced accuracy"),
+    ("cell", "macro_f1", "cell macro-F1"),
+    ("cell", "roc_auc_ovr", "cell ROC-AUC"),
+    ("patient", "accuracy", "patient accuracy"),
+    ("patient", "balanced_accuracy", "patient balanced accuracy"),
+    ("patient", "roc_auc_ovr", "patient ROC-AUC"),
+    ("patient", "blast_fraction_mae", "patient blast-fraction MAE"),
+)
+
+
+def comparison_markdown(name: str, internal: dict[str, Any], external: dict[str, Any]) -> list[str]:
+    """One probe's headline metrics with 95% intervals: internal CV beside the external test.
+
+    A gap between the columns is what CV on one cohort cannot show (e.g. APL: 0.87-0.90 in CV, 0.71 outside).
+    """
+
+    def entry(report: dict[str, Any], level: str, key: str) -> Any:
+        return (report.get(level) or {}).get(key)
+
+    def shown(value: Any) -> str:
+        point, ci = _with_ci(value)
+        return point if ci == "–" else f"{point} {ci}"
+
+    rows = [
+        [label, shown(entry(internal, level, key)), shown(entry(external, level, key))]
+        for level, key, label in COMPARED
+        if entry(internal, level, key) is not None or entry(external, level, key) is not None
+    ]
+    header = ["metric", _column("internal CV", internal), _column("external test", external)]
+    evaluation = external.get("evaluation") or {}
+    left_out, shared = evaluation.get("left_out"), evaluation.get("shared_patients")
+    note = [*([unseen_note(left_out), ""] if left_out else []), *([shared_note(shared), ""] if shared else [])]
+    return [f"### Probe `{name}` ({external['task']})", "", *note, *_table(header, rows)]
+
+
+def _column(title: str, report: dict[str, Any]) -> str:
+    if report.get("cell") is None:
+        return f"{title} (not run)"
+    units = report.get("units") or {}
+    return f"{title} ({units.get('cells', '?')} cells, {units.get('patients', '?')} patients)"
+
+
 # ---------------------------------------------------------------- what the commands print
 
 
@@ -248,6 +298,20 @@ def headline(report: dict[str, Any]) -> list[str]:
             f"macro-F1 {row.get('macro_f1', float('nan')):.3f}"
         )
     return lines
+
+
+def unseen_note(unseen: dict[str, dict[str, int]]) -> str:
+    """One line: the test cells of classes the probe never learned, left out of every figure."""
+    parts = [f"{name} ({n['cells']} cells, {n['patients']} patients)" for name, n in unseen.items()]
+    return f"left out, classes the probe never learned: {', '.join(parts)}"
+
+
+def shared_note(shared: list[str]) -> str:
+    """One line: test patients whose ids the training store has too (a leak if they are the same patients)."""
+    return (
+        f"warning: {len(shared)} test patient id(s) are in the probe's training store too (e.g. {shared[0]}); "
+        "if they are the same patients, this is no external test"
+    )
 
 
 def predict_headline(n_kept: int, n_cells: int, filtered: bool, n_patients: int, n_undetermined: int) -> list[str]:

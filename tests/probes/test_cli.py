@@ -366,7 +366,7 @@ class TestBadInput:
 
 
 class TestHelp:
-    @pytest.mark.parametrize("command", ["fit", "eval", "predict", "noise-sweep"])
+    @pytest.mark.parametrize("command", ["fit", "eval", "test", "predict", "noise-sweep"])
     def test_help_has_an_example(self, cli, command: str) -> None:
         code, out = cli("probe", command, "--help")
         assert code == 0 and "Example: marrowlens probe" in out
