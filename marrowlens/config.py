@@ -26,9 +26,18 @@ class _Strict(BaseModel):
 # ---------------------------------------------------------------- the lists of choices, once
 # (configs validate against them, the CLI's help texts and checks come from them)
 
-# The SSL methods: ``marrowlens.ssl.methods.METHODS`` maps each to its class and checks it holds
-# exactly these (the names live here so that loading a config never imports torch).
-METHOD_NAMES = ("simclr", "dino", "byol", "vicreg")
+# The extension registries: a name (what configs and flags say) -> where its class lives, as
+# "module:Class". A new SSL method, probe head or index kind is its own module plus one line in its
+# table here; ``marrowlens.registry.load_registered`` imports the classes when they are first used
+# (``ssl.methods.METHODS``, ``probes.heads.HEADS``, ``retrieval.kinds.INDEX_KINDS``), so loading a
+# config or printing ``--help`` imports neither torch nor FAISS.
+METHOD_CLASSES = {
+    "simclr": "marrowlens.ssl.simclr:SimCLR",
+    "dino": "marrowlens.ssl.dino:DINO",
+    "byol": "marrowlens.ssl.byol:BYOL",
+    "vicreg": "marrowlens.ssl.vicreg:VICReg",
+}
+METHOD_NAMES = tuple(METHOD_CLASSES)
 Precision = Literal["32", "16-mixed", "bf16-mixed"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
@@ -505,9 +514,13 @@ class ProbeEvalConfig(_Strict):
     ece_bins: int = Field(15, ge=2)
 
 
-# The probe heads offered (``probe fit --head``, probe configs); each is a class registered in
-# ``marrowlens.probes.heads.HEADS`` (a test keeps the two equal).
-HEAD_NAMES = ("linear", "knn", "logistic")
+# The probe heads offered (``probe fit --head``, probe configs): the HEADS registry's table.
+HEAD_CLASSES = {
+    "linear": "marrowlens.probes.heads:LinearProbe",
+    "knn": "marrowlens.probes.heads:KNNProbe",
+    "logistic": "marrowlens.probes.heads:LogisticProbe",
+}
+HEAD_NAMES = tuple(HEAD_CLASSES)
 
 
 class ProbeConfig(_Strict):
@@ -571,10 +584,14 @@ class ProbeStageConfig(_Strict):
         return _known_keys(ProbeConfig, value)
 
 
-# The index kinds offered (run configs, ``index build --kind``); each is a class registered in
-# ``marrowlens.retrieval.kinds.INDEX_KINDS`` (a test keeps the two equal; kept here so the CLI
-# and config stay light to import).
-INDEX_KIND_NAMES = ("flat", "ivf", "hnsw", "ivfpq")
+# The index kinds offered (run configs, ``index build --kind``): the INDEX_KINDS registry's table.
+INDEX_KIND_CLASSES = {
+    "flat": "marrowlens.retrieval.kinds:Flat",
+    "ivf": "marrowlens.retrieval.kinds:IVF",
+    "hnsw": "marrowlens.retrieval.kinds:HNSW",
+    "ivfpq": "marrowlens.retrieval.kinds:IVFPQ",
+}
+INDEX_KIND_NAMES = tuple(INDEX_KIND_CLASSES)
 
 
 class IndexStageConfig(_Strict):

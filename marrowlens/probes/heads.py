@@ -15,9 +15,9 @@
   L2-normalised copies (cosine similarity); each of the k neighbours votes ``exp(sim / T)`` for
   its class, optionally times a class weight.
 
-All are :class:`Head` subclasses registered in ``HEADS`` (name -> class): each builds its
-parameters from a probe config and saves and rebuilds itself, so a new head (an attention-MIL
-head, say) is one class plus one registry line (and its name in ``config.HEAD_NAMES``).
+All are :class:`Head` subclasses registered in ``HEADS`` (name -> class, from the table
+``config.HEAD_CLASSES``): each builds its parameters from a probe config and saves and rebuilds
+itself, so a new head (an attention-MIL head, say) is its own module plus one line in that table.
 
 Features may be memory maps: they are read in blocks, and only the rows a head needs are copied.
 The linear head runs torch on ``n_threads`` threads (1 by default): its mini-batch operations are
@@ -47,9 +47,10 @@ from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from marrowlens.config import ProbeConfig
+from marrowlens.config import HEAD_CLASSES, ProbeConfig
 from marrowlens.errors import MarrowLensError
 from marrowlens.probes.losses import per_sample_loss, weighted_mean
+from marrowlens.registry import load_registered
 
 ArrayLike: TypeAlias = np.ndarray | Sequence[Any]  # labels and patient groups: arrays or lists
 BLOCK = 65536  # rows per block when streaming a memory map
@@ -838,7 +839,8 @@ class KNNProbe(Head, ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         return cls(**params).fit(RowView(training_vectors(), rows), labels)
 
 
-HEADS: dict[str, type[Head]] = {head.name: head for head in (LinearProbe, KNNProbe, LogisticProbe)}
+# config.HEAD_CLASSES names them (this module's own classes resolve from it as it finishes importing).
+HEADS: dict[str, type[Head]] = load_registered(HEAD_CLASSES)
 
 
 def head_class(name: str, where: str = "the probe config") -> type[Head]:

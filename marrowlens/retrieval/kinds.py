@@ -3,8 +3,8 @@
 A kind declares its ``--set`` parameters (a pydantic model: types, bounds, defaults), how it
 derives the rest from the cohort size, its FAISS factory string, what it does before vectors are
 added (training, build settings), how a search spends more effort (nprobe / efSearch), and
-whether ``auto`` ever picks it. A new kind is one class plus one line in ``INDEX_KINDS`` (and its
-name in ``config.INDEX_KIND_NAMES``, the list the CLI and run configs offer).
+whether ``auto`` ever picks it. A new kind is its own class (in a module of its own, or here) plus
+one line in the table ``config.INDEX_KIND_CLASSES``, which the CLI and run configs offer.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from marrowlens.config import INDEX_KIND_CLASSES
 from marrowlens.errors import MarrowLensError
+from marrowlens.registry import load_registered
 
 # ``auto``, from bench/RESULTS.md ("Retrieval"; 384-d, 2 shared cores). Exact search reads all
 # N x D floats per query: single-query p50 3.3 ms at 50k cells, 11 ms at 100k, 113 ms at 1M, so
@@ -199,4 +201,5 @@ def _default_pq_m(dim: int) -> int:
     return max(m for m in range(1, max(1, dim // 8) + 1) if dim % m == 0)
 
 
-INDEX_KINDS: dict[str, IndexKind] = {kind.name: kind for kind in (Flat(), IVF(), HNSW(), IVFPQ())}
+# config.INDEX_KIND_CLASSES names them (this module's own classes resolve from it as it finishes importing).
+INDEX_KINDS: dict[str, IndexKind] = {name: kind() for name, kind in load_registered(INDEX_KIND_CLASSES).items()}

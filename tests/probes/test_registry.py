@@ -55,6 +55,7 @@ def test_the_registry_is_configs_list() -> None:
     assert tuple(heads_module.HEADS) == HEAD_NAMES
     for name in HEAD_NAMES:
         assert ProbeConfig(head=name).head == name
+        assert heads_module.HEADS[name].name == name  # what probe.json records is the table's name
 
 
 @pytest.mark.parametrize("head", HEAD_NAMES)

@@ -45,6 +45,7 @@ class SQ8(IndexKind):
 
 def test_the_registry_is_configs_list() -> None:
     assert tuple(INDEX_KINDS) == INDEX_KIND_NAMES
+    assert all(INDEX_KINDS[name].name == name for name in INDEX_KIND_NAMES)  # meta.json records the name
     for name in ("auto", *INDEX_KIND_NAMES):
         assert IndexStageConfig(kind=name).kind == name
     with pytest.raises(ValueError):
