@@ -512,6 +512,10 @@ class ProbeEvalConfig(_Strict):
     cv: int = Field(5, ge=0, description="patient-grouped folds; 0 skips cross-validation")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples of patients for the 95% intervals")
     ece_bins: int = Field(15, ge=2)
+    sheets: int = Field(
+        50, ge=0, description="contact sheets of correctly called patients (mutation task; misclassified: all)"
+    )
+    sheet_cells: int = Field(12, ge=1, description="cells on a patient's contact sheet, top contributions first")
 
 
 # The probe heads offered (``probe fit --head``, probe configs): the HEADS registry's table.

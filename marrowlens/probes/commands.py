@@ -52,6 +52,7 @@ from marrowlens.probes.report import (
     write_report,
     write_sweep_plot,
 )
+from marrowlens.probes.sheets import CellCalls
 from marrowlens.probes.tasks import MutationTask, Probe, Task, make_task
 from marrowlens.provenance import python_api
 
@@ -96,7 +97,8 @@ def cv_folds(task: Task, config: ProbeConfig) -> list[tuple[int, np.ndarray, np.
 
 def cross_validation_report(
     task: Task, config: ProbeConfig, folds: list[tuple[int, np.ndarray, np.ndarray]] | None = None
-) -> tuple[dict[str, Any], pd.DataFrame | None]:
+) -> tuple[dict[str, Any], pd.DataFrame | None, CellCalls | None]:
+    """CV figures, the patient table, and (mutation task) the kept cells' out-of-fold calls for contact sheets."""
     folds = cv_folds(task, config) if folds is None else folds
     pred, info = run_folds(task, folds, desc=f"{task.name} cv")
     report, patients = _summary(task, pred, config)
@@ -109,7 +111,25 @@ def cross_validation_report(
         "grouping": "patient: no cell of a test patient is in training (checked)",
         "blast_filter": _blast_note(task),
     }
-    return report, patients
+    return report, patients, cell_calls(task, pred, config) if task.name == "mutation" else None
+
+
+def cell_calls(task: Task, pred: Predictions, config: ProbeConfig) -> CellCalls:
+    """The kept cells' out-of-fold probabilities, with their images' paths in the store's cohort."""
+    kept = pred.kept
+    cells = task.emb.cells.iloc[pred.rows[kept]]
+    cohort = task.emb.meta.cohort
+    types = cells["cell_type"] if "cell_type" in cells else pd.Series([None] * len(cells), dtype=object)
+    return CellCalls(
+        patients=pred.patients[kept],
+        proba=pred.proba[kept],
+        paths=cells["path"].astype(str).to_numpy() if "path" in cells else np.full(len(cells), "", dtype=object),
+        cell_types=types.to_numpy(dtype=object),
+        classes=list(task.classes),
+        cohort=Path(cohort.folder) if cohort is not None else None,
+        per_sheet=config.eval.sheet_cells,
+        correct_sheets=config.eval.sheets,
+    )
 
 
 def _blast_note(task: Task) -> str | None:
@@ -173,13 +193,13 @@ def fit(
     out = prepare_out_dir(out, overwrite)
     final = task.fit(np.arange(len(task.rows)), final=True)  # fails early on bad input, before any CV
     report = _header(config, task, emb)
-    patients = None
+    patients, calls = None, None
     if folds is not None:
-        evaluation, patients = cross_validation_report(task, config, folds)
+        evaluation, patients, calls = cross_validation_report(task, config, folds)
         report.update(evaluation)
     else:
         report.update(cell=None, patient=None, evaluation={"kind": "none", "description": "skipped (--cv 0)"})
-    written = write_report(out, report, patients)
+    written = write_report(out, report, patients, calls)
     save_probe(out, final, emb, extra={"cv": report.get("evaluation", {}).get("description")})
     return Outcome([out / PROBE_FILE, out / "head.safetensors", *written], headline(report))
 
@@ -202,9 +222,9 @@ def evaluate(
     same_store = emb.fingerprint == info["embeddings"]["fingerprint"]
     unseen = {} if same_store else _keep_known_classes(task, probe.classes)  # a fitted probe knows its classes
     report = _header(config, task, emb)
-    patients = None
+    patients, calls = None, None
     if same_store and config.eval.cv:
-        evaluation, patients = cross_validation_report(task, config)
+        evaluation, patients, calls = cross_validation_report(task, config)
         report.update(evaluation)
     elif not same_store:
         evaluation, patients = _apply_as_is(probe, emb, task, config)
@@ -223,7 +243,7 @@ def evaluate(
         report["leave_one_domain_out"] = domain_report(task)
     if out is None:
         out = Path(probe_dir) if same_store else Path(probe_dir) / f"external-{short(emb.fingerprint)}"
-    written = write_report(out, report, patients)
+    written = write_report(out, report, patients, calls)
     return Outcome(written, [*([unseen_note(unseen)] if unseen else []), *headline(report)])
 
 

@@ -19,6 +19,7 @@ import pandas as pd
 
 from marrowlens.artifacts import atomic_path, write_json_atomic, write_text_atomic
 from marrowlens.config import ProbeConfig
+from marrowlens.probes.sheets import CellCalls, sheets_markdown, write_sheets
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -48,15 +49,20 @@ def reliability_bins(y: np.ndarray, proba: np.ndarray, bins: int) -> list[dict[s
     return out
 
 
-def write_report(folder: Path, report: dict[str, Any], patients: pd.DataFrame | None) -> list[Path]:
-    """Write JSON, Markdown and plots; returns the paths written."""
+def write_report(
+    folder: Path, report: dict[str, Any], patients: pd.DataFrame | None, calls: CellCalls | None = None
+) -> list[Path]:
+    """Write JSON, Markdown and plots (and, given ``calls``, a contact sheet per patient); returns the paths written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    sheets: list[Path] = []
     if patients is not None:
         report["patients"] = _records(patients)
+        if calls is not None and "truth" in patients:
+            report["sheets"], sheets = write_sheets(folder, patients, calls)
     write_json_atomic(folder / REPORT_JSON, report)
     write_text_atomic(folder / REPORT_MD, render_markdown(report))
-    return [folder / REPORT_JSON, folder / REPORT_MD, *write_plots(folder, report, patients)]
+    return [folder / REPORT_JSON, folder / REPORT_MD, *write_plots(folder, report, patients), *sheets]
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
@@ -188,6 +194,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["### Patients", ""]
         keys = [k for k in report["patients"][0] if not k.startswith(("p_", "frac_"))]
         lines += _table(keys, [[row[k] for k in keys] for row in report["patients"]])
+    if report.get("sheets"):
+        lines += sheets_markdown(report["sheets"])
     if report.get("folds"):
         lines += ["## Folds", ""]
         keys = list(dict.fromkeys(k for row in report["folds"] for k in row))

@@ -1,0 +1,178 @@
+"""The cells behind every patient call: one PNG contact sheet per patient of a mutation report.
+
+A patient's prediction is the argmax of its kept cells' mean log-probability (see
+:func:`marrowlens.probes.evaluate.aggregate_patients`), so a cell pushes the call towards class c by
+its log-odds ``log p_c - log(1 - p_c)``. Each sheet shows a patient's top cells by that contribution
+to the predicted class, from out-of-fold probabilities: what the probe looked at when it called the
+patient. Misclassified patients always get a sheet; correctly called ones up to a cap.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from marrowlens.artifacts import atomic_path
+from marrowlens.cohort.images import ImageDecodeError, load_rgb
+from marrowlens.probes.evaluate import UNDETERMINED
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+SHEETS_DIR = "patients"
+THUMBNAIL = 96
+_LOG_FLOOR = 1e-12
+
+
+@dataclass
+class CellCalls:
+    """The kept evaluated cells: patient, out-of-fold probabilities, image path (relative to the cohort), type."""
+
+    patients: np.ndarray
+    proba: np.ndarray
+    paths: np.ndarray
+    cell_types: np.ndarray
+    classes: list[str]
+    cohort: Path | None  # the cohort folder the paths are relative to; None: the store records none
+    per_sheet: int = 12
+    correct_sheets: int = 50
+
+
+def contributions(proba: np.ndarray, c: int) -> np.ndarray:
+    """Per cell, the log-odds of class ``c`` against the rest: its pull on a mean-log-probability call."""
+    p = np.clip(np.asarray(proba, dtype=float)[:, c], _LOG_FLOOR, 1 - _LOG_FLOOR)
+    out: np.ndarray = np.log(p) - np.log1p(-p)
+    return out
+
+
+def safe_name(patient: str, taken: set[str]) -> str:
+    """A file name for ``patient``: letters, digits, ``.``, ``_`` and ``-`` only, unique among ``taken``."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", patient).lstrip(".") or "patient"
+    name, k = base, 1
+    while name.lower() in taken:
+        k += 1
+        name = f"{base}-{k}"
+    taken.add(name.lower())
+    return name
+
+
+def unreachable(cohort: Path | None) -> str | None:
+    """Why the cohort images cannot be drawn, or None when they can."""
+    if cohort is None:
+        return "the embeddings' meta.json records no cohort folder"
+    if not Path(cohort).is_dir():
+        return f"the cohort folder {cohort} is not reachable from here"
+    return None
+
+
+def _chosen(patients: pd.DataFrame, cap: int) -> tuple[pd.DataFrame, int]:
+    """Misclassified patients (most confident first), then up to ``cap`` correct ones; how many were left out."""
+    determined = patients[patients["predicted"] != UNDETERMINED]
+    wrong = determined["predicted"].astype(str) != determined["truth"].astype(str)
+    misclassified = determined[wrong].sort_values("confidence", ascending=False, kind="stable")
+    correct = determined[~wrong]
+    return pd.concat([misclassified, correct.head(cap)]), max(len(correct) - cap, 0)
+
+
+def write_sheets(folder: Path, patients: pd.DataFrame, calls: CellCalls) -> tuple[dict[str, Any], list[Path]]:
+    """Draw ``folder/patients/PATIENT.png`` per chosen patient; what report.json records, and the files written."""
+    reason = unreachable(calls.cohort)
+    if reason is not None:
+        for stale in (folder / SHEETS_DIR).glob("*.png"):  # an earlier report's sheets would mislead beside this one
+            stale.unlink()
+        return {"note": f"contact sheets skipped: {reason}", "patients": []}, []
+    assert calls.cohort is not None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen, left_out = _chosen(patients, calls.correct_sheets)
+    ids = np.asarray(calls.patients).astype(str)
+    taken: set[str] = set()
+    entries, written = [], []
+    for row in chosen.itertuples(index=False):
+        patient, truth, predicted = str(row.patient_id), str(row.truth), str(row.predicted)
+        wrong = truth != predicted
+        cells = np.flatnonzero(ids == patient)
+        score = contributions(calls.proba[cells], calls.classes.index(predicted))
+        top = np.argsort(-score, kind="stable")[: calls.per_sheet]
+        path = folder / SHEETS_DIR / f"{safe_name(patient, taken)}.png"
+        title = f"{patient}: truth {truth}, predicted {predicted}" + (" (misclassified)" if wrong else "")
+        tiles = [(calls.cohort / str(calls.paths[cells[i]]), calls.cell_types[cells[i]], score[i]) for i in top]
+        _draw(plt, path, title, tiles)
+        written.append(path)
+        entries.append(
+            {
+                "patient_id": patient,
+                "sheet": f"{SHEETS_DIR}/{path.name}",
+                "truth": truth,
+                "predicted": predicted,
+                "misclassified": wrong,
+            }
+        )
+    for stale in (folder / SHEETS_DIR).glob("*.png"):  # an earlier report's sheets of patients not drawn now
+        if stale not in written:
+            stale.unlink()
+    out: dict[str, Any] = {"note": None, "per_sheet": calls.per_sheet, "patients": entries}
+    if left_out:
+        out["note"] = (
+            f"{left_out} correctly called patient(s) without a sheet (cap eval.sheets = {calls.correct_sheets})"
+        )
+    return out, written
+
+
+def _tile(ax: Axes, image_path: Path) -> None:
+    try:
+        image = load_rgb(image_path)
+        image.thumbnail((THUMBNAIL, THUMBNAIL))
+        ax.imshow(np.asarray(image))
+    except (ImageDecodeError, OSError, ValueError):
+        ax.imshow(np.full((THUMBNAIL, THUMBNAIL, 3), 160, dtype=np.uint8))
+        ax.text(THUMBNAIL / 2, THUMBNAIL / 2, "unreadable", ha="center", va="center", fontsize=8)
+
+
+def _draw(plt: Any, path: Path, title: str, tiles: list[tuple[Path, Any, float]]) -> None:
+    columns = max(1, min(len(tiles), 4))
+    rows = max(1, -(-len(tiles) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(1.8 * columns, 1.9 * rows + 0.5), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (image_path, cell_type, score) in zip(axes.ravel(), tiles):
+        _tile(ax, image_path)
+        label = str(cell_type) if cell_type is not None and not pd.isna(cell_type) else "type unknown"
+        ax.set_title(f"{label}\n{score:+.2f}", fontsize=7)
+    if not tiles:
+        axes[0, 0].text(0.5, 0.5, "no kept cell", ha="center", va="center")
+    figure.suptitle(title, fontsize=9, color="tab:red" if title.endswith("(misclassified)") else "black")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+def sheets_markdown(sheets: dict[str, Any]) -> list[str]:
+    """The report.md section: a link per patient's sheet, misclassified patients first."""
+    lines = ["## Cells behind each call", ""]
+    if sheets.get("patients"):
+        lines += [
+            (
+                f"Per patient, its top {sheets.get('per_sheet', '')} kept cells by their contribution to the "
+                "predicted class (out-of-fold log-odds log p - log(1 - p)); misclassified patients first."
+            ),
+            "",
+        ]
+        for entry in sheets["patients"]:
+            wrong = " **misclassified**" if entry["misclassified"] else ""
+            lines.append(
+                f"- [{entry['patient_id']}]({entry['sheet']}): truth {entry['truth']}, "
+                f"predicted {entry['predicted']}{wrong}"
+            )
+        lines.append("")
+    if sheets.get("note"):
+        lines += [sheets["note"], ""]
+    return lines
