@@ -456,6 +456,12 @@ def load_cohort(folder: str | Path) -> Cohort:
     missing = [c for c in CELL_COLUMNS if c not in cells.columns]
     if missing:
         raise MarrowLensError(f"{table} lacks column(s) {', '.join(missing)}")
+    return Cohort(folder=folder, root=image_root(folder, meta), cells=cells, meta=meta)
+
+
+def image_root(folder: Path, meta: CohortMeta | None = None) -> Path:
+    """The folder the cells' paths are relative to: beside the cohort as indexed, else where it was indexed."""
+    meta = meta or read_meta(folder, CohortMeta)
     root = (folder / meta.root_relative).resolve()
     if not root.is_dir():
         root = Path(meta.root)
@@ -463,7 +469,7 @@ def load_cohort(folder: str | Path) -> Cohort:
         raise MarrowLensError(
             f"the images of {folder} are gone: neither {folder / meta.root_relative} nor {meta.root} exists"
         )
-    return Cohort(folder=folder, root=root, cells=cells, meta=meta)
+    return root
 
 
 @python_api

@@ -24,7 +24,7 @@ from marrowlens.artifacts import (
     write_parquet_atomic,
     write_text_atomic,
 )
-from marrowlens.cohort.manifest import patient_groups
+from marrowlens.cohort.manifest import image_root, patient_groups
 from marrowlens.config import ProbeConfig, load_config, nest, shipped_probe_config, validate_config
 from marrowlens.contracts import ModelRef, NoiseSweepMeta, ProbeTestMeta, StoreRef, SweptStore, TestedProbe
 from marrowlens.embeddings import CELLS_FILE, Embeddings, load_embeddings
@@ -114,6 +114,15 @@ def cross_validation_report(
     return report, patients, cell_calls(task, pred, config) if task.name == "mutation" else None
 
 
+def _cohort_images(folder: Path) -> Path:
+    """Where the store's cohort keeps its images; the cohort folder itself when that cannot be told (the
+    sheets then say it is not reachable, or draw its cells as unreadable)."""
+    try:
+        return image_root(folder)
+    except MarrowLensError:
+        return folder
+
+
 def cell_calls(task: Task, pred: Predictions, config: ProbeConfig) -> CellCalls:
     """The kept cells' out-of-fold probabilities, with their images' paths in the store's cohort."""
     kept = pred.kept
@@ -126,7 +135,7 @@ def cell_calls(task: Task, pred: Predictions, config: ProbeConfig) -> CellCalls:
         paths=cells["path"].astype(str).to_numpy() if "path" in cells else np.full(len(cells), "", dtype=object),
         cell_types=types.to_numpy(dtype=object),
         classes=list(task.classes),
-        cohort=Path(cohort.folder) if cohort is not None else None,
+        cohort=_cohort_images(Path(cohort.folder)) if cohort is not None else None,
         per_sheet=config.eval.sheet_cells,
         correct_sheets=config.eval.sheets,
     )

@@ -38,7 +38,7 @@ class CellCalls:
     paths: np.ndarray
     cell_types: np.ndarray
     classes: list[str]
-    cohort: Path | None  # the cohort folder the paths are relative to; None: the store records none
+    cohort: Path | None  # the folder the paths are relative to (the cohort's image root); None: no cohort recorded
     per_sheet: int = 12
     correct_sheets: int = 50
 

@@ -138,3 +138,15 @@ def test_fit_writes_sheets_from_out_of_fold_calls(tmp_path: Path) -> None:
     for entry in report["sheets"]["patients"]:
         assert (tmp_path / "probe" / entry["sheet"]).stat().st_size > 0
     assert "## Cells behind each call" in (tmp_path / "probe" / REPORT_MD).read_text()
+
+
+def test_sheet_images_come_from_the_cohorts_image_root(tmp_path: Path) -> None:
+    """An indexed cohort keeps its images where they were (DeepAPL: the shared data folder), not in its folder."""
+    from marrowlens.cohort.manifest import IndexOptions, index_cohort
+
+    images = tmp_path / "images"
+    for i, path in enumerate(synthetic_cells(mutations=("NPM1", "control"), patients_per_class=1)["path"][:4]):
+        write_cell(images / path, seed=i)
+    index_cohort([images], tmp_path / "cohort", IndexOptions(layout="mutation_patient", workers=1))
+    assert commands._cohort_images(tmp_path / "cohort") == images.resolve()
+    assert commands._cohort_images(tmp_path / "not_a_cohort") == tmp_path / "not_a_cohort"  # sheets say why
