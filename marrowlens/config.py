@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeGuard, TypeVar, get_args
@@ -289,6 +290,31 @@ def merge_values(model: type[BaseModel], data: dict[str, Any], values: Mapping[s
         else:
             data[key] = copy.deepcopy(value)
     return data
+
+
+def override_texts(model: type[BaseModel] | None, values: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Typed ``values`` as the ``key.sub=value`` strings that :func:`apply_overrides` reads back into the same
+    config as :func:`merge_values`: sections become dotted keys, anything else (a free mapping too) one value."""
+    texts: list[str] = []
+    for key, value in values.items():
+        field = model.model_fields.get(key) if model is not None else None
+        section = _section(field.annotation) if field else None
+        if section is not None and isinstance(value, Mapping):
+            texts += override_texts(section, value, f"{prefix}{key}.")
+        else:
+            texts.append(f"{prefix}{key}={_yaml_text(value)}")
+    return texts
+
+
+def _yaml_text(value: Any) -> str:
+    """A string as is when YAML reads it back unchanged (``resnet18``), else JSON (``"32"``, ``{"a": "b"}``)."""
+    if isinstance(value, str):
+        try:
+            if yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:
+            pass
+    return json.dumps(value)
 
 
 def load_config(

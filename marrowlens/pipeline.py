@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from marrowlens.config import (
     ProbeStageConfig,
     RunConfig,
     load_config,
+    override_texts,
     read_yaml,
     shipped_probe_config,
     validate_config,
@@ -323,19 +324,13 @@ def _refuse_foreign_results(out: Path, cohort_dir: Path) -> None:
 def _options(stage: PretrainStageConfig | ProbeStageConfig | IndexStageConfig) -> list[Any]:
     """A stage's ``--config`` (if any), its ``override:`` mapping and ``set:`` strings, as ``--set`` words."""
     config = getattr(stage, "config", None)
-    settings = [*_flat_settings(stage.override), *stage.set]
+    model: type[PretrainConfig | ProbeConfig] | None = None  # an index override holds flat FAISS parameters
+    if isinstance(stage, PretrainStageConfig):
+        model = PretrainConfig
+    elif isinstance(stage, ProbeStageConfig):
+        model = ProbeConfig
+    settings = [*override_texts(model, stage.override), *stage.set]
     return [*(["--config", config] if config else []), *[word for item in settings for word in ("--set", item)]]
-
-
-def _flat_settings(mapping: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """``{"model": {"image_size": 64}}`` -> ``["model.image_size=64"]`` (values as YAML reads them back)."""
-    items: list[str] = []
-    for key, value in mapping.items():
-        if isinstance(value, Mapping) and value:
-            items += _flat_settings(value, f"{prefix}{key}.")
-        else:
-            items.append(f"{prefix}{key}={value if isinstance(value, str) else json.dumps(value)}")
-    return items
 
 
 def _pretrain_command(config: RunConfig, cohort_dir: Path, run_dir: Path, resume: bool) -> str:

@@ -1,9 +1,19 @@
+import copy
 from pathlib import Path
 
 import pytest
 import yaml
 
-from marrowlens.config import PretrainConfig, ProbeConfig, RunConfig, dump_config, load_config, merge_values
+from marrowlens.config import (
+    PretrainConfig,
+    ProbeConfig,
+    RunConfig,
+    apply_overrides,
+    dump_config,
+    load_config,
+    merge_values,
+    override_texts,
+)
 from marrowlens.errors import MarrowLensError
 from marrowlens.pipeline import load_run_config, stage_pretrain_config
 
@@ -133,6 +143,16 @@ class TestTypedValues:
         data = {"cell_type": {"mapping": {"a": "x", "b": "y"}, "min_cells": 3}}
         merge_values(ProbeConfig, data, {"cell_type": {"mapping": {"c": "z"}}})
         assert data == {"cell_type": {"mapping": {"c": "z"}, "min_cells": 3}}
+
+    def test_override_texts_read_back_as_the_merge(self) -> None:
+        """A study records its stage overrides as ``--set`` words: read back, they give the merged config."""
+        values = {"cell_type": {"mapping": {"c.d": "z"}, "min_cells": 4}, "head": "knn", "seed": 3}
+        texts = override_texts(ProbeConfig, values)
+        assert "cell_type.min_cells=4" in texts and "head=knn" in texts
+        base = {"cell_type": {"mapping": {"a": "x"}, "min_cells": 3}}
+        merged = merge_values(ProbeConfig, copy.deepcopy(base), values)
+        assert apply_overrides(copy.deepcopy(base), texts) == merged
+        assert override_texts(None, {"backbone": "32", "flag": "yes"}) == ['backbone="32"', 'flag="yes"']
 
     @pytest.mark.parametrize(
         "stage, override, message",
