@@ -286,6 +286,11 @@ class IndexMeta(Meta):
         return value or None
 
 
+def stain_record(meta: EmbeddingsMeta | IndexMeta) -> dict[str, Any] | None:
+    """The stain normalisation target a store's (or its index's) cells were embedded with; None: none."""
+    return meta.preprocessing.stain if meta.preprocessing else None
+
+
 # ---------------------------------------------------------------- study (``marrowlens run``)
 
 

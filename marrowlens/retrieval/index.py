@@ -43,7 +43,7 @@ from marrowlens.artifacts import (
 )
 from marrowlens.cohort.schema import CLASS_COLUMNS
 from marrowlens.config import load_config
-from marrowlens.contracts import EmbeddingsMeta, IndexFiles, IndexMeta, IndexSource, SourceCohort
+from marrowlens.contracts import IndexFiles, IndexMeta, IndexSource, SourceCohort, stain_record
 from marrowlens.embeddings import Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.provenance import python_api
@@ -304,7 +304,7 @@ def add_to_index(folder: str | Path, embeddings: str | Path) -> tuple[CellIndex,
         store.model_fingerprint,
         f"embeddings {embeddings}",
     )
-    ours, theirs = _stain(current.meta), _stain(store.meta)
+    ours, theirs = stain_record(current.meta), stain_record(store.meta)
     if ours != theirs:
         raise MarrowLensError(
             f"stain normalisation mismatch: index {folder} was embedded with {ours or 'none'}, "
@@ -331,11 +331,6 @@ def add_to_index(folder: str | Path, embeddings: str | Path) -> tuple[CellIndex,
     grown = current.meta.renewed(count=len(merged), sources=[*current.meta.sources, _source_record(store, first)])
     meta = _write(current.folder, current.index, merged, grown, version=current.meta.version + 1)
     return CellIndex(folder=current.folder, index=current.index, cells=merged, meta=meta), len(store)
-
-
-def _stain(meta: IndexMeta | EmbeddingsMeta) -> dict[str, Any] | None:
-    """The stain normalisation target vectors were embedded with (None: no normalisation)."""
-    return meta.preprocessing.stain if meta.preprocessing else None
 
 
 def load_index(folder: str | Path) -> CellIndex:
@@ -370,7 +365,7 @@ def describe(index: CellIndex) -> list[str]:
         f"  faiss: {meta.factory} ({params}), {size / 2**20:.1f} MiB on disk",
         f"  model: {model.timm_name} @ {model.image_size} px, {short(model.fingerprint)} from {model.source}",
     ]
-    stain = _stain(meta)
+    stain = stain_record(meta)
     if stain:
         lines.append(f"  queries are stain-normalised ({stain['method']}) like the cells")
     for source in meta.sources:

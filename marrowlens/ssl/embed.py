@@ -35,6 +35,7 @@ from marrowlens.contracts import (
     IndexMeta,
     Preprocessing,
     StorePreprocessing,
+    stain_record,
 )
 from marrowlens.embeddings import Embeddings, EmbeddingWriter
 from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
@@ -46,7 +47,7 @@ from marrowlens.ssl.rank import is_global_zero
 
 def stain_target_of(meta: EmbeddingsMeta | IndexMeta) -> ReinhardTarget | None:
     """The stain target an embedding store (or an index built from one) was made with."""
-    return ReinhardTarget.from_dict(meta.preprocessing.stain if meta.preprocessing else None)
+    return ReinhardTarget.from_dict(stain_record(meta))
 
 
 def _fit_stain_target(cohort: Cohort, record: Preprocessing, sample: int = 256, seed: int = 0) -> ReinhardTarget:
