@@ -24,6 +24,7 @@ from marrowlens.config import (
     METHOD_NAMES,
     METRICS,
     NOISE_KINDS,
+    PATIENT_HEAD_NAMES,
     PRECISIONS,
     PROBE_LOSSES,
     PROBE_TASKS,
@@ -474,6 +475,9 @@ def probe_fit(
     cv: int | None = typer.Option(None, "--cv", min=0, help="patient-grouped CV folds for the report; 0 skips it"),
     blast_probe: Path | None = typer.Option(None, "--blast-probe", help="blast probe folder (mutation task)"),
     blast_threshold: float | None = typer.Option(None, "--blast-threshold", help="keep cells with P(blast) >= this"),
+    aggregate: str | None = typer.Option(
+        None, "--aggregate", help=f"{_one_of(PATIENT_HEAD_NAMES)}: the patient head (mutation task)"
+    ),
     config: Path | None = typer.Option(None, "--config", help="probe YAML, e.g. configs/probes/mutation.yaml"),
     overrides: list[str] = typer.Option([], "--set", help="config override key.sub=value (repeatable)"),
     overwrite: bool = typer.Option(False, help="replace an existing probe in --out"),
@@ -490,7 +494,10 @@ def probe_fit(
         "imbalance.class_weight": class_weight,
         "eval.cv": cv,
         "mutation.blast_threshold": blast_threshold,
+        "mutation.aggregate": aggregate,
     }
+    if aggregate is not None and task != "mutation":
+        raise MarrowLensError(f"--aggregate only applies to the mutation task, not {task}")
     probe_config = commands.probe_config(_probe_task(task), config, flags, overrides)
     _print_outcome(commands.fit(task, embeddings, out, probe_config, blast_probe=blast_probe, overwrite=overwrite))
 

@@ -521,17 +521,61 @@ class BlastLabelConfig(_Strict):
         return self
 
 
+# The patient heads of the mutation task (``probe fit mutation --aggregate``): the PATIENT_HEADS registry's table.
+PATIENT_HEAD_CLASSES = {
+    "mean": "marrowlens.probes.pooling:MeanPooling",
+    "vote": "marrowlens.probes.pooling:VotePooling",
+    "abmil": "marrowlens.probes.abmil:AttentionMIL",
+    "composition": "marrowlens.probes.composition:Composition",
+}
+PATIENT_HEAD_NAMES = tuple(PATIENT_HEAD_CLASSES)
+
+
 class MutationTaskConfig(_Strict):
     control: str | None = Field("control", description="the mutation value of control patients (absent is fine)")
     control_cells: Literal["non_blast", "kept", "all"] = Field(
         "non_blast", description="which cells of control patients train the control class"
     )
     blast_threshold: float = Field(0.5, ge=0, le=1, description="cells with P(blast) >= this are kept")
+    aggregate: Literal[PATIENT_HEAD_NAMES] = Field(  # type: ignore[valid-type]
+        "mean", description="the patient head: mean | vote of the kept cells' calls, abmil, or composition"
+    )
 
 
 class CellTypeTaskConfig(_Strict):
     mapping: dict[str, str] = Field(default_factory=dict, description="raw cell type -> class; unmapped types dropped")
     min_cells: int = Field(2, ge=1, description="classes with fewer labelled cells are dropped")
+
+
+class AbmilConfig(_Strict):
+    """Gated-attention MIL over a patient's cells (Ilse et al. 2018), trained on patient labels only."""
+
+    cells: Literal["kept", "all"] = Field(
+        "all", description="kept: the filter's cells only; all: every cell, its P(blast) an extra input"
+    )
+    hidden_dim: int = Field(64, ge=1, description="width of the per-cell projection before attention")
+    attention_dim: int = Field(32, ge=1, description="width of the gated attention network (fixed, not tuned)")
+    dropout: float = Field(0.25, ge=0, lt=1)
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    weight_decay: float = Field(1e-3, ge=0)
+    max_epochs: int = Field(200, ge=1, description="epochs at most; early stopping picks fewer")
+    patience: int = Field(20, ge=1, description="epochs without a better held-out loss before stopping")
+    val_fraction: float = Field(0.25, gt=0, lt=1, description="training patients held out for early stopping")
+    fallback_epochs: int = Field(50, ge=1, description="epochs when too few patients to hold any out")
+    seeds: int = Field(5, ge=1, description="models averaged, each with its own split and initialisation")
+    batch_patients: int = Field(16, ge=1, description="patients per optimisation step")
+    max_cells: int = Field(512, ge=1, description="cells per patient per training step (a random draw) at most")
+
+
+class CompositionConfig(_Strict):
+    """Each patient as its fractions of predicted cell types plus its blast fraction, into a logistic regression."""
+
+    c_values: list[float] = Field(
+        [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0], min_length=1, description="inverse L2 strengths tried"
+    )
+    inner_folds: int = Field(
+        3, ge=2, description="patient-grouped folds: out-of-fold cell types of training patients, and C"
+    )
 
 
 class ProbeEvalConfig(_Strict):
@@ -563,6 +607,8 @@ class ProbeConfig(_Strict):
     blast: BlastLabelConfig = BlastLabelConfig()
     mutation: MutationTaskConfig = MutationTaskConfig()
     cell_type: CellTypeTaskConfig = CellTypeTaskConfig()
+    abmil: AbmilConfig = AbmilConfig()
+    composition: CompositionConfig = CompositionConfig()
     eval: ProbeEvalConfig = ProbeEvalConfig()
     seed: int = 0
 

@@ -31,7 +31,6 @@ from marrowlens.embeddings import CELLS_FILE, Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.probes.evaluate import (
     Predictions,
-    aggregate_patients,
     domain_folds,
     grouped_folds,
     run_folds,
@@ -40,6 +39,8 @@ from marrowlens.probes.evaluate import (
 from marrowlens.probes.folder import PROBE_FILE, load_probe, read_probe_info, save_probe
 from marrowlens.probes.heads import head_for
 from marrowlens.probes.noise import NoiseKind, NoiseSpec
+from marrowlens.probes.patients import patient_head_class, patient_table
+from marrowlens.probes.pooling import MeanPooling
 from marrowlens.probes.report import (
     headline,
     predict_headline,
@@ -124,17 +125,20 @@ def _cohort_images(folder: Path) -> Path:
 
 
 def cell_calls(task: Task, pred: Predictions, config: ProbeConfig) -> CellCalls:
-    """The kept cells' out-of-fold probabilities, with their images' paths in the store's cohort."""
-    kept = pred.kept
-    cells = task.emb.cells.iloc[pred.rows[kept]]
+    """The evaluated cells' out-of-fold contributions to their patient's call, with their images' paths in
+    the store's cohort."""
+    cells = task.emb.cells.iloc[pred.rows]
     cohort = task.emb.meta.cohort
     types = cells["cell_type"] if "cell_type" in cells else pd.Series([None] * len(cells), dtype=object)
     return CellCalls(
-        patients=pred.patients[kept],
-        proba=pred.proba[kept],
+        patients=pred.patients,
+        cell_ids=cells["cell_id"].astype(str).to_numpy(),
+        kept=pred.kept,
+        contribution=pred.contribution,
         paths=cells["path"].astype(str).to_numpy() if "path" in cells else np.full(len(cells), "", dtype=object),
         cell_types=types.to_numpy(dtype=object),
-        classes=list(task.classes),
+        head=config.mutation.aggregate,
+        meaning=patient_head_class(config.mutation.aggregate).contribution,
         cohort=_cohort_images(Path(cohort.folder)) if cohort is not None else None,
         per_sheet=config.eval.sheet_cells,
         correct_sheets=config.eval.sheets,
@@ -165,10 +169,12 @@ def domain_report(task: Task) -> list[dict[str, Any]]:
 
 
 def _header(config: ProbeConfig, task: Task, emb: Embeddings) -> dict[str, Any]:
+    kind = patient_head_class(config.mutation.aggregate) if config.task == "mutation" else None
     return {
         "task": config.task,
         "classes": task.classes,
         "head": head_for(config).name,
+        "patient_head": {"name": kind.name, "contribution": kind.contribution} if kind is not None else None,
         "loss": config.loss.name if head_for(config).trains_with_loss else None,
         "embeddings": {
             "folder": str(emb.folder),
@@ -346,6 +352,8 @@ def _apply_as_is(
     pred = Predictions.empty(task)
     pred.kept, pred.proba = _predict_blocks(probe, emb, task.rows)
     pred.fold[:] = 0
+    if probe.patient_head is not None:
+        pred.record_patients(probe, task, np.arange(len(task.rows)))
     return _summary(task, pred, config)
 
 
@@ -397,9 +405,14 @@ def predict(probe_dir: Path, embeddings: Path, out: Path, overwrite: bool = Fals
     cells["confidence"] = np.where(kept, np.nanmax(np.where(kept[:, None], proba, 0), axis=1), np.nan)
     for i, name in enumerate(classes):
         cells[f"p_{name}"] = proba[:, i]
-    has_patient = emb.cells["patient_id"].notna().to_numpy()
-    groups = patient_groups(emb.cells).to_numpy()
-    patients = aggregate_patients(groups[has_patient], kept[has_patient], proba[has_patient], classes)
+    has_patient = np.flatnonzero(emb.cells["patient_id"].notna().to_numpy())
+    groups = patient_groups(emb.cells).to_numpy()[has_patient]
+    if probe.patient_head is None:  # a blast or cell-type probe: per patient, the mean of its cells' calls
+        probe.patient_head = MeanPooling()
+    _, calls = probe.call_patients(emb, has_patient, groups, kept[has_patient], proba[has_patient])
+    cells["contribution"] = np.nan
+    cells.loc[has_patient, "contribution"] = calls.contribution
+    patients = patient_table(groups, kept[has_patient], proba[has_patient], calls, classes)
     write_parquet_atomic(out, cells)
     write_parquet_atomic(patients_out, patients)
     undetermined = int((patients["predicted"] == "undetermined").sum())

@@ -2,16 +2,15 @@
 
 Splits come from scikit-learn's ``StratifiedGroupKFold``; every split, and every set of rows a
 fitted head (or a refitted blast filter) actually trained on, is checked against the test
-patients: a leak raises ``AssertionError`` (a bug, never a user error). Patient aggregation is
-hand-written (no library has it): the kept cells' probabilities are combined by their mean
-log-probability (a renormalised geometric mean), beside the fraction of kept cells voting each
-class; a patient with no kept cell is "undetermined" and is reported, never dropped.
+patients: a leak raises ``AssertionError`` (a bug, never a user error). A mutation probe's patient
+head (:mod:`marrowlens.probes.patients`), fitted in each fold with the cell head, calls that fold's
+test patients; a patient it cannot call is "undetermined" and is reported, never dropped.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,10 +22,8 @@ from tqdm.auto import tqdm
 from marrowlens.errors import MarrowLensError
 from marrowlens.probes.metrics import interval, metrics_with_ci
 from marrowlens.probes.noise import NoiseSpec
+from marrowlens.probes.patients import UNDETERMINED, PatientCalls, patient_table
 from marrowlens.probes.tasks import BLAST, Probe, Task
-
-UNDETERMINED = "undetermined"
-_LOG_FLOOR = 1e-12
 
 
 @dataclass
@@ -39,6 +36,8 @@ class Predictions:
     kept: np.ndarray
     proba: np.ndarray
     fold: np.ndarray
+    contribution: np.ndarray  # mutation task: each cell's pull on its patient's call (NaN: unused)
+    patient_calls: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)  # patient -> (proba, note)
 
     @classmethod
     def empty(cls, task: Task) -> Predictions:
@@ -50,7 +49,28 @@ class Predictions:
             np.zeros(n, dtype=bool),
             np.full((n, len(task.classes)), np.nan),
             np.full(n, -1),
+            np.full(n, np.nan),
         )
+
+    def record_patients(self, probe: Probe, task: Task, units: np.ndarray) -> None:
+        """The probe's patient head calls the patients of ``units`` (their cells already predicted)."""
+        rows, patients = self.rows[units], self.patients[units]
+        bags, calls = probe.call_patients(task.emb, rows, patients, self.kept[units], self.proba[units])
+        self.contribution[units] = calls.contribution
+        notes = calls.notes or [""] * bags.n_patients
+        for patient, proba, note in zip(bags.ids, calls.proba, notes):
+            self.patient_calls[str(patient)] = (proba, note)
+
+    def patient_table(self, classes: list[str], units: np.ndarray | None = None) -> pd.DataFrame:
+        """The recorded patient calls of ``units`` (default: all) as :func:`patient_table` rows."""
+        units = np.arange(len(self.rows)) if units is None else units
+        ids = np.unique(self.patients[units].astype(str))
+        calls = PatientCalls(
+            np.vstack([self.patient_calls[i][0] for i in ids]),
+            self.contribution[units],
+            [self.patient_calls[i][1] for i in ids],
+        )
+        return patient_table(self.patients[units], self.kept[units], self.proba[units], calls, classes, self.y[units])
 
 
 # ---------------------------------------------------------------- splits
@@ -132,6 +152,8 @@ def run_folds(
         _check_trained_rows(task, probe, test, f"fold {name}")
         kept, proba = probe.predict_rows(task.emb.vectors, task.rows[test])
         pred.kept[test], pred.proba[test], pred.fold[test] = kept, proba, i
+        if probe.patient_head is not None:
+            pred.record_patients(probe, task, test)
         info.append(
             {
                 "fold": name,
@@ -141,10 +163,16 @@ def run_folds(
                 "test_cells": len(test),
                 "test_kept": int(kept.sum()),
                 "head": probe.head.fitted_state(),
+                **({"patient_head": _patient_head_state(probe)} if probe.patient_head is not None else {}),
                 **_quick(task, pred, test),
             }
         )
     return pred, info
+
+
+def _patient_head_state(probe: Probe) -> dict[str, Any]:
+    assert probe.patient_head is not None
+    return {"selection": probe.patient_head.selection(), **probe.patient_head.fitted_state()}
 
 
 def _quick(task: Task, pred: Predictions, test: np.ndarray) -> dict[str, Any]:
@@ -163,54 +191,13 @@ def _quick(task: Task, pred: Predictions, test: np.ndarray) -> dict[str, Any]:
             macro_f1=float(f1_score(y, p, average="macro", zero_division=0)),
         )
     if task.name == "mutation":
-        table = aggregate_patients(pred.patients[test], pred.kept[test], pred.proba[test], task.classes, pred.y[test])
+        table = pred.patient_table(task.classes, test)
         determined = table[table["predicted"] != UNDETERMINED]
         out["patient_accuracy"] = (
             float((determined["predicted"] == determined["truth"]).mean()) if len(determined) else None
         )
         out["undetermined_patients"] = int((table["predicted"] == UNDETERMINED).sum())
     return out
-
-
-# ---------------------------------------------------------------- patient aggregation
-
-
-def aggregate_patients(
-    patients: np.ndarray, kept: np.ndarray, proba: np.ndarray, classes: list[str], truth: np.ndarray | None = None
-) -> pd.DataFrame:
-    """One row per patient: cells, kept cells, aggregated probabilities, votes, prediction."""
-    kept = np.asarray(kept, dtype=bool)
-    ids, which = np.unique(np.asarray(patients).astype(str), return_inverse=True)
-    n_patients, n_classes = len(ids), len(classes)
-    n_kept = np.bincount(which, weights=kept, minlength=n_patients).astype(int)
-    log_sum = np.zeros((n_patients, n_classes))
-    np.add.at(log_sum, which[kept], np.log(np.clip(proba[kept], _LOG_FLOOR, 1.0)))
-    votes = np.zeros((n_patients, n_classes))
-    np.add.at(votes, (which[kept], proba[kept].argmax(axis=1)), 1)
-    determined = n_kept > 0
-    combined = np.full((n_patients, n_classes), np.nan)
-    mean_log = log_sum[determined] / n_kept[determined, None]
-    mean_log -= mean_log.max(axis=1, keepdims=True)
-    combined[determined] = np.exp(mean_log) / np.exp(mean_log).sum(axis=1, keepdims=True)
-    fractions = np.full((n_patients, n_classes), np.nan)
-    fractions[determined] = votes[determined] / n_kept[determined, None]
-    predicted = np.full(n_patients, UNDETERMINED, dtype=object)
-    predicted[determined] = np.asarray(classes, dtype=object)[combined[determined].argmax(axis=1)]
-    confidence = np.full(n_patients, np.nan)
-    confidence[determined] = combined[determined].max(axis=1)
-    table = pd.DataFrame({"patient_id": ids, "n_cells": np.bincount(which, minlength=n_patients), "n_kept": n_kept})
-    table["kept_fraction"] = table["n_kept"] / table["n_cells"]
-    if truth is not None:
-        first = np.empty(n_patients, dtype=object)
-        first[which[::-1]] = np.asarray(truth, dtype=object)[::-1]
-        table["truth"] = first
-    table["predicted"] = predicted
-    table["confidence"] = confidence
-    for i, name in enumerate(classes):
-        table[f"p_{name}"] = combined[:, i]
-    for i, name in enumerate(classes):
-        table[f"frac_{name}"] = fractions[:, i]
-    return table
 
 
 # ---------------------------------------------------------------- summaries
@@ -226,7 +213,7 @@ def summarize(task: Task, pred: Predictions, n_boot: int, seed: int = 0, ece_bin
     cell.update(n_evaluated=len(kept), n_kept=int(kept.sum()))
     out: dict[str, Any] = {"cell": cell, "patient": None, "patients_table": None}
     if task.name == "mutation":
-        table = aggregate_patients(pred.patients, kept, pred.proba, task.classes, pred.y)
+        table = pred.patient_table(task.classes)
         out["patient"] = patient_metrics(table, task.classes, n_boot, seed, ece_bins)
         out["patients_table"] = table
     elif task.name == "blast":

@@ -6,7 +6,9 @@
   store the probe names (or from ``--embeddings`` when it *is* that store, by fingerprint); a store
   that moved or changed is an error naming it.
 - A mutation probe carries a copy of the blast probe it filtered with, in ``blast_filter/``, so it
-  applies the same filter wherever it goes.
+  applies the same filter wherever it goes, and its patient head: ``probe.json`` records the head's
+  registry name, parameters and fit, ``patient_head.safetensors`` its weights when it has any. A
+  mutation probe from before patient heads pools with ``mean``, as it did.
 
 ``probe.json`` records the task, classes, head parameters, loss, and the embedding and model
 fingerprints; applying a probe to embeddings of another model is refused, naming both.
@@ -35,10 +37,13 @@ from marrowlens.contracts import ModelRef, ProbeMeta, StoreRef
 from marrowlens.embeddings import Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.probes.heads import head_class
+from marrowlens.probes.patients import PatientHead, patient_head_class
+from marrowlens.probes.pooling import MeanPooling
 from marrowlens.probes.tasks import Probe
 
 PROBE_FILE = "probe.json"
 HEAD_FILE = "head.safetensors"
+PATIENT_HEAD_FILE = "patient_head.safetensors"
 CONFIG_FILE = "config.yaml"
 BLAST_DIR = "blast_filter"
 
@@ -65,6 +70,7 @@ def save_probe(folder: Path, probe: Probe, emb: Embeddings, extra: dict[str, Any
         "model_fingerprint": emb.model_fingerprint,
         "train": {"cells": len(probe.train_rows), "class_counts": {str(k): int(v) for k, v in zip(labels, counts)}},
         "blast_filter": None,
+        "patient_head": _save_patient_head(folder, probe),
         **probe.notes,
         **(extra or {}),
     }
@@ -92,10 +98,50 @@ def save_probe(folder: Path, probe: Probe, emb: Embeddings, extra: dict[str, Any
     return info
 
 
+def _save_patient_head(folder: Path, probe: Probe) -> dict[str, Any] | None:
+    head = probe.patient_head
+    if head is None:
+        return None
+    tensors = head.saved_tensors()
+    (folder / PATIENT_HEAD_FILE).unlink(missing_ok=True)
+    if tensors:
+        with atomic_path(folder / PATIENT_HEAD_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    return {
+        "name": head.name,
+        "params": type(head).config_params(probe.config),
+        "fitted": head.fitted_state(),
+        "fingerprint": "sha256:" + sha256_file(folder / PATIENT_HEAD_FILE) if tensors else None,
+    }
+
+
+def _load_patient_head(folder: Path, info: dict[str, Any]) -> PatientHead | None:
+    saved = info.get("patient_head")
+    if saved is None:
+        return MeanPooling() if info["task"] == "mutation" else None
+    kind = patient_head_class(saved["name"], str(folder / PROBE_FILE))
+    tensors = {}
+    if saved.get("fingerprint"):
+        path = folder / PATIENT_HEAD_FILE
+        if not path.is_file() or "sha256:" + sha256_file(path) != saved["fingerprint"]:
+            raise MarrowLensError(
+                f"{path} is missing or does not match the fingerprint in {PROBE_FILE}: the probe was changed or damaged"
+            )
+        tensors = load_file(str(path))
+    try:
+        return kind.from_saved(saved["params"], saved["fitted"], tensors)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise MarrowLensError(
+            f"{folder}: its {saved['name']} patient head does not load ({exc}); re-fit the probe"
+        ) from None
+
+
 def copy_probe(source: Path, target: Path) -> dict[str, Any]:
     """Copy a probe's own files (not its reports) into ``target``."""
     target.mkdir(parents=True, exist_ok=True)
-    for name in (HEAD_FILE, CONFIG_FILE, PROBE_FILE, "meta.json"):
+    for name in (HEAD_FILE, PATIENT_HEAD_FILE, CONFIG_FILE, PROBE_FILE, "meta.json"):
+        if name == PATIENT_HEAD_FILE and not (Path(source) / name).is_file():
+            continue
         with atomic_path(target / name) as tmp:
             tmp.write_bytes((Path(source) / name).read_bytes())
     nested = Path(source) / BLAST_DIR
@@ -149,6 +195,7 @@ def load_probe(folder: str | Path, emb: Embeddings) -> tuple[Probe, dict[str, An
     rows, labels = kind.saved_training_set(classes, tensors)
     head = kind.from_saved(info["head_params"], classes, tensors, lambda: training_vectors(info, folder, emb))
     probe = Probe(config=config, head=head, classes=classes, train_rows=rows, train_labels=labels, source=folder)
+    probe.patient_head = _load_patient_head(folder, info)
     if info.get("blast_filter"):
         probe.blast, _ = load_probe(folder / info["blast_filter"]["folder"], emb)
     return probe, info

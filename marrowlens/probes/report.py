@@ -19,7 +19,7 @@ import pandas as pd
 
 from marrowlens.artifacts import atomic_path, write_json_atomic, write_text_atomic
 from marrowlens.config import ProbeConfig
-from marrowlens.probes.sheets import CellCalls, sheets_markdown, write_sheets
+from marrowlens.probes.sheets import CellCalls, sheets_markdown, write_patient_cells, write_sheets
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -58,8 +58,11 @@ def write_report(
     sheets: list[Path] = []
     if patients is not None:
         report["patients"] = _records(patients)
+        if calls is not None:
+            sheets.append(write_patient_cells(folder, calls))
         if calls is not None and "truth" in patients:
-            report["sheets"], sheets = write_sheets(folder, patients, calls)
+            report["sheets"], drawn = write_sheets(folder, patients, calls)
+            sheets += drawn
     write_json_atomic(folder / REPORT_JSON, report)
     write_text_atomic(folder / REPORT_MD, render_markdown(report))
     return [folder / REPORT_JSON, folder / REPORT_MD, *write_plots(folder, report, patients), *sheets]
@@ -133,11 +136,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         [
             ["task", report["task"]],
             ["head", report.get("head")],
+            ["patient head", (report.get("patient_head") or {}).get("name")],
             ["loss", report.get("loss")],
             ["classes", ", ".join(report.get("classes", []))],
             ["evaluation", ev.get("description")],
             ["grouping", ev.get("grouping")],
             ["blast filter", ev.get("blast_filter")],
+            ["hyper-parameters", ev.get("hyper_parameters")],
             ["embeddings", report.get("embeddings", {}).get("fingerprint")],
             ["model", report.get("embeddings", {}).get("model_fingerprint")],
         ],
@@ -331,11 +336,15 @@ def predict_headline(n_kept: int, n_cells: int, filtered: bool, n_patients: int,
 
 
 def selection_note(info: list[dict[str, Any]], config: ProbeConfig) -> str | None:
-    """How the linear head's regularisation was chosen, fold by fold, so a reader sees edge picks.
+    """How every hyper-parameter was chosen, fold by fold (always inside the training folds), so a reader
+    sees edge picks and which settings were fixed rather than tuned."""
+    notes = [note for note in (_cell_head_note(info, config), _patient_head_note(info, config)) if note]
+    return "; ".join(notes) or None
 
-    scikit-learn's head records its C and the score that chose it; the torch head its weight decay,
-    chosen by held-out loss. Probes without a choice (k-NN) have no note.
-    """
+
+def _cell_head_note(info: list[dict[str, Any]], config: ProbeConfig) -> str | None:
+    """The linear head's regularisation: scikit-learn's records its C and the score that chose it; the
+    torch head its weight decay, chosen by held-out loss. Probes without a choice (k-NN) have no note."""
     heads = [fold.get("head", {}) for fold in info]
     picks = [head["C"] for head in heads if "C" in head]
     if picks:
@@ -355,6 +364,19 @@ def selection_note(info: list[dict[str, Any]], config: ProbeConfig) -> str | Non
         f"{', '.join(f'{w:g}' for w in decays)} (grid {', '.join(f'{w:g}' for w in config.linear.weight_decays)}; "
         f"{decays.count(top)} of {len(decays)} folds chose its largest value)"
     )
+
+
+def _patient_head_note(info: list[dict[str, Any]], config: ProbeConfig) -> str | None:
+    """The patient head's own choices per fold, and the blast threshold (fixed, never tuned on the folds)."""
+    if config.task != "mutation":
+        return None
+    picks = [fold["patient_head"]["selection"] for fold in info if (fold.get("patient_head") or {}).get("selection")]
+    own = (
+        "; ".join(f"fold {i}: {pick}" for i, pick in enumerate(picks))
+        if picks
+        else f"{config.mutation.aggregate}: nothing to choose"
+    )
+    return f"patient head {own}; blast threshold {config.mutation.blast_threshold:g} fixed (not tuned)"
 
 
 def sweep_line(row: dict[str, Any]) -> str:

@@ -1,10 +1,12 @@
-"""The cells behind every patient call: one PNG contact sheet per patient of a mutation report.
+"""The cells behind every patient call: one PNG contact sheet per patient of a mutation report, and
+``patient_cells.parquet`` (every evaluated cell's contribution, for the web app's patient pages).
 
-A patient's prediction is the argmax of its kept cells' mean log-probability (see
-:func:`marrowlens.probes.evaluate.aggregate_patients`), so a cell pushes the call towards class c by
-its log-odds ``log p_c - log(1 - p_c)``. Each sheet shows a patient's top cells by that contribution
-to the predicted class, from out-of-fold probabilities: what the probe looked at when it called the
-patient. Misclassified patients always get a sheet; correctly called ones up to a cap.
+Each patient head says what a cell's contribution to the call is (:mod:`marrowlens.probes.patients`):
+the log-odds of the called class for ``mean``, the attention weight for ``abmil``, its share of the
+called class's logit through its cell type for ``composition``. A sheet shows a patient's top cells by
+that out-of-fold contribution: what the probe looked at when it called the patient (composition
+sheets add the patient's cell-type fractions). Misclassified patients always get a sheet; correctly
+called ones up to a cap.
 """
 
 from __future__ import annotations
@@ -17,37 +19,48 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from marrowlens.artifacts import atomic_path
+from marrowlens.artifacts import atomic_path, write_parquet_atomic
 from marrowlens.cohort.images import ImageDecodeError, load_rgb
-from marrowlens.probes.evaluate import UNDETERMINED
+from marrowlens.probes.patients import UNDETERMINED
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 SHEETS_DIR = "patients"
+PATIENT_CELLS = "patient_cells.parquet"
 THUMBNAIL = 96
-_LOG_FLOOR = 1e-12
 
 
 @dataclass
 class CellCalls:
-    """The kept evaluated cells: patient, out-of-fold probabilities, image path (relative to the cohort), type."""
+    """The evaluated cells: patient, id, kept by the filter, out-of-fold contribution to the patient's call
+    (NaN: unused by the head), image path (relative to the cohort), type; and what the head's contribution is."""
 
     patients: np.ndarray
-    proba: np.ndarray
+    cell_ids: np.ndarray
+    kept: np.ndarray
+    contribution: np.ndarray
     paths: np.ndarray
     cell_types: np.ndarray
-    classes: list[str]
+    head: str
+    meaning: str
     cohort: Path | None  # the folder the paths are relative to (the cohort's image root); None: no cohort recorded
     per_sheet: int = 12
     correct_sheets: int = 50
 
 
-def contributions(proba: np.ndarray, c: int) -> np.ndarray:
-    """Per cell, the log-odds of class ``c`` against the rest: its pull on a mean-log-probability call."""
-    p = np.clip(np.asarray(proba, dtype=float)[:, c], _LOG_FLOOR, 1 - _LOG_FLOOR)
-    out: np.ndarray = np.log(p) - np.log1p(-p)
-    return out
+def write_patient_cells(folder: Path, calls: CellCalls) -> Path:
+    """Every evaluated cell's contribution to its patient's call (what the web app's patient pages sort by)."""
+    frame = pd.DataFrame(
+        {
+            "cell_id": np.asarray(calls.cell_ids).astype(str),
+            "patient_id": np.asarray(calls.patients).astype(str),
+            "kept": np.asarray(calls.kept, dtype=bool),
+            "contribution": np.asarray(calls.contribution, dtype=float),
+        }
+    )
+    write_parquet_atomic(folder / PATIENT_CELLS, frame)
+    return folder / PATIENT_CELLS
 
 
 def safe_name(patient: str, taken: set[str]) -> str:
@@ -99,11 +112,14 @@ def write_sheets(folder: Path, patients: pd.DataFrame, calls: CellCalls) -> tupl
     for row in chosen.itertuples(index=False):
         patient, truth, predicted = str(row.patient_id), str(row.truth), str(row.predicted)
         wrong = truth != predicted
-        cells = np.flatnonzero(ids == patient)
-        score = contributions(calls.proba[cells], calls.classes.index(predicted))
+        cells = np.flatnonzero((ids == patient) & np.isfinite(calls.contribution))
+        score = calls.contribution[cells]
         top = np.argsort(-score, kind="stable")[: calls.per_sheet]
         path = folder / SHEETS_DIR / f"{safe_name(patient, taken)}.png"
         title = f"{patient}: truth {truth}, predicted {predicted}" + (" (misclassified)" if wrong else "")
+        composition = getattr(row, "composition", None)
+        if isinstance(composition, str) and composition:
+            title = f"{composition}\n{title}"
         tiles = [(calls.cohort / str(calls.paths[cells[i]]), calls.cell_types[cells[i]], score[i]) for i in top]
         _draw(plt, path, title, tiles)
         written.append(path)
@@ -119,7 +135,13 @@ def write_sheets(folder: Path, patients: pd.DataFrame, calls: CellCalls) -> tupl
     for stale in (folder / SHEETS_DIR).glob("*.png"):  # an earlier report's sheets of patients not drawn now
         if stale not in written:
             stale.unlink()
-    out: dict[str, Any] = {"note": None, "per_sheet": calls.per_sheet, "patients": entries}
+    out: dict[str, Any] = {
+        "note": None,
+        "per_sheet": calls.per_sheet,
+        "head": calls.head,
+        "contribution": calls.meaning,
+        "patients": entries,
+    }
     if left_out:
         out["note"] = (
             f"{left_out} correctly called patient(s) without a sheet (cap eval.sheets = {calls.correct_sheets})"
@@ -149,7 +171,7 @@ def _draw(plt: Any, path: Path, title: str, tiles: list[tuple[Path, Any, float]]
         ax.set_title(f"{label}\n{score:+.2f}", fontsize=7)
     if not tiles:
         axes[0, 0].text(0.5, 0.5, "no kept cell", ha="center", va="center")
-    figure.suptitle(title, fontsize=9, color="tab:red" if title.endswith("(misclassified)") else "black")
+    figure.suptitle(title, fontsize=8, color="tab:red" if title.endswith("(misclassified)") else "black")
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
@@ -161,8 +183,9 @@ def sheets_markdown(sheets: dict[str, Any]) -> list[str]:
     if sheets.get("patients"):
         lines += [
             (
-                f"Per patient, its top {sheets.get('per_sheet', '')} kept cells by their contribution to the "
-                "predicted class (out-of-fold log-odds log p - log(1 - p)); misclassified patients first."
+                f"Per patient, its top {sheets.get('per_sheet', '')} cells by their out-of-fold contribution to the "
+                f"call of the {sheets.get('head', 'mean')} head ({sheets.get('contribution', 'log-odds')}); "
+                "misclassified patients first."
             ),
             "",
         ]

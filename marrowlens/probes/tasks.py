@@ -23,6 +23,7 @@ from marrowlens.embeddings import Embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.probes.heads import Head, RowView, head_for, make_head
 from marrowlens.probes.noise import NoiseSpec, inject_noise
+from marrowlens.probes.patients import Bags, PatientCalls, PatientHead, make_patient_head, patient_labels
 
 BLAST, NON_BLAST = "blast", "non_blast"
 
@@ -85,6 +86,7 @@ class Probe:
     blast: Probe | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None  # the folder it was loaded from, if any
+    patient_head: PatientHead | None = None  # mutation probes: how a patient's cells make one call
 
     def proba(self, X: Any) -> np.ndarray:
         """Probabilities over :attr:`classes` (a fold's head may have seen fewer: those get 0)."""
@@ -108,6 +110,21 @@ class Probe:
         if kept.any():
             proba[kept] = self.proba(RowView(vectors, rows[kept]))
         return kept, proba
+
+    def blast_scores(self, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The blast filter's P(blast) per row (1 without a filter: every cell counts)."""
+        if self.blast is None:
+            return np.ones(len(rows))
+        return self.blast.blast_probability(RowView(vectors, np.asarray(rows, dtype=np.int64)))
+
+    def call_patients(
+        self, emb: Embeddings, rows: np.ndarray, patients: np.ndarray, kept: np.ndarray, proba: np.ndarray
+    ) -> tuple[Bags, PatientCalls]:
+        """The patient head's calls for the patients of ``rows`` (their cells' ``kept``/``proba`` given)."""
+        if self.patient_head is None:
+            raise MarrowLensError("only a mutation probe calls patients")
+        bags = Bags.of(patients, rows, kept, self.blast_scores(emb.vectors, rows), proba, emb.vectors, emb.cells)
+        return bags, self.patient_head.predict(bags, self.classes)
 
 
 def head_spec(config: ProbeConfig) -> tuple[str, dict[str, Any]]:
@@ -248,7 +265,8 @@ class MutationTask(Task):
         rows = self.rows[train]
         refit = self.refit_blast and not final
         blast = self.blast_filter_for(train) if refit else self.blast
-        kept = blast.blast_probability(RowView(self.emb.vectors, rows)) >= self.config.mutation.blast_threshold
+        scores = blast.blast_probability(RowView(self.emb.vectors, rows))
+        kept = scores >= self.config.mutation.blast_threshold
         chosen = self.training_cells(train, kept)
         y = self.y[train][chosen]
         empty = [c for c in self.classes if c not in set(y)]
@@ -263,6 +281,7 @@ class MutationTask(Task):
             y = inject_noise(y, self.classes, noise, groups)
         probe = fit_head(self.config, self.emb.vectors, rows[chosen], y, groups, self.classes)
         probe.blast = blast
+        probe.patient_head = self.fit_patient_head(train, kept, scores, noise)
         probe.notes = {
             "blast_filter": "refitted on the training patients' blast labels"
             if refit
@@ -271,6 +290,21 @@ class MutationTask(Task):
             "training_cells": int(chosen.sum()),
         }
         return probe
+
+    def fit_patient_head(
+        self, train: np.ndarray, kept: np.ndarray, scores: np.ndarray, noise: NoiseSpec | None
+    ) -> PatientHead:
+        """The patient head, fitted on the training patients' labels (mean and vote have nothing to fit)."""
+        rows = self.rows[train]
+        no_proba = np.full((len(rows), len(self.classes)), np.nan)
+        bags = Bags.of(self.groups[train], rows, kept, scores, no_proba, self.emb.vectors, self.emb.cells)
+        y = patient_labels(bags, self.y[train]).astype(str)
+        if noise is not None:
+            y = inject_noise(y, self.classes, noise, bags.ids)
+        missing = [c for c in self.classes if c not in set(y)]
+        if missing:
+            raise MarrowLensError(f"class {missing[0]!r} has no training patient; the patient head needs every class")
+        return make_patient_head(self.config).fit(bags, y, self.classes)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "control": self.control, "blast_filter_refitted": self.refit_blast}

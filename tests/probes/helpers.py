@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 
 from marrowlens.embeddings import Embeddings
+from marrowlens.probes.patients import Bags, patient_table
+from marrowlens.probes.pooling import MeanPooling
 from tests.conftest import make_store
 
 NON_BLAST_TYPES = ("lymphocyte", "neutrophil", "monocyte")
@@ -121,3 +123,12 @@ def gaussian_classes(
     X = rng.normal(0, 1, (n, dim))
     X[np.arange(n), y % dim] += separation
     return X.astype(np.float32), np.array([f"c{k}" for k in y])
+
+
+def mean_pooled_table(
+    patients: np.ndarray, kept: np.ndarray, proba: np.ndarray, classes: list[str], truth: np.ndarray | None = None
+) -> pd.DataFrame:
+    """The patient table of the ``mean`` head for given cell calls (no store needed: it only pools them)."""
+    n = len(patients)
+    bags = Bags.of(patients, np.arange(n), kept, np.ones(n), proba, np.zeros((n, 1)), pd.DataFrame())
+    return patient_table(patients, kept, proba, MeanPooling().predict(bags, classes), classes, truth)

@@ -340,6 +340,7 @@ class TestBadInput:
             (("probe", "fit", "blast", "--set", "loss.name=mae"), "loss.name"),
             (("probe", "fit", "mutation"), "needs a blast probe"),
             (("probe", "fit", "cell_type", "--blast-probe", "x"), "only applies to the mutation task"),
+            (("probe", "fit", "blast", "--aggregate", "abmil"), "only applies to the mutation task"),
         ],
     )
     def test_bad_arguments(self, cli, fitted: Path, tmp_path: Path, args, message: str) -> None:

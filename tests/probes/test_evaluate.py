@@ -12,14 +12,13 @@ from marrowlens.errors import MarrowLensError
 from marrowlens.probes import tasks as tasks_module
 from marrowlens.probes.evaluate import (
     UNDETERMINED,
-    aggregate_patients,
     check_no_leak,
     domain_folds,
     grouped_folds,
     run_folds,
 )
 from marrowlens.probes.tasks import make_task
-from tests.probes.helpers import synthetic_store
+from tests.probes.helpers import mean_pooled_table, synthetic_store
 
 FAST = {"linear": {"max_epochs": 15, "patience": 3, "weight_decays": [0.0, 0.01]}}
 
@@ -119,7 +118,7 @@ class TestAggregatePatients:
         patients = np.array(["p1", "p1", "p1", "p2", "p2", "p3"])
         kept = np.array([True, True, False, True, False, False])
         proba = np.array([[0.9, 0.1], [0.4, 0.6], [np.nan, np.nan], [0.2, 0.8], [np.nan, np.nan], [np.nan, np.nan]])
-        table = aggregate_patients(
+        table = mean_pooled_table(
             patients, kept, proba, ["a", "b"], truth=np.array(["a", "a", "a", "b", "b", "a"])
         ).set_index("patient_id")
         geo = np.sqrt([0.9 * 0.4, 0.1 * 0.6])

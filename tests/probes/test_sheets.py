@@ -11,11 +11,11 @@ import pytest
 
 from marrowlens.embeddings import write_embeddings
 from marrowlens.probes import commands
-from marrowlens.probes.evaluate import aggregate_patients
+from marrowlens.probes.pooling import log_odds
 from marrowlens.probes.report import REPORT_JSON, REPORT_MD, write_report
-from marrowlens.probes.sheets import CellCalls, contributions, safe_name
+from marrowlens.probes.sheets import CellCalls, safe_name
 from tests.conftest import model_meta, write_cell
-from tests.probes.helpers import SYNTHETIC_MODEL, synthetic_cells, synthetic_vectors
+from tests.probes.helpers import SYNTHETIC_MODEL, mean_pooled_table, synthetic_cells, synthetic_vectors
 
 CLASSES = ["NPM1", "control"]
 
@@ -39,15 +39,19 @@ def _calls(cohort: Path | None, rng: np.random.Generator) -> tuple[pd.DataFrame,
             truth.append(label)
             if cohort is not None:
                 write_cell(cohort / paths[-1], seed=10 * p + c)
-    table = aggregate_patients(
+    table = mean_pooled_table(
         np.array(patients), np.ones(len(patients), bool), np.array(proba), CLASSES, np.array(truth)
     )
+    called = table.set_index("patient_id").loc[patients, "predicted"].map(CLASSES.index).to_numpy()
     calls = CellCalls(
         patients=np.array(patients),
-        proba=np.array(proba),
+        cell_ids=np.array([f"c{i}" for i in range(len(patients))]),
+        kept=np.ones(len(patients), bool),
+        contribution=log_odds(np.array(proba), called),
         paths=np.array(paths, dtype=object),
         cell_types=np.array(["myeloblast", None, "monocyte", np.nan, "myeloblast"] * 4, dtype=object),
-        classes=CLASSES,
+        head="mean",
+        meaning="log-odds",
         cohort=cohort,
         per_sheet=3,
         correct_sheets=50,
@@ -61,7 +65,7 @@ def _report() -> dict:
 
 def test_contributions_are_log_odds() -> None:
     proba = np.array([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]])
-    np.testing.assert_allclose(contributions(proba, 0), [0.0, np.log(9), np.log(0.25)])
+    np.testing.assert_allclose(log_odds(proba, np.zeros(3, dtype=int)), [0.0, np.log(9), np.log(0.25)])
 
 
 def test_safe_names_are_unique_file_names() -> None:
