@@ -414,18 +414,23 @@ def serve(
     max_queue: int = typer.Option(
         8, min=1, help="searches in flight at once; more get 503 + Retry-After: 1 at once instead of waiting"
     ),
+    probe: Path | None = typer.Option(
+        None, "--probe", help="mutation probe folder (same backbone as the index): adds the patient pages at /patients"
+    ),
 ) -> None:
     """Serve the similar-cell web page and its JSON API (docs at /docs).
 
-    Example: marrowlens serve --index idx/ --port 8000
+    Example: marrowlens serve --index idx/ --port 8000 --probe probes/mutation
     """
     import uvicorn
 
     from marrowlens.retrieval.search import Searcher
     from marrowlens.retrieval.web import create_app
     from marrowlens.retrieval.web.app import LOOPBACK_HOSTS, image_root
+    from marrowlens.retrieval.web.patients import Patients
 
     searcher = Searcher.open(index, model)
+    patients = Patients.open(probe, searcher) if probe is not None else None
     for source in searcher.index.meta.sources:
         if image_root(source) is None:
             say(f"warning: the images of {source.embeddings} are not on this machine; their thumbnails will be missing")
@@ -436,7 +441,12 @@ def serve(
         default_k=k,
         hosts=[host, *allow_host],
         max_queue=max_queue,
+        patients=patients,
     )
+    if patients is not None:
+        hidden = sum(patients.not_indexed.values())
+        note = f"; {hidden} of their cells are not in the index and are left out" if hidden else ""
+        say(f"{len(patients.report.patients)} patients of probe {probe} at /patients{note}")
     if host not in LOOPBACK_HOSTS:
         say(f"warning: listening on {host}: anyone who can reach this machine can query the index and see its cells")
         say(f"clients must address it as {host}, a loopback name or an --allow-host name (other Host headers get 400)")

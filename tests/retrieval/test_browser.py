@@ -1,4 +1,5 @@
-"""A real browser against a real server: Debian's Chromium, driven by Playwright, uploads a cell.
+"""A real browser against a real server: Debian's Chromium, driven by Playwright, uploads a cell
+and walks from the patient pages to a search.
 
 Never downloads a browser (``playwright install`` has no network here): ``make browser`` (which
 ``make test`` runs first) installs Debian's ``chromium`` package where root and apt are available.
@@ -12,12 +13,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.retrieval.conftest import ImageIndex
+from tests.retrieval.conftest import ODD_PATIENT, ImageIndex, MutationProbe
 
 CHROMIUM = Path(os.environ.get("MARROWLENS_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -44,8 +47,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def server(image_index: ImageIndex):
+@contextmanager
+def serving(image_index: ImageIndex, *extra: str) -> Iterator[str]:
+    """``marrowlens serve`` over the test index (plus ``extra`` arguments) until the block ends; yields its URL."""
     import httpx
 
     port = _free_port()
@@ -61,6 +65,7 @@ def server(image_index: ImageIndex):
             str(port),
             "-k",
             str(K),
+            *extra,
         ],
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         stdout=subprocess.PIPE,
@@ -86,13 +91,23 @@ def server(image_index: ImageIndex):
         process.wait(timeout=30)
 
 
-def test_upload_shows_k_neighbour_thumbnails(server: str, image_index: ImageIndex, tmp_path: Path) -> None:
+@pytest.fixture
+def server(image_index: ImageIndex) -> Iterator[str]:
+    with serving(image_index) as url:
+        yield url
+
+
+@pytest.fixture
+def probe_server(image_index: ImageIndex, mutation_probe: MutationProbe) -> Iterator[str]:
+    with serving(image_index, "--probe", str(mutation_probe.folder)) as url:
+        yield url
+
+
+@contextmanager
+def browser(tmp_path: Path):
+    """A headless Chromium page on a fresh profile."""
     from playwright.sync_api import sync_playwright
 
-    all_loaded = f"""() => {{
-        const images = [...document.querySelectorAll('#grid img')];
-        return images.length === {K} && images.every((img) => img.complete && img.naturalWidth > 0);
-    }}"""
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(tmp_path / "profile"),
@@ -102,37 +117,77 @@ def test_upload_shows_k_neighbour_thumbnails(server: str, image_index: ImageInde
             viewport={"width": 1200, "height": 900},
         )
         try:
-            page = context.new_page()
-            requests: list[str] = []
-            page.on("request", lambda request: requests.append(request.url))
-            page.goto(server)
-            page.set_input_files("#file", str(image_index.image("NPM1", 1, 2)))
-            page.wait_for_function(all_loaded, timeout=60_000)
-
-            assert page.eval_on_selector("#query-image", "img => img.complete && img.naturalWidth > 0")
-            captions = page.locator("#grid .card").all_inner_texts()
-            assert len(captions) == K and "#1" in captions[0] and "patient" in captions[0]
-            assert not any("sim 1.000" in caption for caption in captions)  # the query cell is not its own neighbour
-            note = page.inner_text("#self-note")
-            assert (
-                note.startswith("This image is indexed cell")
-                and "patient NPM1_p1" in note
-                and "left out of its own neighbours and vote" in note
-            )
-            assert "mutation" in page.inner_text("#vote") and f"/{K}" in page.inner_text("#vote")
-            assert page.inner_text("#status").startswith(f"{K} neighbours in")
-            page.screenshot(path=str(tmp_path / "retrieval-page.png"), full_page=True)
-
-            second = page.locator("#grid .card").nth(1)
-            clicked = second.get_attribute("data-cell-id")
-            second.click()
-            page.wait_for_function(
-                f"() => !document.querySelector('#grid .card[data-cell-id=\"{clicked}\"]')", timeout=60_000
-            )
-            page.wait_for_function(all_loaded, timeout=60_000)
-            assert "patient" in page.inner_text("#query-caption")
-            assert page.inner_text("#self-note").startswith(f"The query is indexed cell {clicked[:12]}")
-
-            assert all(url.startswith((server, "blob:")) for url in requests), requests
+            yield context.new_page()
         finally:
             context.close()
+
+
+def all_loaded(selector: str, count: int) -> str:
+    """A page function: ``count`` images match ``selector`` and every one has loaded."""
+    return f"""() => {{
+        const images = [...document.querySelectorAll('{selector}')];
+        return images.length === {count} && images.every((img) => img.complete && img.naturalWidth > 0);
+    }}"""
+
+
+def test_upload_shows_k_neighbour_thumbnails(server: str, image_index: ImageIndex, tmp_path: Path) -> None:
+    with browser(tmp_path) as page:
+        requests: list[str] = []
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto(server)
+        page.set_input_files("#file", str(image_index.image("NPM1", 1, 2)))
+        page.wait_for_function(all_loaded("#grid img", K), timeout=60_000)
+
+        assert page.eval_on_selector("#query-image", "img => img.complete && img.naturalWidth > 0")
+        captions = page.locator("#grid .card").all_inner_texts()
+        assert len(captions) == K and "#1" in captions[0] and "patient" in captions[0]
+        assert not any("sim 1.000" in caption for caption in captions)  # the query cell is not its own neighbour
+        note = page.inner_text("#self-note")
+        assert (
+            note.startswith("This image is indexed cell")
+            and "patient NPM1_p1" in note
+            and "left out of its own neighbours and vote" in note
+        )
+        assert "mutation" in page.inner_text("#vote") and f"/{K}" in page.inner_text("#vote")
+        assert page.inner_text("#status").startswith(f"{K} neighbours in")
+        page.screenshot(path=str(tmp_path / "retrieval-page.png"), full_page=True)
+
+        second = page.locator("#grid .card").nth(1)
+        clicked = second.get_attribute("data-cell-id")
+        second.click()
+        page.wait_for_function(
+            f"() => !document.querySelector('#grid .card[data-cell-id=\"{clicked}\"]')", timeout=60_000
+        )
+        page.wait_for_function(all_loaded("#grid img", K), timeout=60_000)
+        assert "patient" in page.inner_text("#query-caption")
+        assert page.inner_text("#self-note").startswith(f"The query is indexed cell {clicked[:12]}")
+
+        assert all(url.startswith((server, "blob:")) for url in requests), requests
+
+
+def test_patient_page_to_a_search(probe_server: str, tmp_path: Path) -> None:
+    """/ -> /patients -> the odd patient's page (escaped) -> click its top cell -> its neighbours."""
+    with browser(tmp_path) as page:
+        requests: list[str] = []
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto(probe_server)
+        page.click("#patients-link")
+        page.wait_for_url("**/patients")
+        rows = page.locator("table.patients tbody tr").all_inner_texts()
+        assert len(rows) == 4 and "misclassified" in rows[0]
+        page.get_by_role("link", name=ODD_PATIENT).click()
+        page.wait_for_function(all_loaded("#cells img", 6), timeout=60_000)
+
+        assert page.inner_text("#patient-id") == ODD_PATIENT  # shown as text, not parsed as markup
+        assert "correct" in page.inner_text("#verdict") and "attention weight" in page.inner_text("#meaning")
+        scores = page.locator("#cells .sim").all_inner_texts()
+        assert scores[-1] == "unused" and scores[:-1] == sorted(scores[:-1], reverse=True)
+        page.screenshot(path=str(tmp_path / "patient-page.png"), full_page=True)
+
+        top = page.locator("#cells .card").first.get_attribute("data-cell-id")
+        page.locator("#cells .card a").first.click()
+        page.wait_for_function(all_loaded("#grid img", K), timeout=60_000)
+        assert page.inner_text("#self-note").startswith(f"The query is indexed cell {top[:12]}")
+        assert page.inner_text("#status").startswith(f"{K} neighbours in")
+
+        assert all(url.startswith(probe_server) for url in requests), requests

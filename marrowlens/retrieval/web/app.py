@@ -6,7 +6,10 @@ serves:
 - ``GET /``: the page (one Jinja2 template, static JS/CSS, nothing fetched from the network);
 - ``POST /api/search``: an uploaded image *or* an indexed cell id -> k neighbours + k-NN vote;
 - ``GET /api/cells/{cell_id}``: one indexed cell's labels;
-- ``GET /thumbs/{cell_id}``: a small JPEG of an indexed cell.
+- ``GET /thumbs/{cell_id}``: a small JPEG of an indexed cell;
+- with a mutation probe (``probe``): ``GET /patients`` and ``/patients/{patient_id}``, pages of the
+  probe's patient calls and of each patient's cells by contribution, and their JSON twins under
+  ``/api/patients`` (:mod:`marrowlens.retrieval.web.patients`). Without one these routes answer 404.
 
 Safety: uploads are capped (FastAPI's per-route ``max_body_size`` answers 413 before the body is
 read) and must decode as an image (400 otherwise; images declaring too many pixels are refused
@@ -54,6 +57,7 @@ from marrowlens.cohort.images import ImageDecodeError, decode_bytes, load_rgb
 from marrowlens.contracts import IndexSource
 from marrowlens.errors import MarrowLensError
 from marrowlens.retrieval.search import Searcher, UnknownCellError, cell_record, neighbour_records, parse_filters, vote
+from marrowlens.retrieval.web.patients import PatientRecord, Patients
 
 HERE = Path(__file__).parent
 THUMB_QUALITY = 88
@@ -109,6 +113,35 @@ class SearchResult(BaseModel):
 
 class Error(BaseModel):
     detail: str
+
+
+class PatientSummary(BaseModel):
+    """One patient's call; ``correct`` is null where the probe's store had no truth."""
+
+    patient_id: str
+    truth: str | None = None
+    predicted: str
+    confidence: float | None = None
+    n_cells: int
+    correct: bool | None = None
+
+
+class PatientCell(Cell):
+    """A patient's indexed cell, whether the blast filter kept it, and its contribution (null: unused)."""
+
+    kept: bool
+    contribution: float | None = None
+
+
+class PatientDetail(PatientSummary):
+    """A patient's call, its class probabilities and its indexed cells, highest contribution first."""
+
+    n_kept: int
+    n_not_indexed: int
+    probabilities: dict[str, float]
+    head: str
+    contribution_meaning: str
+    cells: list[PatientCell]
 
 
 class Thumbnails:
@@ -207,11 +240,14 @@ def create_app(
     thumb_px: int = 160,
     hosts: Sequence[str] = (),
     max_queue: int = DEFAULT_MAX_QUEUE,
+    probe: str | Path | None = None,
+    patients: Patients | None = None,
 ) -> FastAPI:
     """The app for one index; pass ``searcher`` to reuse one already loaded (the CLI checks it before serving).
 
     ``hosts``: Host header names answered besides loopback (``serve`` passes its ``--host``);
-    ``max_queue``: searches in flight before the next is refused with 503.
+    ``max_queue``: searches in flight before the next is refused with 503;
+    ``probe``: a mutation probe folder for the patient pages (``patients``: one already read).
     """
     max_body = int(max_upload_mb * 2**20) + 64 * 1024  # the image plus the form's own fields
 
@@ -221,6 +257,7 @@ def create_app(
         loaded.start_batching()
         app.state.searcher = loaded
         app.state.thumbs = Thumbnails(loaded, thumb_px)
+        app.state.patients = patients or (Patients.open(probe, loaded) if probe is not None else None)
         try:
             yield
         finally:
@@ -279,8 +316,62 @@ def create_app(
             "model": searcher.info.timm_name,
             "default_k": min(default_k, len(searcher) - 1) if len(searcher) > 1 else 1,
             "max_upload_mb": max_upload_mb,
+            "has_patients": request.app.state.patients is not None,
         }
         return templates.TemplateResponse(request, "index.html", context)
+
+    def loaded_patients(request: Request) -> Patients:
+        patients: Patients | None = request.app.state.patients
+        if patients is None:
+            raise HTTPException(404, "no probe is loaded: start the server with --probe PROBE")
+        return patients
+
+    def patient_record(patients: Patients, patient_id: str) -> PatientRecord:
+        record = patients.record(patient_id)
+        if record is None:
+            raise HTTPException(404, f"probe {patients.folder} has no patient {patient_id!r}")
+        return record
+
+    def summary(record: PatientRecord) -> PatientSummary:
+        return PatientSummary(**record.model_dump(include=set(PatientSummary.model_fields)), correct=record.correct)
+
+    def patient_detail(request: Request, patient_id: str) -> PatientDetail:
+        searcher: Searcher = request.app.state.searcher
+        patients = loaded_patients(request)
+        record = patient_record(patients, patient_id)
+        cells = [
+            PatientCell(**cell_model(searcher, cell.row).model_dump(), kept=cell.kept, contribution=cell.contribution)
+            for cell in patients.cells[patient_id]
+        ]
+        return PatientDetail(
+            **summary(record).model_dump(),
+            n_kept=record.n_kept,
+            n_not_indexed=patients.not_indexed[patient_id],
+            probabilities=patients.probabilities[patient_id],
+            head=patients.report.patient_head.name,
+            contribution_meaning=patients.report.patient_head.contribution,
+            cells=cells,
+        )
+
+    @app.get("/patients", response_class=HTMLResponse, include_in_schema=False)
+    def patients_page(request: Request) -> HTMLResponse:
+        patients = loaded_patients(request)
+        context = {"patients": [summary(r) for r in patients.ordered()], "probe": patients.folder.name}
+        return templates.TemplateResponse(request, "patients.html", context)
+
+    @app.get("/patients/{patient_id:path}", response_class=HTMLResponse, include_in_schema=False)
+    def patient_page(request: Request, patient_id: str) -> HTMLResponse:
+        return templates.TemplateResponse(request, "patient.html", {"patient": patient_detail(request, patient_id)})
+
+    @app.get("/api/patients", response_model=list[PatientSummary], responses={404: {"model": Error}})
+    def list_patients(request: Request) -> list[PatientSummary]:
+        """The probe's patient calls, misclassified first."""
+        return [summary(record) for record in loaded_patients(request).ordered()]
+
+    @app.get("/api/patients/{patient_id:path}", response_model=PatientDetail, responses={404: {"model": Error}})
+    def get_patient(request: Request, patient_id: str) -> PatientDetail:
+        """A patient's call and its indexed cells, highest contribution first (cells the head did not use last)."""
+        return patient_detail(request, patient_id)
 
     @app.post(
         "/api/search",

@@ -22,15 +22,7 @@ async function search(form, queryImage, queryCaption) {
     return;
   }
   if (!response.ok) {
-    let detail = response.statusText;
-    if (response.status === 413) detail = "the image is larger than the upload limit";
-    else {
-      try {
-        const body = await response.json();
-        detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
-      } catch (_) {}
-    }
-    setStatus(`error: ${detail}`, true);
+    setStatus(`error: ${await errorDetail(response)}`, true);
     return;
   }
   const result = await response.json();
@@ -39,6 +31,16 @@ async function search(form, queryImage, queryCaption) {
     `${result.neighbours.length} neighbours in ${result.elapsed_ms.toFixed(0)} ms ` +
       `(${result.index_kind} index, ${result.metric})`,
   );
+}
+
+async function errorDetail(response) {
+  if (response.status === 413) return "the image is larger than the upload limit";
+  try {
+    const body = await response.json();
+    return typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+  } catch (_) {
+    return response.statusText;
+  }
 }
 
 function searchFile(file) {
@@ -54,6 +56,22 @@ function searchCell(cell) {
   const form = new FormData();
   form.append("cell_id", cell.cell_id);
   search(form, cell.thumbnail, describe(cell).join(" · "));
+}
+
+// A link to /?cell=ID (the patient pages' cells) searches from that indexed cell on load.
+async function searchCellId(cellId) {
+  let response;
+  try {
+    response = await fetch(`/api/cells/${encodeURIComponent(cellId)}`);
+  } catch (err) {
+    setStatus("the server cannot be reached", true);
+    return;
+  }
+  if (!response.ok) {
+    setStatus(`error: ${await errorDetail(response)}`, true);
+    return;
+  }
+  searchCell(await response.json());
 }
 
 function blastLabel(value) {
@@ -157,3 +175,5 @@ fileInput.addEventListener("change", () => searchFile(fileInput.files[0]));
   }),
 );
 drop.addEventListener("drop", (e) => searchFile(e.dataTransfer.files[0]));
+const startCell = new URLSearchParams(window.location.search).get("cell");
+if (startCell) searchCellId(startCell);
