@@ -113,6 +113,11 @@ def _print_cohort(cohort: Cohort) -> None:
     say(f"wrote {cohort.folder / 'cells.parquet'}: {meta.n_cells} cells, {meta.n_patients} patients")
     for name, counts in meta.counts.items():
         say(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    from marrowlens.cohort.schema import extra_columns
+
+    extras = extra_columns(cohort.cells.columns)
+    if extras:
+        say(f"  extra columns, carried as they are: {', '.join(extras)}")
     say(f"wrote {cohort.folder / 'quarantine.csv'}: {meta.n_quarantined} unreadable file(s)")
 
 
