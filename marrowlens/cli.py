@@ -114,6 +114,11 @@ def _print_cohort(cohort: Cohort) -> None:
     say(f"wrote {cohort.folder / 'cells.parquet'}: {meta.n_cells} cells, {meta.n_patients} patients")
     for name, counts in meta.counts.items():
         say(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    from marrowlens.cohort.schema import extra_columns
+
+    extras = extra_columns(cohort.cells.columns)
+    if extras:
+        say(f"  extra columns, carried as they are: {', '.join(extras)}")
     say(f"wrote {cohort.folder / 'quarantine.csv'}: {meta.n_quarantined} unreadable file(s)")
 
 
@@ -483,6 +488,9 @@ def probe_fit(
     loss: str | None = typer.Option(None, "--loss", help=f"{_one_of(PROBE_LOSSES)} (linear head)"),
     class_weight: str | None = typer.Option(None, "--class-weight", help=_one_of(CLASS_WEIGHTS)),
     cv: int | None = typer.Option(None, "--cv", min=0, help="patient-grouped CV folds for the report; 0 skips it"),
+    group_by: str | None = typer.Option(
+        None, "--group-by", help="cells.parquet column (source, site, scan date) whose values CV holds out whole"
+    ),
     blast_probe: Path | None = typer.Option(None, "--blast-probe", help="blast probe folder (mutation task)"),
     blast_threshold: float | None = typer.Option(None, "--blast-threshold", help="keep cells with P(blast) >= this"),
     aggregate: str | None = typer.Option(
@@ -503,6 +511,7 @@ def probe_fit(
         "loss.name": loss,
         "imbalance.class_weight": class_weight,
         "eval.cv": cv,
+        "eval.group_by": group_by,
         "mutation.blast_threshold": blast_threshold,
         "mutation.aggregate": aggregate,
     }
@@ -526,16 +535,29 @@ def probe_eval(
     bootstrap: int | None = typer.Option(
         None, "--bootstrap", min=0, help="bootstrap resamples of patients for the 95% intervals"
     ),
+    group_by: str | None = typer.Option(
+        None,
+        "--group-by",
+        help="cells.parquet column (source, site, scan date) whose values CV holds out whole; '' for patients "
+        "(default: the probe's own setting)",
+    ),
 ) -> None:
     """Report a probe: patient-grouped CV on its own store, or the fitted probe as is on another store.
 
     Example: marrowlens probe eval probes/mutation --embeddings emb/ --leave-one-domain-out
+    Example: marrowlens probe eval probes/blast --embeddings emb/ --group-by site
     """
     from marrowlens.probes import commands
 
     _print_outcome(
         commands.evaluate(
-            probe, embeddings, out=out, cv=cv, leave_one_domain_out=leave_one_domain_out, bootstrap=bootstrap
+            probe,
+            embeddings,
+            out=out,
+            cv=cv,
+            leave_one_domain_out=leave_one_domain_out,
+            bootstrap=bootstrap,
+            group_by=group_by,
         )
     )
 

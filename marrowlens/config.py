@@ -580,6 +580,11 @@ class CompositionConfig(_Strict):
 
 class ProbeEvalConfig(_Strict):
     cv: int = Field(5, ge=0, description="patient-grouped folds; 0 skips cross-validation")
+    group_by: str | None = Field(
+        None,
+        description="cells.parquet column whose values CV holds out whole (a source, site or scan date): one fold "
+        "per value when there are at most cv of them, else cv folds of values; None: patient-grouped folds",
+    )
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples of patients for the 95% intervals")
     ece_bins: int = Field(15, ge=2)
     sheets: int = Field(

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from marrowlens.artifacts import META_FILE, artifact_kind, commit_files, meta_text, read_meta, read_parquet
 from marrowlens.cohort.images import IMAGE_SUFFIXES, ImageDecodeError, inspect_image
 from marrowlens.cohort.labels import MutationVocabulary, cell_type_name, is_blast_type, parse_bool
-from marrowlens.cohort.schema import CELL_COLUMNS, CELL_DTYPES, COUNTED_COLUMNS, LABEL_COLUMNS
+from marrowlens.cohort.schema import CELL_COLUMNS, CELL_DTYPES, COUNTED_COLUMNS, LABEL_COLUMNS, extra_columns
 from marrowlens.config import LAYOUTS
 from marrowlens.contracts import CohortMeta, CohortSource
 from marrowlens.errors import MarrowLensError, listing
@@ -75,6 +75,7 @@ class _Candidate:
     path: Path
     labels: dict[str, Any]
     where: str = ""  # how the source named it, for messages (a CSV row, a relative path)
+    extra: dict[str, Any] = field(default_factory=dict)  # the source table's other columns, as they are
 
 
 def cell_id_of(relative_path: str) -> str:
@@ -228,8 +229,10 @@ def _read_csv_layout(
     if "mutation" in columns:
         values = table[columns["mutation"]].dropna()
         mapped = MutationVocabulary(mutation_map).map_all(values, where=str(csv_path))
+    extras = [c for c in extra_columns(table.columns) if c not in columns.values()]
     candidates = []
     for line, record in enumerate(table.to_dict("records"), start=2):
+        extra = {name: None if pd.isna(record[name]) else record[name] for name in extras}
         labels: dict[str, Any] = {}
         for canonical, column in columns.items():
             value = record.get(column)
@@ -244,7 +247,7 @@ def _read_csv_layout(
             labels["is_blast"] = is_blast_type(labels["cell_type"], options.blast_classes)
         path = Path(record["path"])
         where = f"{csv_path.name} line {line} ({record['path']})"
-        candidates.append(_Candidate(path if path.is_absolute() else base / path, labels, where))
+        candidates.append(_Candidate(path if path.is_absolute() else base / path, labels, where, extra))
     return candidates, [], {}
 
 
@@ -401,7 +404,19 @@ def _cells_frame(good: list[tuple[_Candidate, tuple[int, int]]], root: Path) -> 
         record = {name: candidate.labels.get(name) for name in LABEL_COLUMNS}
         record.update(cell_id=cell_id_of(relative), path=relative, width=width, height=height)
         records.append(record)
-    return pd.DataFrame.from_records(records, columns=CELL_COLUMNS).astype(CELL_DTYPES)
+    cells = pd.DataFrame.from_records(records, columns=CELL_COLUMNS).astype(CELL_DTYPES)
+    extras = list(dict.fromkeys(name for candidate, _ in good for name in candidate.extra))
+    for name in extras:
+        cells[name] = _extra_values(pd.Series([candidate.extra.get(name) for candidate, _ in good], dtype=object))
+    return cells
+
+
+def _extra_values(values: pd.Series) -> pd.Series:
+    """An extra column as numbers when every given value is one, else as strings."""
+    try:
+        return pd.to_numeric(values)
+    except (TypeError, ValueError):
+        return values.astype("string")
 
 
 def _refuse_empty_classes(cells: pd.DataFrame, class_folders: dict[str, str]) -> None:

@@ -31,6 +31,8 @@ from marrowlens.embeddings import CELLS_FILE, Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.probes.evaluate import (
     Predictions,
+    column_fold_table,
+    column_folds,
     domain_folds,
     grouped_folds,
     run_folds,
@@ -90,14 +92,17 @@ def _load_blast(path: Path | None, emb: Embeddings) -> Probe | None:
 # ---------------------------------------------------------------- evaluation
 
 
-def cv_folds(task: Task, config: ProbeConfig) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """Patient-grouped folds, made (and checked) before any fitting so bad input fails fast."""
+def cv_folds(task: Task, config: ProbeConfig) -> list[tuple[Any, np.ndarray, np.ndarray]]:
+    """Patient-grouped folds (whole values of ``eval.group_by`` held out, if set), made (and checked) before any
+    fitting so bad input fails fast."""
+    if config.eval.group_by:
+        return list(column_folds(task, config.eval.group_by, config.eval.cv))
     folds = grouped_folds(task.y, task.groups, config.eval.cv, config.seed)
     return [(i, train, test) for i, (train, test) in enumerate(folds)]
 
 
 def cross_validation_report(
-    task: Task, config: ProbeConfig, folds: list[tuple[int, np.ndarray, np.ndarray]] | None = None
+    task: Task, config: ProbeConfig, folds: list[tuple[Any, np.ndarray, np.ndarray]] | None = None
 ) -> tuple[dict[str, Any], pd.DataFrame | None, CellCalls | None]:
     """CV figures, the patient table, and (mutation task) the kept cells' out-of-fold calls for contact sheets."""
     folds = cv_folds(task, config) if folds is None else folds
@@ -112,7 +117,23 @@ def cross_validation_report(
         "grouping": "patient: no cell of a test patient is in training (checked)",
         "blast_filter": _blast_note(task),
     }
+    if config.eval.group_by:
+        report["evaluation"].update(_group_note(task, config.eval.group_by, folds, config.eval.cv))
     return report, patients, cell_calls(task, pred, config) if task.name == "mutation" else None
+
+
+def _group_note(task: Task, column: str, folds: list[tuple[Any, np.ndarray, np.ndarray]], cv: int) -> dict[str, Any]:
+    """How CV grouped by ``column``: described, and the held-out values, patients and cells of every fold."""
+    table = column_fold_table(task, column, folds)
+    values = sum(len(fold["held_out"]) for fold in table["folds"])
+    how = "leave one group out" if values == len(folds) else f"GroupKFold over its {values} values"
+    return {
+        "description": f"{len(folds)}-fold CV holding out whole values of {column} ({how}; --cv {cv})",
+        "folds": len(folds),
+        "grouping": f"{column}: every fold holds out whole {column} values; no patient has two, so no cell of a "
+        "test patient is in training (checked)",
+        "group_by": table,
+    }
 
 
 def _cohort_images(folder: Path) -> Path:
@@ -226,12 +247,19 @@ def evaluate(
     cv: int | None = None,
     leave_one_domain_out: bool = False,
     bootstrap: int | None = None,
+    group_by: str | None = None,
 ) -> Outcome:
-    """CV of the probe's recipe on its own store, or the fitted probe as is on another store (same model)."""
+    """CV of the probe's recipe on its own store, or the fitted probe as is on another store (same model).
+
+    ``group_by`` holds out whole values of that column instead of patients ("" back to patients); None keeps
+    the probe's own setting.
+    """
     emb = _load_store(embeddings)
     probe, info = load_probe(probe_dir, emb)
     data = probe.config.model_dump(mode="json")
     data["eval"].update({k: v for k, v in (("cv", cv), ("bootstrap", bootstrap)) if v is not None})
+    if group_by is not None:
+        data["eval"]["group_by"] = group_by or None
     config = validate_config(ProbeConfig, data, "command line")
     task = make_task(config, emb, probe.blast)
     same_store = emb.fingerprint == info["embeddings"]["fingerprint"]

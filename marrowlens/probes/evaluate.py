@@ -1,4 +1,4 @@
-"""Patient-grouped evaluation: cross-validation, leave-one-domain-out, patient aggregation, summaries.
+"""Patient-grouped evaluation: cross-validation, held-out groups, leave-one-domain-out, patient aggregation, summaries.
 
 Splits come from scikit-learn's ``StratifiedGroupKFold``; every split, and every set of rows a
 fitted head (or a refitted blast filter) actually trained on, is checked against the test
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 from tqdm.auto import tqdm
 
 from marrowlens.errors import MarrowLensError
@@ -120,6 +120,84 @@ def domain_folds(task: Task) -> list[tuple[str, np.ndarray, np.ndarray]]:
         check_no_leak(task.groups, train, test, f"domain {name}")
         folds.append((name, train, test))
     return folds
+
+
+def column_folds(task: Task, column: str, n_splits: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Folds holding out whole values of ``column`` (a source, site, scan date), named by the held-out values.
+
+    One fold per value when there are at most ``n_splits`` values (leave one group out), else ``n_splits``
+    folds of values (``GroupKFold``: cell counts balanced). A patient whose cells have two values would
+    straddle folds: a user error naming the patient, as is a missing column, a missing value or one value only.
+    """
+    if n_splits < 2:
+        raise MarrowLensError(f"--cv {n_splits}: --group-by needs 2 or more folds")
+    cells, where = task.emb.cells, task.emb.folder
+    if column not in cells.columns:
+        raise MarrowLensError(
+            f"--group-by {column}: {where} has no such column; index the cohort from a labels CSV with a {column} "
+            "column (or choose one of its columns: "
+            f"{', '.join(map(str, cells.columns))})"
+        )
+    values = cells[column].to_numpy(dtype=object)[task.rows]
+    missing = pd.isna(values)
+    if missing.any():
+        raise MarrowLensError(
+            f"--group-by {column}: {int(missing.sum())} of {len(values)} evaluated cells "
+            f"({len(np.unique(task.groups[missing]))} patient(s), e.g. {task.groups[missing][0]!r}) have no {column} "
+            "value; fill them in and index the cohort again"
+        )
+    values = _as_names(values)
+    frame = pd.DataFrame({"patient": task.groups, "value": values})
+    per_patient = frame.groupby("patient")["value"].unique()
+    straddling = per_patient[per_patient.map(len) > 1]
+    if len(straddling):
+        patient, seen = straddling.index[0], sorted(straddling.iloc[0])
+        raise MarrowLensError(
+            f"--group-by {column}: patient {patient!r} has cells with {column} {' and '.join(map(repr, seen[:2]))}, "
+            f"so it would straddle folds ({len(straddling)} such patient(s)); give each patient one {column}"
+        )
+    names = sorted(set(values))
+    if len(names) < 2:
+        raise MarrowLensError(
+            f"--group-by {column}: every evaluated cell has {column} {names[0]!r}; holding out groups needs two or "
+            "more values (choose another column, or drop --group-by for patient-grouped CV)"
+        )
+    if len(names) <= n_splits:
+        held_out = [[name] for name in names]
+    else:
+        splitter = GroupKFold(n_splits=n_splits)
+        held_out = [sorted(set(values[test])) for _, test in splitter.split(np.zeros(len(values)), groups=values)]
+    folds = []
+    for group in held_out:
+        name = "+".join(group)
+        test = np.flatnonzero(np.isin(values, group))
+        train = np.flatnonzero(~np.isin(values, group))
+        check_no_leak(task.groups, train, test, f"{column} {name}")
+        folds.append((name, train, test))
+    return folds
+
+
+def _as_names(values: np.ndarray) -> np.ndarray:
+    return np.array([str(v) for v in values], dtype=object)
+
+
+def column_fold_table(task: Task, column: str, folds: list[tuple[str, np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """How :func:`column_folds` grouped: the column, and per fold the held-out values, patients and cells."""
+    values = _as_names(task.emb.cells[column].to_numpy(dtype=object)[task.rows])
+    return {
+        "column": column,
+        "folds": [
+            {
+                "fold": name,
+                "held_out": sorted(set(values[test])),
+                "test_patients": len(np.unique(task.groups[test])),
+                "test_cells": len(test),
+                "train_patients": len(np.unique(task.groups[train])),
+                "train_cells": len(train),
+            }
+            for name, train, test in folds
+        ],
+    }
 
 
 def _check_trained_rows(task: Task, probe: Probe, test: np.ndarray, what: str) -> None:

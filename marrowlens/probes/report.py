@@ -205,6 +205,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["## Folds", ""]
         keys = list(dict.fromkeys(k for row in report["folds"] for k in row))
         lines += _table(keys, [[row.get(k) for k in keys] for row in report["folds"]])
+    if ev.get("group_by"):
+        groups = ev["group_by"]
+        note = f"Every fold holds out whole values of `{groups['column']}` (a cell without a patient id is a patient)."
+        lines += ["## Held-out groups", "", note, ""]
+        keys = ["fold", "held_out", "test_patients", "test_cells", "train_patients", "train_cells"]
+        rows = [[", ".join(row["held_out"]) if k == "held_out" else row[k] for k in keys] for row in groups["folds"]]
+        lines += _table(keys, rows)
     if report.get("leave_one_domain_out"):
         lines += [
             "## Leave one domain out",

@@ -237,12 +237,20 @@ class MutationTask(Task):
         """The blast probe refitted on every blast-labelled cell outside the held-out patients.
 
         That includes cells with no mutation label at all (a second source with cell classes,
-        e.g. the Munich LMU set beside AML_Hehr), which the mutation units do not cover.
+        e.g. the Munich LMU set beside AML_Hehr), which the mutation units do not cover. With
+        ``eval.group_by`` the held-out groups' cells are left out too, patients or not: a held-out
+        site must be new to the filter as well.
         """
         if not self.refit_blast:
             return self.blast
         held_out = np.setdiff1d(self.groups, self.groups[train])
-        labelled = np.flatnonzero(pd.notna(self.blast_y) & ~np.isin(self.groups_all, held_out))
+        outside = ~np.isin(self.groups_all, held_out)
+        column = self.config.eval.group_by
+        if column and column in self.emb.cells.columns:
+            values = self.emb.cells[column].astype(str).to_numpy()
+            tested = np.setdiff1d(values[self.rows], values[self.rows[train]])
+            outside &= ~np.isin(values, tested)
+        labelled = np.flatnonzero(pd.notna(self.blast_y) & outside)
         return fit_head(
             self.blast.config,
             self.emb.vectors,

@@ -319,3 +319,44 @@ class TestOneLineErrors:
             code, output = cli("cohort", "index", mutation_tree, "--out", out, "--overwrite")
             assert code == 0 and "12 cells, 4 patients" in output, output
         assert len(load_cohort(mutation_tree / "cohort").cells) == 12
+
+
+def test_cohort_index_carries_extra_columns_through_to_the_store(cli, mutation_tree: Path, tmp_path: Path) -> None:
+    """A labels CSV's other columns (site, scanner, date) reach cells.parquet and the embedding store as they are."""
+    from marrowlens.embeddings import load_embeddings
+    from tests.conftest import make_store
+
+    root = tmp_path / "lab"
+    rows = []
+    for i, (patient, site) in enumerate((("P0", "north"), ("P0", "north"), ("P1", "south"))):
+        write_cell(root / f"images/{i}.png", seed=i)
+        rows.append(
+            {
+                "path": f"images/{i}.png",
+                "patient": patient,
+                "label": "MYO",
+                "site": site,
+                "scanner": 7 + i,
+                "scan_date": "2024-05-0" + str(i + 1),
+                "note": "" if i else "faint",
+                "width": 999,  # a schema column: the index measures it, the CSV's is not carried
+                "domain": "lab",
+                "source": "x",  # beside a domain column, the column an index adds: never an extra column
+            }
+        )
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    code, output = cli("cohort", "index", root, mutation_tree, "--out", tmp_path / "cohort")
+    assert code == 0, output
+    assert "extra columns, carried as they are: site, scanner, scan_date, note" in output
+    cells = pd.read_parquet(tmp_path / "cohort" / "cells.parquet")
+    lab = cells[cells["domain"] == "lab"].sort_values("path")
+    assert lab["site"].tolist() == ["north", "north", "south"] and cells["site"].dtype == "string"
+    assert lab["scanner"].tolist() == [7, 8, 9] and pd.api.types.is_numeric_dtype(cells["scanner"])
+    assert lab["scan_date"].tolist() == ["2024-05-01", "2024-05-02", "2024-05-03"]
+    assert lab["note"].isna().tolist() == [False, True, True]
+    assert (lab["width"] != 999).all() and "source" not in cells.columns
+    assert cells.loc[cells["domain"] == "aml", "site"].isna().all()  # the folder source has no such column
+    assert load_cohort(tmp_path / "cohort").cells.columns.tolist() == cells.columns.tolist()
+    make_store(tmp_path / "emb", cells=cells)  # `marrowlens embed` writes the cohort's table as it is
+    store = load_embeddings(tmp_path / "emb")
+    assert store.cells["site"].tolist() == cells["site"].tolist()

@@ -366,6 +366,74 @@ class TestBadInput:
         assert code == 2 and "--overwrite" in out
 
 
+class TestGroupBy:
+    """`--group-by site`: whole sites held out of training, the report saying so; bad columns are one-line errors."""
+
+    @pytest.fixture(scope="class")
+    def sited(self, tmp_path_factory) -> Path:
+        root = tmp_path_factory.mktemp("sited")
+        cells = synthetic_cells(patients_per_class=3, cells_per_patient=16)
+        number = cells["patient_id"].str.extract(r"_p(\d+)$")[0].astype(int)
+        cells["site"] = ("site_" + number.astype(str)).astype("string")  # three sites, every mutation at each
+        synthetic_store(root / "emb", cells=cells, vectors=synthetic_vectors(cells))
+        return root
+
+    def test_eval_holds_out_whole_sites(self, cli, sited: Path) -> None:
+        emb = ["--embeddings", sited / "emb"]
+        code, out = cli("probe", "fit", "blast", *emb, "--out", sited / "blast", "--cv", "3", *FAST)
+        assert code == 0, out
+        assert "group_by" not in _report(sited / "blast")["evaluation"]
+        code, out = cli("probe", "eval", sited / "blast", *emb, "--group-by", "site", "--out", sited / "by_site")
+        assert code == 0, out
+        report = _report(sited / "by_site")
+        evaluation = report["evaluation"]
+        assert evaluation["description"].startswith("3-fold CV holding out whole values of site (leave one group out")
+        assert evaluation["grouping"].startswith("site: ") and evaluation["folds"] == 3
+        table = evaluation["group_by"]
+        assert table["column"] == "site"
+        assert [row["held_out"] for row in table["folds"]] == [["site_0"], ["site_1"], ["site_2"]]
+        assert all(row["test_patients"] == 3 and row["train_patients"] == 6 for row in table["folds"])
+        assert sum(row["test_cells"] for row in table["folds"]) == report["cell"]["n"]
+        assert [row["fold"] for row in report["folds"]] == ["site_0", "site_1", "site_2"]
+        assert report["config"]["eval"]["group_by"] == "site"
+        markdown = (sited / "by_site" / "report.md").read_text()
+        assert "## Held-out groups" in markdown and "whole values of `site`" in markdown
+        code, out = cli("probe", "eval", sited / "blast", *emb, "--group-by", "", "--out", sited / "by_patient")
+        assert code == 0, out
+        assert "patient-grouped" in _report(sited / "by_patient")["evaluation"]["description"]
+
+    def test_fit_cell_type_and_mutation_by_site(self, cli, sited: Path, tmp_path: Path) -> None:
+        emb = ["--embeddings", sited / "emb", "--group-by", "site"]
+        code, out = cli("probe", "fit", "cell_type", *emb, "--out", tmp_path / "ct", "--cv", "2", *FAST)
+        assert code == 0, out
+        report = _report(tmp_path / "ct")
+        assert report["evaluation"]["folds"] == 2
+        assert "GroupKFold over its 3 values" in report["evaluation"]["description"]
+        held = sorted(v for row in report["evaluation"]["group_by"]["folds"] for v in row["held_out"])
+        assert held == ["site_0", "site_1", "site_2"]
+        code, out = cli("probe", "fit", "blast", "--embeddings", sited / "emb", "--out", tmp_path / "b", "--cv", "0")
+        assert code == 0, out
+        blast = ["--blast-probe", tmp_path / "b"]
+        code, out = cli("probe", "fit", "mutation", *emb, *blast, "--out", tmp_path / "m", "--cv", "3", *FAST)
+        assert code == 0, out
+        report = _report(tmp_path / "m")
+        assert [row["fold"] for row in report["folds"]] == ["site_0", "site_1", "site_2"]
+        assert report["evaluation"]["blast_filter"].startswith("refitted in every fold")
+
+    @pytest.mark.parametrize(
+        ("column", "message"),
+        [
+            ("scanner", "--group-by scanner: "),
+            ("split", "have no split value; fill them in"),
+        ],
+    )
+    def test_bad_columns(self, cli, sited: Path, tmp_path: Path, column: str, message: str) -> None:
+        emb = ["--embeddings", sited / "emb", "--group-by", column]
+        code, out = cli("probe", "fit", "blast", *emb, "--out", tmp_path / "p", "--cv", "3", *FAST)
+        assert code == 2 and message in out and len(out.strip().splitlines()) == 1, out
+        assert not (tmp_path / "p").exists()
+
+
 class TestHelp:
     @pytest.mark.parametrize("command", ["fit", "eval", "test", "predict", "noise-sweep"])
     def test_help_has_an_example(self, cli, command: str) -> None:
