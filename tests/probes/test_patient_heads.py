@@ -150,6 +150,20 @@ def test_cli_report_says_how_each_choice_was_made_and_lists_every_cell(mutation_
     assert predicted["contribution"].notna().sum() == len(cells)
 
 
+def test_the_web_patient_pages_read_what_probe_fit_writes(mutation_store: Path, tmp_path: Path) -> None:
+    """The contract between the probe writer and the server's reader, undetermined patients included."""
+    from marrowlens.retrieval.web import patients as web
+
+    emb, blast, out = str(mutation_store / "emb"), str(tmp_path / "blast"), tmp_path / "mean"
+    _invoke("probe", "fit", "blast", "--embeddings", emb, "--out", blast, "--cv", "0")
+    _invoke("probe", "fit", "mutation", "--embeddings", emb, "--blast-probe", blast, "--out", str(out), "--cv", "3")
+    report = web._read_report(out)
+    probabilities = web._probabilities(out, report)
+    undetermined = [p.patient_id for p in report.patients if p.predicted == "undetermined"]
+    assert undetermined and all(probabilities[p] == {} for p in undetermined)
+    assert len(web._read_cells(out)) == json.loads((out / "report.json").read_text())["units"]["cells"]
+
+
 def _predict(probe: Path, emb: str, tmp_path: Path) -> Path:
     out = tmp_path / "calls.parquet"
     _invoke("probe", "predict", str(probe), "--embeddings", emb, "--out", str(out))

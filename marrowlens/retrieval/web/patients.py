@@ -21,12 +21,12 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from marrowlens.artifacts import read_parquet, require_same_fingerprint
 from marrowlens.errors import MarrowLensError, listing
+from marrowlens.probes.patients import UNDETERMINED
 from marrowlens.retrieval.search import Searcher
 
 REPORT_FILE = "report.json"
 CELLS_FILE = "patient_cells.parquet"
 CELL_COLUMNS = ("cell_id", "patient_id", "kept", "contribution")
-UNDETERMINED = "undetermined"
 
 
 class ProbeEmbeddings(BaseModel):
@@ -176,11 +176,15 @@ def _read_cells(folder: Path) -> pd.DataFrame:
 
 
 def _probabilities(folder: Path, report: MutationReport) -> dict[str, dict[str, float]]:
-    """Each patient's ``p_<class>`` as {class: probability}; a missing or non-finite one is an error naming it."""
+    """Each patient's ``p_<class>`` as {class: probability}; a missing or non-finite one is an error naming it,
+    except for an undetermined patient (no cell its head could use), which has none."""
     result = {}
     for record in report.patients:
         extra = record.model_extra or {}
         values = {name: extra.get(f"p_{name}") for name in report.classes}
+        if record.predicted == UNDETERMINED and all(value is None for value in values.values()):
+            result[record.patient_id] = {}
+            continue
         bad = [f"p_{name}" for name, value in values.items() if not _finite_number(value)]
         if bad:
             raise MarrowLensError(
