@@ -230,3 +230,20 @@ class TestComposition:
             Composition().fit(
                 bags, patient_labels(bags, cells["mutation"].to_numpy()).astype(str), ["NPM1", "PML_RARA", "control"]
             )
+
+
+@pytest.mark.parametrize("head", ["abmil", "composition"])
+def test_a_fitted_patient_head_calls_a_cohort_it_never_saw(mutation_store: Path, tmp_path: Path, head: str) -> None:
+    from tests.probes.test_external import other_cohort
+
+    emb, blast, probe = str(mutation_store / "emb"), str(tmp_path / "blast"), str(tmp_path / head)
+    _invoke("probe", "fit", "blast", "--embeddings", emb, "--out", blast, "--cv", "0")
+    _invoke(
+        *("probe", "fit", "mutation", "--embeddings", emb, "--blast-probe", blast, "--out", probe, "--cv", "0"),
+        *("--aggregate", head, *[f"--set=abmil.{k}={v}" for k, v in QUICK_MIL.items()]),
+    )
+    out = tmp_path / "test"
+    _invoke("probe", "test", probe, "--embeddings", str(other_cohort(tmp_path / "other")), "--out", str(out))
+    report = json.loads((out / "report.json").read_text())
+    assert report["patient_head"]["name"] == head and report["patient"]["n_determined"] == 9
+    assert report["patient"]["accuracy"]["value"] > 0.5  # chance: 1/3
