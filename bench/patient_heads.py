@@ -46,14 +46,14 @@ def pixel_store(cohort: Path, out: Path, side: int) -> Path:
         return out
     sys.path.insert(0, str(REPO))
     from marrowlens.cohort.images import load_rgb
-    from marrowlens.cohort.manifest import image_root, load_cohort
+    from marrowlens.cohort.manifest import load_cohort
     from marrowlens.embeddings import write_embeddings
 
-    cells = load_cohort(cohort)
-    root = image_root(cohort)
+    loaded = load_cohort(cohort)
+    cells = loaded.cells
     vectors = np.stack(
         [
-            np.asarray(load_rgb(root / str(p)).resize((side, side)), dtype=np.float32).ravel() / 255
+            np.asarray(load_rgb(loaded.image_path(str(p))).resize((side, side)), dtype=np.float32).ravel() / 255
             for p in cells["path"]
         ]
     )
