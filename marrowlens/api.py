@@ -147,7 +147,8 @@ def embed_images(
     ``model`` is an index from :func:`load_index` (its loaded backbone, the fastest for repeated calls),
     a store from :func:`load_embeddings` (its recorded backbone and stain normalisation, loaded per call
     and checked against its fingerprint), a pretraining run folder, or a timm name (random init, at
-    ``image_size``). ``images``: one image or a list, each a PIL image or an image file's path.
+    ``image_size``). ``images``: one image or a list, each a PIL image or an image file's path;
+    ``batch_size`` images go through the model at once (an index embeds with its own batching).
     Returns a float32 numpy array, one row per image, the store's width: the same image gives the
     vector its store holds.
     """

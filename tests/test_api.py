@@ -197,6 +197,8 @@ def test_a_store_or_vectors_of_another_model_are_refused(world: Path, tmp_path: 
     probe = ml.load_probe(world / "probes/blast")
     with pytest.raises(ml.MarrowLensError, match="model fingerprint mismatch"):
         ml.predict(probe, other)
+    with pytest.raises(ml.MarrowLensError, match="backbone fingerprint mismatch"):
+        ml.embed_images(other, world / "cell.png")  # its recorded backbone is not the one that loads
     with pytest.raises(ml.MarrowLensError, match="N x 96 vectors"):
         ml.predict(probe, np.zeros((2, 16), dtype=np.float32))
 
