@@ -192,3 +192,16 @@ class TestNeighbours:
         code, output = cli("export", "neighbours", idx, tmp_path / "nn.csv", "--embeddings", tmp_path / "other")
         assert code == 2 and "fingerprint mismatch" in output
         assert not (tmp_path / "nn.csv").exists()
+
+
+def test_export_help_imports_neither_torch_nor_faiss_nor_anndata() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from typer.testing import CliRunner; from marrowlens.cli import app; "
+        "r = CliRunner().invoke(app, ['export', 'neighbours', '--help']); assert r.exit_code == 0, r.output; "
+        "print(sorted({'torch', 'faiss', 'anndata', 'timm'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    assert done.stdout.strip() == "[]"
