@@ -113,6 +113,28 @@ class TestTimm:
         assert (taken / "config.json").is_file() and not list(taken.glob(".*.tmp"))
 
 
+def test_a_vit_backbone_keeps_its_input_size(cli, tmp_path: Path) -> None:
+    """A transformer is built at our input size: config.json's model_args carry img_size for timm."""
+    from marrowlens.ssl.backbones import create_backbone, export_backbone
+    from marrowlens.ssl.preprocessing import for_backbone
+
+    torch.manual_seed(1)
+    export_backbone(create_backbone("test_vit", 32), "test_vit", for_backbone("test_vit", 32), tmp_path / "run")
+    code, output = cli("export", "timm", tmp_path / "run", tmp_path / "timm")
+    assert code == 0 and "img_size=32" in output, output
+    assert json.loads((tmp_path / "timm" / "config.json").read_text())["model_args"]["img_size"] == 32
+    ours, _ = load_backbone(tmp_path / "run")
+    by_folder = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    overlay = {"file": str(tmp_path / "timm" / "model.safetensors")}
+    by_file = timm.create_model(
+        "test_vit", pretrained=True, num_classes=0, img_size=32, pretrained_cfg_overlay=overlay
+    ).eval()
+    batch = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        for model in (by_folder, by_file):
+            torch.testing.assert_close(model(batch), ours(batch))
+
+
 def _odd_cells(n: int) -> pd.DataFrame:
     cells = random_cells(n)
     cells["is_blast"] = pd.array([None if i % 4 == 0 else i % 3 == 0 for i in range(n)], dtype="boolean")
@@ -185,6 +207,18 @@ class TestNeighbours:
         assert code == 0, output
         table = pd.read_csv(tmp_path / "nn.csv")
         assert len(table) == 21 and set(table["query_cell_id"]) == {f"q{i:06d}" for i in range(7)}
+
+    def test_an_l2_index_adds_distances(self, cli, tmp_path: Path) -> None:
+        make_store(tmp_path / "emb", n=20)
+        code, output = cli(
+            "index", "build", "--embeddings", tmp_path / "emb", "--out", tmp_path / "idx", "--metric", "l2"
+        )
+        assert code == 0, output
+        code, output = cli("export", "neighbours", tmp_path / "idx", tmp_path / "nn.csv", "--k", "2")
+        assert code == 0, output
+        table = pd.read_csv(tmp_path / "nn.csv")
+        assert len(table) == 40 and "distance" in table and (table["distance"] > 0).all()
+        assert (table.groupby("query_cell_id")["distance"].diff().dropna() >= 0).all()
 
     def test_a_store_of_another_model_is_refused(self, cli, tmp_path: Path) -> None:
         idx = self._index(cli, tmp_path)
