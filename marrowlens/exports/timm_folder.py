@@ -118,7 +118,7 @@ def _require_run(run: Path) -> None:
         raise MarrowLensError(f"{run} is not a `marrowlens pretrain` run folder (no such folder)")
     if not (run / "backbone.json").is_file():
         kind = artifact_kind(run)
-        what = f"it holds a {kind!r} artifact" if kind not in (None, "run") else "backbone.json is missing"
+        what = f"its meta.json names kind {kind!r}" if kind not in (None, "run") else "backbone.json is missing"
         raise MarrowLensError(f"{run} is not a finished `marrowlens pretrain` run ({what})")
 
 
