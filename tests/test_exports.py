@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,6 +21,8 @@ from marrowlens.ssl.backbones import load_backbone
 from marrowlens.ssl.preprocessing import eval_transform
 from tests.conftest import REPO_ROOT, Cli, make_store, random_cells
 from tests.ssl.conftest import TINY, labelled_cohort  # noqa: F401 (a session fixture, shared)
+
+ad = pytest.importorskip("anndata")  # the `anndata` extra
 
 
 @pytest.fixture(scope="module")

@@ -70,8 +70,11 @@ def export_anndata(
     embeddings: str | Path, out: str | Path, obsm: bool = False, overwrite: bool = False
 ) -> AnnDataExport:
     """Write ``out`` (.h5ad) from a store; refuses an existing file unless ``overwrite``."""
-    import anndata as ad
-    import h5py
+    try:
+        import anndata as ad
+        import h5py
+    except ImportError as exc:
+        raise MarrowLensError(f"export anndata needs anndata ({exc}): pip install 'marrowlens[anndata]'") from None
 
     out = Path(out)
     if out.suffix != ".h5ad":
