@@ -266,6 +266,15 @@ NON_BLANK = """() => {
 }"""
 
 
+LONELIEST = """() => {
+    const map = window.marrowlensMap, ids = map.cellIds(), at = ids.map((id) => map.screenOf(id));
+    const gap = (i) => Math.min(...at.map((q, j) => (j === i ? Infinity : Math.hypot(q.x - at[i].x, q.y - at[i].y))));
+    let best = 0;
+    ids.forEach((_, i) => { if (gap(i) > gap(best)) best = i; });
+    return ids[best];
+}"""
+
+
 def test_map_draws_pans_and_searches_from_a_clicked_cell(map_server: str, tmp_path: Path) -> None:
     with browser(tmp_path) as page:
         requests: list[str] = []
@@ -283,7 +292,7 @@ def test_map_draws_pans_and_searches_from_a_clicked_cell(map_server: str, tmp_pa
         page.screenshot(path=str(SHOTS / "explorer_map.png"), full_page=True)
 
         box = page.locator("#map").bounding_box()
-        cell = page.evaluate("() => window.marrowlensMap.cellIds()[0]")
+        cell = page.evaluate(LONELIEST)  # no other point near it: a click there can only pick it
         before = page.evaluate(f"() => window.marrowlensMap.screenOf('{cell}')")
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
         page.mouse.wheel(0, -300)  # zoom in about the centre
@@ -301,7 +310,9 @@ def test_map_draws_pans_and_searches_from_a_clicked_cell(map_server: str, tmp_pa
         page.mouse.click(box["x"] + at["x"], box["y"] + at["y"])
         page.wait_for_function(all_loaded("#grid img", K), timeout=60_000)
         note = page.inner_text("#self-note")
-        assert note.startswith("The query is indexed cell") and page.inner_text("#status").startswith(f"{K} neighbours")
+        assert note.startswith(f"The query is indexed cell {cell[:12]}") and page.inner_text("#status").startswith(
+            f"{K} neighbours"
+        )
         page.locator("#map-panel").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "explorer_map_search.png"), full_page=True)
         assert all(url.startswith(map_server) for url in requests), requests
