@@ -350,6 +350,26 @@ def index_info(folder: Path = typer.Argument(..., help="index folder")) -> None:
         say(line)
 
 
+@index_app.command("map")
+def index_map_command(
+    folder: Path = typer.Argument(..., help="index folder"),
+    max_cells: int = typer.Option(
+        20_000, "--max-cells", min=1, help="map at most this many cells (a fixed-seed sample of a bigger index)"
+    ),
+) -> None:
+    """Compute the index's 2-D embedding map (UMAP) for the web page: writes map.parquet into the index folder.
+
+    Example: marrowlens index map idx/ --max-cells 20000
+    """
+    from marrowlens.maps import index_map, write_map
+    from marrowlens.retrieval.index import load_index
+
+    index = load_index(folder)
+    frame = index_map(index, max_cells=max_cells)
+    path = write_map(folder, frame)
+    say(f"wrote {path}: {len(frame)} of {len(index)} cells mapped (UMAP, seed 0)")
+
+
 @app.command("search")
 def search(
     index: Path = typer.Option(..., "--index", help="index folder"),
