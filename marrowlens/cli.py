@@ -196,6 +196,9 @@ def embed(
     stain_normalize: str = typer.Option(
         "none", help=f"{_one_of(STAIN_NORMALIZATIONS)}: reinhard matches colours to the cohort's average stain"
     ),
+    crop: str | None = typer.Option(
+        None, help="full|cell for a bare timm name (cell: a square around the white cell); a run folder's own"
+    ),
 ) -> None:
     """Embed every cell of a cohort with a frozen backbone (resumable, bounded memory).
 
@@ -216,8 +219,12 @@ def embed(
         num_workers=num_workers,
         overwrite=overwrite,
         stain_normalize=stain_normalize,
+        crop=crop,
     )
     if store is not None:
+        counts = store.meta.preprocessing.cell_crop if store.meta.preprocessing else None
+        if counts is not None:
+            say(f"cell crop: cell found in {counts.found} cells, {counts.centre_crop} fell back to a centre crop")
         say(f"wrote {store.folder / 'vectors.npy'}: {len(store)} x {store.meta.dim} float32 ({store.fingerprint[:19]})")
         say(f"wrote {store.folder / 'cells.parquet'} and {store.folder / 'meta.json'}")
 
