@@ -232,6 +232,7 @@ def test_a_run_folder_without_a_preprocessing_record_embeds_as_before(
         **{k: info[k] for k in ("image_size", "mean", "std")},
         "interpolation": "bicubic",
         "pad_to_square": True,
+        "crop": "full",
     }
     kwargs = {"num_workers": 0, "accelerator": "cpu"}
     new = embed_cohort(run_dir, labelled_cohort, tmp_path / "new_emb", **kwargs)
