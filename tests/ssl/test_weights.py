@@ -12,13 +12,17 @@ import pytest
 import timm
 import torch
 import torchvision
+import yaml
 from safetensors.torch import save_file
 from timm.models import vision_transformer
 
-from marrowlens.config import RunConfig
+from marrowlens.config import PretrainConfig, RunConfig, load_config
 from marrowlens.embeddings import load_embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.ssl.backbones import create_backbone, load_backbone
+from marrowlens.ssl.methods import METHODS
+from tests.conftest import REPO_ROOT
+from tests.ssl.conftest import TINY
 
 TINY_DINOV2 = "marrowlens_test_patch14_dinov2"
 
@@ -231,3 +235,31 @@ def test_run_config_weights_are_relative_to_the_config_file(tmp_path: Path) -> N
     assert resolved.pretrain.override["model"]["weights"] == str(tmp_path / "w/DinoBloom-S.pth")
     absolute = RunConfig.model_validate({"pretrain": {"override": {"model": {"weights": "/data/w.pth"}}}})
     assert absolute.resolve_paths(tmp_path).pretrain.override["model"]["weights"] == "/data/w.pth"
+
+
+@pytest.mark.parametrize("method", ["simclr", "dino", "byol", "vicreg"])
+def test_pretraining_starts_from_the_weights(method: str, dinobloom: tuple[Path, torch.nn.Module]) -> None:
+    """``model.weights`` (``pretrain --weights``): every method's backbone starts as the checkpoint, at the
+    configured input size (DINO's teacher too, as a copy of its student)."""
+    path, source = dinobloom
+    values = {"model": {"method": method, "backbone": TINY_DINOV2, "image_size": 56, "weights": path}}
+    config = load_config(PretrainConfig, REPO_ROOT / "configs/pretrain/tiny_cpu.yaml", values=values)
+    module = METHODS[method].from_config(config, lr=0.1)
+    backbone = module.embedding_backbone
+    assert backbone.pos_embed.shape == (1, 17, 48)
+    torch.testing.assert_close(backbone.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
+    torch.testing.assert_close(backbone.patch_embed.proj.weight, source.patch_embed.proj.weight)
+
+
+def test_pretrain_cli_from_a_hub_folder(cli, labelled_cohort: Path, resnet: torch.nn.Module, tmp_path: Path) -> None:
+    folder = _hub_folder(resnet, tmp_path / "hub")
+    sets = [arg for item in (*TINY, "data.val_cells=0") for arg in ("--set", item)]
+    config = REPO_ROOT / "configs/pretrain/tiny_cpu.yaml"
+    args = ("pretrain", "--config", config, "--backbone", "test_resnet", "--weights", folder, "--max-epochs", "1")
+    code, output = cli(*args, *sets, "--cohort", labelled_cohort, "--out", tmp_path / "run")
+    assert code == 0, output
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["weights"] == str(folder)
+    code, output = cli(
+        *args[:-4], "--weights", tmp_path / "nowhere", *sets, "--cohort", labelled_cohort, "--out", tmp_path / "x"
+    )
+    assert code == 2 and f"weights file {tmp_path / 'nowhere'} does not exist" in output
