@@ -263,3 +263,14 @@ def test_pretrain_cli_from_a_hub_folder(cli, labelled_cohort: Path, resnet: torc
         *args[:-4], "--weights", tmp_path / "nowhere", *sets, "--cohort", labelled_cohort, "--out", tmp_path / "x"
     )
     assert code == 2 and f"weights file {tmp_path / 'nowhere'} does not exist" in output
+
+
+def test_run_redoes_pretraining_when_the_weights_file_changes(resnet: torch.nn.Module, tmp_path: Path) -> None:
+    from marrowlens.pipeline import _weights_key
+
+    path = _safetensors_file(resnet, tmp_path)
+    config = load_config(PretrainConfig, None, values={"model": {"backbone": "test_resnet", "weights": path}})
+    before = _weights_key(config)
+    save_file({k: v.contiguous() + 1 for k, v in resnet.state_dict().items()}, str(path))
+    assert before != _weights_key(config) and before[0].startswith("sha256:")
+    assert _weights_key(load_config(PretrainConfig, None)) == []  # studies without weights keep their keys
