@@ -7,13 +7,14 @@ line why it does not fit. Nothing is downloaded. Formats:
 - a Hugging Face hub folder as ``huggingface-cli download`` leaves it: ``model.safetensors`` (or its
   sharded ``model.safetensors.index.json``) or ``pytorch_model.bin``, beside an optional ``config.json``;
 - a torch pickle (``.pth``/``.pt``/``.bin``/``.ckpt``), read with ``weights_only=True`` (no code runs):
-  a bare state dict (torchvision's ResNets name their tensors as timm's do), or one nested under
-  ``teacher``/``student``/``state_dict``/``model`` -- DINO/DINOv2/DinoBloom checkpoints keep the
-  backbone under ``teacher`` as ``backbone.*`` beside ``dino_head.*``/``ibot_head.*``.
+  a bare state dict (torchvision's ResNets name their tensors as timm's do; DINOv2's hub files, and
+  DinoBloom's ``pytorch_model_s.bin`` on the Hugging Face hub, with their ``mask_token``), or one nested
+  under ``teacher``/``student``/``state_dict``/``model`` -- DINO/DINOv2/DinoBloom training checkpoints
+  keep the backbone under ``teacher`` as ``backbone.*`` beside ``dino_head.*``/``ibot_head.*``.
 
-Prefixes (``module.``, ``backbone.``, ``encoder.``, ``_orig_mod.``) are stripped, heads the backbone
-has no place for are dropped, and the model's own timm checkpoint filter runs last (for ViTs it maps
-DINOv2 names and resamples the position embeddings to the configured input size).
+Prefixes (``module.``, ``_orig_mod.``, ``teacher_backbone.``, ``backbone.``, ``encoder.``) are stripped,
+heads the backbone has no place for are dropped, and the model's own timm checkpoint filter runs last
+(for ViTs it maps DINOv2 names and resamples the position embeddings to the configured input size).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ HUB_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model
 # Where checkpoints keep the model's tensors, in the order they are looked for (teacher first: DINO's eval copy).
 NESTS = ("teacher", "state_dict", "model", "module", "model_state_dict", "student")
 PREFIXES = ("module.", "_orig_mod.", "model.")
-BACKBONE_PREFIXES = ("backbone.", "encoder.")  # what else sits beside them is a head
+# What else sits beside these is a head or a second copy (DINO's student); the teacher wins.
+BACKBONE_PREFIXES = ("teacher_backbone.", "teacher.", "backbone.", "encoder.")
 HEADS = ("dino_head.", "ibot_head.", "head.", "projection_head.", "prediction_head.", "prototypes.")
 SHOWN = 3  # keys named in a misfit message, of each kind
 

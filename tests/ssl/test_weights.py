@@ -93,6 +93,21 @@ class TestDinoBloom:
         model = create_backbone(TINY_DINOV2, 224, tmp_path / "chunked.pth")
         torch.testing.assert_close(_vectors(model, 224), _vectors(source, 224), rtol=0, atol=0)
 
+    def test_hub_and_training_layouts(self, dinobloom: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
+        """The same weights as the Hugging Face hub's flat ``pytorch_model_s.bin`` (DINOv2 names, ``mask_token``
+        kept), and as a DINO Lightning checkpoint (``teacher_backbone.*`` beside the student and the heads)."""
+        path, source = dinobloom
+        teacher = torch.load(path, weights_only=True)["teacher"]
+        flat = {k.removeprefix("backbone."): v for k, v in teacher.items() if k.startswith("backbone.")}
+        torch.save(flat, tmp_path / "pytorch_model_s.bin")
+        lightning = {f"teacher_backbone.{k}": v for k, v in flat.items() if k != "mask_token"}
+        lightning |= {f"student_backbone.{k}": torch.zeros_like(v) for k, v in flat.items() if k != "mask_token"}
+        lightning["teacher_head.layers.0.weight"] = torch.randn(4, 4)
+        torch.save({"state_dict": lightning, "epoch": 1}, tmp_path / "last.ckpt")
+        for file in ("pytorch_model_s.bin", "last.ckpt"):
+            model = create_backbone(TINY_DINOV2, 224, tmp_path / file)
+            torch.testing.assert_close(_vectors(model, 224), _vectors(source, 224), rtol=0, atol=0)
+
     def test_another_model_is_refused_in_one_line_naming_keys(self, dinobloom: tuple[Path, torch.nn.Module]) -> None:
         path, _ = dinobloom
         with pytest.raises(MarrowLensError) as caught:
