@@ -101,6 +101,8 @@ def load_backbone(
     """
     folder = Path(model_ref)
     if folder.is_dir():
+        if weights is not None:
+            raise MarrowLensError(f"--weights is for a bare timm name; {folder} is a run folder with its own weights")
         info_path = folder / INFO_FILE
         if not info_path.is_file():
             raise MarrowLensError(

@@ -289,3 +289,9 @@ def test_run_redoes_pretraining_when_the_weights_file_changes(resnet: torch.nn.M
     save_file({k: v.contiguous() + 1 for k, v in resnet.state_dict().items()}, str(path))
     assert before != _weights_key(config) and before[0].startswith("sha256:")
     assert _weights_key(load_config(PretrainConfig, None)) == []  # studies without weights keep their keys
+
+
+def test_weights_beside_a_run_folder_are_refused(resnet: torch.nn.Module, tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    with pytest.raises(MarrowLensError, match="--weights is for a bare timm name"):
+        load_backbone(tmp_path / "run", weights=_safetensors_file(resnet, tmp_path))
