@@ -25,19 +25,25 @@ from tests.conftest import REPO_ROOT
 from tests.ssl.conftest import TINY
 
 TINY_DINOV2 = "marrowlens_test_patch14_dinov2"
+TINY_DINOV2_G = "marrowlens_test_patch14_dinov2_swiglu"  # DinoBloom-G's layout: SwiGLU MLPs
 
 
-def _tiny_dinov2(pretrained: bool = False, **kwargs: Any) -> vision_transformer.VisionTransformer:
-    """DINOv2's ViT layout (patch 14, LayerScale, 224 px like DinoBloom) at a width and depth that run anywhere."""
+def _register(name: str, **layout: Any) -> None:
+    """A ViT with DINOv2's layout (patch 14, LayerScale, 224 px like DinoBloom) at a width and depth that run
+    anywhere, registered as timm's own ViTs are, so it is built as one."""
     args: dict[str, Any] = {"patch_size": 14, "embed_dim": 48, "depth": 2, "num_heads": 2, "init_values": 1e-5}
-    args["img_size"] = 224
-    return vision_transformer._create_vision_transformer("vit_small_patch14_dinov2", pretrained, **(args | kwargs))
+    args |= {"img_size": 224, **layout}
+
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> vision_transformer.VisionTransformer:
+        return vision_transformer._create_vision_transformer("vit_small_patch14_dinov2", pretrained, **(args | kwargs))
+
+    if not timm.models.is_model(name):
+        entrypoint.__name__, entrypoint.__module__ = name, vision_transformer.__name__
+        timm.models.register_model(entrypoint)
 
 
-if not timm.models.is_model(TINY_DINOV2):  # registered as timm's own ViTs are, so it is built as one
-    _tiny_dinov2.__name__ = TINY_DINOV2
-    _tiny_dinov2.__module__ = vision_transformer.__name__
-    timm.models.register_model(_tiny_dinov2)
+_register(TINY_DINOV2)
+_register(TINY_DINOV2_G, mlp_ratio=4, mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU)
 
 
 def _vectors(model: torch.nn.Module, size: int, seed: int = 0) -> torch.Tensor:
@@ -107,6 +113,20 @@ class TestDinoBloom:
         for file in ("pytorch_model_s.bin", "last.ckpt"):
             model = create_backbone(TINY_DINOV2, 224, tmp_path / file)
             torch.testing.assert_close(_vectors(model, 224), _vectors(source, 224), rtol=0, atol=0)
+
+    def test_swiglu_names_of_dinov2_giant(self, tmp_path: Path) -> None:
+        """DINOv2-G (so DinoBloom-G) names its SwiGLU layers ``mlp.w12``/``mlp.w3``; timm packs them as fc1/fc2."""
+        torch.manual_seed(5)
+        source = timm.create_model(TINY_DINOV2_G, num_classes=0).eval()
+        teacher = {
+            f"backbone.{k}".replace(".fc1.", ".w12.").replace(".fc2.", ".w3."): v
+            for k, v in source.state_dict().items()
+        }
+        teacher["backbone.mask_token"] = torch.zeros(1, 48)
+        assert "backbone.blocks.0.mlp.w12.weight" in teacher
+        torch.save({"teacher": teacher}, tmp_path / "DinoBloom-G.pth")
+        model = create_backbone(TINY_DINOV2_G, 224, tmp_path / "DinoBloom-G.pth")
+        torch.testing.assert_close(_vectors(model, 224), _vectors(source, 224), rtol=0, atol=0)
 
     def test_another_model_is_refused_in_one_line_naming_keys(self, dinobloom: tuple[Path, torch.nn.Module]) -> None:
         path, _ = dinobloom
