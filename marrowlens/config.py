@@ -73,7 +73,9 @@ def is_precision(value: str) -> TypeGuard[Precision]:
 class ModelConfig(_Strict):
     method: Literal[METHOD_NAMES] = "simclr"  # type: ignore[valid-type]
     backbone: str = "resnet18"
-    weights: Path | None = Field(None, description="local timm checkpoint to start from (no downloads)")
+    weights: Path | None = Field(
+        None, description="local weights to start from: a .safetensors/.pth/.bin file or a hub folder (no downloads)"
+    )
     image_size: int = Field(224, ge=16)
 
 
