@@ -198,6 +198,9 @@ def embed(
     stain_normalize: str = typer.Option(
         "none", help=f"{_one_of(STAIN_NORMALIZATIONS)}: reinhard matches colours to the cohort's average stain"
     ),
+    crop: str | None = typer.Option(
+        None, help="full|cell for a bare timm name (cell: a square around the white cell); a run folder's own"
+    ),
 ) -> None:
     """Embed every cell of a cohort with a frozen backbone (resumable, bounded memory).
 
@@ -218,8 +221,12 @@ def embed(
         num_workers=num_workers,
         overwrite=overwrite,
         stain_normalize=stain_normalize,
+        crop=crop,
     )
     if store is not None:
+        counts = store.meta.preprocessing.cell_crop if store.meta.preprocessing else None
+        if counts is not None:
+            say(f"cell crop: cell found in {counts.found} cells, {counts.centre_crop} fell back to a centre crop")
         say(f"wrote {store.folder / 'vectors.npy'}: {len(store)} x {store.meta.dim} float32 ({store.fingerprint[:19]})")
         say(f"wrote {store.folder / 'cells.parquet'} and {store.folder / 'meta.json'}")
 
@@ -352,6 +359,26 @@ def index_info(folder: Path = typer.Argument(..., help="index folder")) -> None:
 
     for line in describe(load_index(folder)):
         say(line)
+
+
+@index_app.command("map")
+def index_map_command(
+    folder: Path = typer.Argument(..., help="index folder"),
+    max_cells: int = typer.Option(
+        20_000, "--max-cells", min=1, help="map at most this many cells (a fixed-seed sample of a bigger index)"
+    ),
+) -> None:
+    """Compute the index's 2-D embedding map (UMAP) for the web page: writes map.parquet into the index folder.
+
+    Example: marrowlens index map idx/ --max-cells 20000
+    """
+    from marrowlens.maps import index_map, write_map
+    from marrowlens.retrieval.index import load_index
+
+    index = load_index(folder)
+    frame = index_map(index, max_cells=max_cells)
+    path = write_map(folder, frame)
+    say(f"wrote {path}: {len(frame)} of {len(index)} cells mapped (UMAP, seed 0)")
 
 
 @app.command("search")
@@ -643,6 +670,78 @@ def probe_noise_sweep(
 
 
 # ---------------------------------------------------------------- a whole study in one command
+
+
+export_app = typer.Typer(
+    help="Standard exports: a backbone for timm, embeddings as AnnData, neighbours as CSV.", no_args_is_help=True
+)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("timm")
+def export_timm_command(
+    run: Path = typer.Argument(..., help="run folder of `marrowlens pretrain`"),
+    out: Path = typer.Argument(..., help="folder to write (model.safetensors, config.json, preprocessing.json)"),
+    overwrite: bool = typer.Option(False, help="replace an existing, non-empty OUT_DIR"),
+) -> None:
+    """Write the run's backbone as a folder timm loads in one line.
+
+    Example: marrowlens export timm runs/simclr exports/simclr-timm
+    """
+    from marrowlens.exports.timm_folder import export_timm, model_args
+
+    result = export_timm(run, out, overwrite=overwrite)
+    info = result.info
+    say(f"wrote {out}: {info.timm_name}, {info.num_features} features ({info.fingerprint[:19]})")
+    extra = "".join(f", {k}={v!r}" for k, v in model_args(info).items() if k != "num_classes")
+    say(f'load it: timm.create_model("local-dir:{out}", pretrained=True)')
+    say(
+        f'     or: timm.create_model("{info.timm_name}", pretrained=True, num_classes=0{extra}, '
+        f'pretrained_cfg_overlay=dict(file="{out / "model.safetensors"}"))'
+    )
+    if result.differences:
+        for difference in result.differences:
+            say(f"timm's transform differs from marrowlens embed: {difference}")
+        say(f"our full recipe: {out / 'preprocessing.json'}")
+    else:
+        say("timm's transform (resolve_data_config + create_transform) reproduces marrowlens embed's input")
+
+
+@export_app.command("anndata")
+def export_anndata_command(
+    embeddings: Path = typer.Argument(..., help="embedding folder of `marrowlens embed`"),
+    out: Path = typer.Argument(..., help=".h5ad file to write"),
+    obsm: bool = typer.Option(False, "--obsm", help="vectors in .obsm['X_marrowlens'], .X empty"),
+    overwrite: bool = typer.Option(False, help="replace an existing file"),
+) -> None:
+    """Write an embedding store as AnnData: vectors in .X, cells in .obs, meta in .uns['marrowlens'].
+
+    Example: marrowlens export anndata emb/ cells.h5ad --obsm
+    """
+    from marrowlens.exports.anndata_file import export_anndata
+
+    result = export_anndata(embeddings, out, obsm=obsm, overwrite=overwrite)
+    say(f"wrote {result.path}: {result.n} cells x {result.dim} dims in .{result.where}")
+
+
+@export_app.command("neighbours")
+def export_neighbours_command(
+    index: Path = typer.Argument(..., help="index folder of `marrowlens index build`"),
+    out: Path = typer.Argument(..., help="CSV file to write"),
+    k: int = typer.Option(10, "--k", min=1, help="neighbours per cell"),
+    embeddings: Path | None = typer.Option(
+        None, "--embeddings", help="query the cells of this store (same model) instead of the index's own"
+    ),
+    overwrite: bool = typer.Option(False, help="replace an existing file"),
+) -> None:
+    """Write every cell's k nearest indexed cells (the cell itself left out) as a CSV.
+
+    Example: marrowlens export neighbours idx/ neighbours.csv --k 10
+    """
+    from marrowlens.exports.neighbours import export_neighbours
+
+    result = export_neighbours(index, out, k=k, embeddings=embeddings, overwrite=overwrite)
+    say(f"wrote {result.path}: {result.rows} rows ({result.queries} cells x {result.k} neighbours)")
 
 
 @app.command("run")

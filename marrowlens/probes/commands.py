@@ -6,7 +6,7 @@ parses and prints what these return (its text comes from :mod:`marrowlens.probes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast, get_args
 
@@ -410,6 +410,38 @@ def _predict_blocks(probe: Probe, emb: Embeddings, rows: np.ndarray) -> tuple[np
     return kept, proba
 
 
+def cell_predictions(classes: list[str], kept: np.ndarray, proba: np.ndarray) -> pd.DataFrame:
+    """Per cell: ``kept`` (by the blast filter), ``predicted`` (None when dropped), ``confidence``, ``p_<class>``."""
+    cells = pd.DataFrame({"kept": kept})
+    best = np.nan_to_num(proba, nan=-1).argmax(axis=1)
+    predicted = np.asarray(classes, dtype=object)[best]
+    predicted[~kept] = None
+    cells["predicted"] = predicted
+    cells["confidence"] = np.where(kept, np.nanmax(np.where(kept[:, None], proba, 0), axis=1), np.nan)
+    for i, name in enumerate(classes):
+        cells[f"p_{name}"] = proba[:, i]
+    return cells
+
+
+def predictions(probe: Probe, emb: Embeddings) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``probe predict``'s two tables for every cell of ``emb``: the cells (``cell_id``, ``patient_id``, then
+    :func:`cell_predictions`' columns and each cell's ``contribution`` to its patient's call) and the patients
+    (:func:`~marrowlens.probes.patients.patient_table`; a blast or cell-type probe pools its cells' calls with
+    the mean)."""
+    kept, proba = _predict_blocks(probe, emb, np.arange(len(emb)))
+    ids = {"cell_id": emb.cells["cell_id"].to_numpy(), "patient_id": emb.cells["patient_id"].to_numpy()}
+    cells = pd.concat([pd.DataFrame(ids), cell_predictions(probe.classes, kept, proba)], axis=1)
+    has_patient = np.flatnonzero(emb.cells["patient_id"].notna().to_numpy())
+    groups = patient_groups(emb.cells).to_numpy()[has_patient]
+    if probe.patient_head is None:  # a blast or cell-type probe: per patient, the mean of its cells' calls
+        probe = replace(probe, patient_head=MeanPooling())
+    _, calls = probe.call_patients(emb, has_patient, groups, kept[has_patient], proba[has_patient])
+    cells["contribution"] = np.nan
+    cells.loc[has_patient, "contribution"] = calls.contribution
+    patients = patient_table(groups, kept[has_patient], proba[has_patient], calls, probe.classes)
+    return cells, patients
+
+
 def predict(probe_dir: Path, embeddings: Path, out: Path, overwrite: bool = False) -> Outcome:
     """Cell predictions (``out``) and patient aggregates (``<out stem>.patients.parquet``)."""
     out = Path(out)
@@ -421,30 +453,12 @@ def predict(probe_dir: Path, embeddings: Path, out: Path, overwrite: bool = Fals
             raise MarrowLensError(f"{path} exists; pass --overwrite to replace it")
     emb = _load_store(embeddings)
     probe, _info = load_probe(probe_dir, emb)
-    kept, proba = _predict_blocks(probe, emb, np.arange(len(emb)))
-    classes = probe.classes
-    cells = pd.DataFrame(
-        {"cell_id": emb.cells["cell_id"].to_numpy(), "patient_id": emb.cells["patient_id"].to_numpy(), "kept": kept}
-    )
-    best = np.nan_to_num(proba, nan=-1).argmax(axis=1)
-    predicted = np.asarray(classes, dtype=object)[best]
-    predicted[~kept] = None
-    cells["predicted"] = predicted
-    cells["confidence"] = np.where(kept, np.nanmax(np.where(kept[:, None], proba, 0), axis=1), np.nan)
-    for i, name in enumerate(classes):
-        cells[f"p_{name}"] = proba[:, i]
-    has_patient = np.flatnonzero(emb.cells["patient_id"].notna().to_numpy())
-    groups = patient_groups(emb.cells).to_numpy()[has_patient]
-    if probe.patient_head is None:  # a blast or cell-type probe: per patient, the mean of its cells' calls
-        probe.patient_head = MeanPooling()
-    _, calls = probe.call_patients(emb, has_patient, groups, kept[has_patient], proba[has_patient])
-    cells["contribution"] = np.nan
-    cells.loc[has_patient, "contribution"] = calls.contribution
-    patients = patient_table(groups, kept[has_patient], proba[has_patient], calls, classes)
+    cells, patients = predictions(probe, emb)
     write_parquet_atomic(out, cells)
     write_parquet_atomic(patients_out, patients)
     undetermined = int((patients["predicted"] == "undetermined").sum())
-    lines = predict_headline(int(kept.sum()), len(kept), probe.blast is not None, len(patients), undetermined)
+    n_kept = int(cells["kept"].sum())
+    lines = predict_headline(n_kept, len(cells), probe.blast is not None, len(patients), undetermined)
     return Outcome([out, patients_out], lines)
 
 

@@ -115,10 +115,14 @@ def load_query_images(paths: Sequence[str | Path]) -> list[Image.Image]:
     return images
 
 
-def _backbone_reference(
-    model_meta: BackboneRecord, override: str | Path | None, index_dir: Path
+def backbone_reference(
+    model_meta: BackboneRecord,
+    override: str | Path | None,
+    folder: Path,
+    what: str = "index",
+    hint: str = "pass --model with where it is now",
 ) -> tuple[str | Path, Path | None]:
-    """Where the index's backbone lives: (run folder or timm name, weights file or None)."""
+    """Where the backbone of an index (or a store: ``what``) lives: (run folder or timm name, weights file or None)."""
     if override is not None:
         path = Path(override)
         if path.is_dir():
@@ -134,9 +138,7 @@ def _backbone_reference(
         return path, None
     if path.is_file():
         return model_meta.timm_name, path
-    raise MarrowLensError(
-        f"the backbone of index {index_dir} ({source}) no longer exists; pass --model with where it is now"
-    )
+    raise MarrowLensError(f"the backbone of {what} {folder} ({source}) no longer exists; {hint}")
 
 
 @dataclass
@@ -168,7 +170,7 @@ class Searcher:
         """Load an index and its backbone; refuse a backbone whose fingerprint is not the index's."""
         index = load_index(index_dir)
         model_meta = index.meta.model
-        reference, weights = _backbone_reference(model_meta, model, Path(index_dir))
+        reference, weights = backbone_reference(model_meta, model, Path(index_dir))
         backbone, info = load_backbone(reference, weights=weights, image_size=model_meta.image_size)
         require_same_fingerprint(
             "backbone fingerprint",

@@ -20,7 +20,7 @@ from torch import nn
 from marrowlens.artifacts import atomic_path, sha256_file, write_json_atomic
 from marrowlens.contracts import BackboneRecord, Preprocessing
 from marrowlens.errors import MarrowLensError
-from marrowlens.ssl.preprocessing import for_backbone
+from marrowlens.ssl.preprocessing import Crop, for_backbone
 from marrowlens.ssl.weights import WeightsSource, load_weights, locate_weights
 
 WEIGHTS_FILE = "backbone.safetensors"
@@ -91,13 +91,18 @@ def export_backbone(model: nn.Module, name: str, preprocessing: Preprocessing, f
 
 
 def load_backbone(
-    model_ref: str | Path, weights: Path | None = None, image_size: int | None = None, seed: int = 0
+    model_ref: str | Path,
+    weights: Path | None = None,
+    image_size: int | None = None,
+    seed: int = 0,
+    crop: Crop | None = None,
 ) -> tuple[nn.Module, BackboneRecord]:
     """Load a backbone in eval mode from a run folder, or build a timm model by name.
 
     A run folder must hold ``backbone.json`` and ``backbone.safetensors``, and the weights must
     still match the fingerprint recorded beside them. A bare timm name takes ``--weights`` from a
-    local file or, without it, a random initialisation (seeded: the untrained baseline).
+    local file or, without it, a random initialisation (seeded: the untrained baseline). ``crop`` sets a
+    bare name's crop; a run folder's is the one it was trained with (asking for another is an error).
     """
     folder = Path(model_ref)
     if folder.is_dir():
@@ -117,6 +122,11 @@ def load_backbone(
             raise MarrowLensError(
                 f"{weights_path} does not match the fingerprint in {INFO_FILE} (modified or truncated)"
             )
+        if crop is not None and crop != info.preprocessing.crop:
+            raise MarrowLensError(
+                f"{folder} was trained on {info.preprocessing.crop}-frame images; it embeds them the same way "
+                f"(drop --crop {crop})"
+            )
         model = create_backbone(info.timm_name, info.image_size)
         model.load_state_dict(load_file(str(weights_path)))
         return model.eval(), info
@@ -127,7 +137,7 @@ def load_backbone(
     model = create_backbone(name, size, weights)
     source = locate_weights(Path(weights)) if weights is not None else None
     fingerprint = weights_fingerprint(source) if source else f"random:{name}:seed{seed}"
-    record = for_backbone(name, size)
+    record = for_backbone(name, size, crop or "full")
     info = BackboneRecord(
         timm_name=name,
         num_features=feature_width(model),

@@ -22,6 +22,7 @@ from PIL import Image
 from sklearn.model_selection import GroupShuffleSplit
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from marrowlens.cohort.crop import CellCrop
 from marrowlens.cohort.manifest import Cohort, patient_groups
 from marrowlens.config import PretrainConfig
 from marrowlens.ssl.base import SSLModule
@@ -55,11 +56,12 @@ def _seed_everything_for(seed: int, epoch: int, index: int) -> None:
 
 
 class PretrainImages(Dataset[tuple[list[torch.Tensor], int]]):
-    """All cells of a cohort; labels are never read (self-supervision)."""
+    """All cells of a cohort; labels are never read (self-supervision). With ``crop`` (``data.crop: cell``)
+    each image is cut to its cell once, before the views are drawn from it."""
 
-    def __init__(self, cohort: Cohort, views: MultiViewTransform, seed: int) -> None:
+    def __init__(self, cohort: Cohort, views: MultiViewTransform, seed: int, crop: CellCrop | None = None) -> None:
         self.cohort, self.paths = cohort, cohort.cells["path"].to_numpy()
-        self.views, self.seed = views, seed
+        self.views, self.seed, self.crop = views, seed, crop
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -67,7 +69,8 @@ class PretrainImages(Dataset[tuple[list[torch.Tensor], int]]):
     def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
         index, epoch = key
         _seed_everything_for(self.seed, epoch, index)
-        views: list[torch.Tensor] = self.views(load_cell(self.cohort, self.paths[index]))  # type: ignore[assignment]
+        image = load_cell(self.cohort, self.paths[index])
+        views: list[torch.Tensor] = self.views(self.crop(image) if self.crop else image)  # type: ignore[assignment]
         return views, index
 
 
@@ -138,7 +141,8 @@ class PretrainData(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.cohort, self.config, self.batch_size = cohort, config, batch_size
-        self.train_set = PretrainImages(cohort, views, config.trainer.seed)
+        crop = CellCrop() if config.data.crop == "cell" else None
+        self.train_set = PretrainImages(cohort, views, config.trainer.seed, crop)
         self.subset = check_subset(cohort.cells, config.data.val_cells, config.trainer.seed)
         self.check_set = CheckImages(cohort, self.subset, check_transform) if self.subset else None
 

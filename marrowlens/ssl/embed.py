@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
 import numpy as np
 import pytorch_lightning as pl
@@ -30,6 +30,7 @@ from marrowlens.config import PRECISIONS, STAIN_NORMALIZATIONS, Precision, is_pr
 from marrowlens.contracts import (
     BackboneRecord,
     CohortRef,
+    CropCounts,
     EmbeddingsMeta,
     EmbeddingsOrigin,
     IndexMeta,
@@ -41,7 +42,7 @@ from marrowlens.embeddings import Embeddings, EmbeddingWriter
 from marrowlens.errors import Interrupted, MarrowLensError, in_main_process
 from marrowlens.provenance import python_api
 from marrowlens.ssl.backbones import load_backbone
-from marrowlens.ssl.preprocessing import eval_transform, resize_transform
+from marrowlens.ssl.preprocessing import Crop, crop_counts, eval_transform, resize_transform
 from marrowlens.ssl.rank import is_global_zero
 
 
@@ -162,6 +163,7 @@ def embed_cohort(
     num_workers: int | None = None,
     overwrite: bool = False,
     stain_normalize: str = "none",
+    crop: str | None = None,
 ) -> Embeddings | None:
     """Embed every cell of a cohort; resumes an unfinished store of the same inputs.
 
@@ -180,19 +182,23 @@ def embed_cohort(
         known = ", ".join(STAIN_NORMALIZATIONS)
         raise MarrowLensError(f"unknown stain normalisation {stain_normalize!r}; known: {known}")
     cohort = load_cohort(cohort_dir)
-    model, info = load_backbone(model_ref, weights=weights, image_size=image_size)
+    if crop not in (None, *get_args(Crop)):
+        raise MarrowLensError(f"unknown crop {crop!r}; known: {', '.join(get_args(Crop))}")
+    model, info = load_backbone(model_ref, weights=weights, image_size=image_size, crop=cast(Crop | None, crop))
     stain = _fit_stain_target(cohort, info.preprocessing) if stain_normalize == "reinhard" else None
     key = {
         "model": info.fingerprint,
         "cohort": cohort.meta.fingerprint,
         "image_size": info.image_size,
         "stain": stain.to_dict() if stain else None,
+        **({"crop": "cell"} if info.preprocessing.crop == "cell" else {}),  # full-frame keys as before
     }
     store = EmbeddingWriter(out, len(cohort.cells), info.num_features, key=key, create=True)
     pending = store.pending()
     store.close()
+    counts = None
     if len(pending):
-        _predict(
+        counts = _predict(
             model, info, stain, cohort, pending, out, key, batch_size, devices, accelerator, precision, num_workers
         )
     if not is_global_zero():
@@ -201,7 +207,11 @@ def embed_cohort(
     origin = EmbeddingsOrigin(
         model=info,
         cohort=CohortRef(folder=str(Path(cohort_dir).resolve()), fingerprint=cohort.meta.fingerprint),
-        preprocessing=StorePreprocessing(**info.preprocessing.model_dump(), stain=stain.to_dict() if stain else None),
+        preprocessing=StorePreprocessing(
+            **info.preprocessing.model_dump(),
+            stain=stain.to_dict() if stain else None,
+            cell_crop=CropCounts(found=counts[0], centre_crop=counts[1]) if counts else None,
+        ),
     )
     return final.finish(cohort.cells, origin)
 
@@ -219,10 +229,12 @@ def _predict(
     accelerator: str,
     precision: Precision,
     num_workers: int | None,
-) -> None:
+) -> tuple[int, int] | None:
+    """Embed the pending cells; the cell-crop step's (found, centre crop) counts, if it has one."""
     workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+    transform = eval_transform(info.preprocessing, stain)
     loader = DataLoader(
-        CohortImages(cohort, pending, eval_transform(info.preprocessing, stain)),
+        CohortImages(cohort, pending, transform),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -246,3 +258,4 @@ def _predict(
         raise Interrupted(f"embedding interrupted; run the same command again to resume ({out})") from exc
     except MarrowLensError as exc:  # a missing cell, maybe seen by a loader worker
         raise in_main_process(exc) from exc.__cause__
+    return crop_counts(transform)

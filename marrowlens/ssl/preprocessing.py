@@ -8,11 +8,12 @@ cells were.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import timm
 from torchvision import transforms as T
 
+from marrowlens.cohort.crop import CellCrop
 from marrowlens.cohort.images import pad_to_square
 from marrowlens.cohort.stain import ReinhardNormalize, ReinhardTarget
 from marrowlens.contracts import Preprocessing
@@ -21,6 +22,19 @@ from marrowlens.contracts import Preprocessing
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RGB = tuple[float, float, float]
+Crop = Literal["full", "cell"]
+
+
+def crop_counts(transform: T.Compose) -> tuple[int, int] | None:
+    """(cells found, centre crops) of a transform's cell-crop step so far; None without one."""
+    for step in transform.transforms:
+        if isinstance(step, CellCrop):
+            return step.counts
+        if isinstance(step, T.Compose):
+            inner = crop_counts(step)
+            if inner is not None:
+                return inner
+    return None
 
 
 def default_norm(timm_name: str) -> tuple[RGB, RGB]:
@@ -36,15 +50,16 @@ def _rgb(values: Any) -> RGB:
     return red, green, blue
 
 
-def for_backbone(timm_name: str, image_size: int) -> Preprocessing:
+def for_backbone(timm_name: str, image_size: int, crop: Crop = "full") -> Preprocessing:
     """A timm model's record at ``image_size``: what training normalises its views with."""
     mean, std = default_norm(timm_name)
-    return Preprocessing(image_size=image_size, mean=mean, std=std)
+    return Preprocessing(image_size=image_size, mean=mean, std=std, crop=crop)
 
 
 def resize_transform(record: Preprocessing) -> T.Compose:
-    """The geometric part: pad to square (cells sit in the centre), resize to the input size."""
-    steps: list[Any] = [T.Lambda(pad_to_square)] if record.pad_to_square else []
+    """The geometric part: (the cell's square,) pad to square (cells sit in the centre), resize to the input size."""
+    steps: list[Any] = [CellCrop()] if record.crop == "cell" else []
+    steps += [T.Lambda(pad_to_square)] if record.pad_to_square else []
     size = (record.image_size, record.image_size)
     steps.append(T.Resize(size, interpolation=T.InterpolationMode(record.interpolation), antialias=True))
     return T.Compose(steps)

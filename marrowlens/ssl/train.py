@@ -223,7 +223,7 @@ def pretrain(
     config = resolve_config(config, out, resume)
     require_same_cohort(out, cohort_dir, cohort.meta.fingerprint, resume, launching)
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
-    record = for_backbone(config.model.backbone, config.model.image_size)
+    record = for_backbone(config.model.backbone, config.model.image_size, config.data.crop)
     method = METHODS[config.model.method]
     views = method.build_views(config, record.mean, record.std)
     world = trainer.world_size

@@ -8,7 +8,9 @@ The test is skipped, saying why, only where that executable is absent.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,6 +36,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 K = 6
+SHOTS = Path(os.environ.get("MARROWLENS_SCREENSHOTS", "/tmp"))  # explorer_*.png: looked at by whoever changes the page
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.is_file(),
@@ -100,6 +103,24 @@ def server(image_index: ImageIndex) -> Iterator[str]:
 @pytest.fixture
 def probe_server(image_index: ImageIndex, mutation_probe: MutationProbe) -> Iterator[str]:
     with serving(image_index, "--probe", str(mutation_probe.folder)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def mapped_index(image_index: ImageIndex, tmp_path_factory: pytest.TempPathFactory) -> ImageIndex:
+    """A copy of the test index with its map.parquet made here (the server would otherwise compile UMAP first)."""
+    from marrowlens.maps import index_map, write_map
+    from marrowlens.retrieval.index import load_index
+
+    folder = tmp_path_factory.mktemp("mapped") / "idx"
+    shutil.copytree(image_index.idx, folder)
+    write_map(folder, index_map(load_index(folder)))
+    return dataclasses.replace(image_index, idx=folder)
+
+
+@pytest.fixture(scope="module")
+def map_server(mapped_index: ImageIndex) -> Iterator[str]:
+    with serving(mapped_index) as url:
         yield url
 
 
@@ -191,3 +212,107 @@ def test_patient_page_to_a_search(probe_server: str, tmp_path: Path) -> None:
         assert page.inner_text("#status").startswith(f"{K} neighbours in")
 
         assert all(url.startswith(probe_server) for url in requests), requests
+
+
+def cards_all(value: str, count: int) -> str:
+    """A page function: ``count`` result cards, every one showing ``value``, their images loaded."""
+    return f"""() => {{
+        const cards = [...document.querySelectorAll('#grid .card')];
+        return cards.length === {count} && cards.every((c) => c.innerText.includes('{value}'))
+            && cards.every((c) => c.querySelector('img').complete && c.querySelector('img').naturalWidth > 0);
+    }}"""
+
+
+def test_filters_percentiles_and_a_bad_upload(map_server: str, image_index: ImageIndex, tmp_path: Path) -> None:
+    """Filter by mutation: only its cells come back (the search re-runs); each shows its percentile;
+    a bad upload then clears the results and says why."""
+    with browser(tmp_path) as page:
+        page.goto(map_server)
+        page.wait_for_selector('#filters label[data-column="mutation"]:not([hidden])')
+        assert "percentile among 20,000 random pairs" in page.inner_text("#scale-note")
+        page.set_input_files("#file", str(image_index.image("NPM1", 0, 1)))
+        page.wait_for_function(all_loaded("#grid img", K), timeout=60_000)
+        for mutation in ("control", "NPM1"):
+            page.select_option("#filter-mutation", mutation)
+            page.wait_for_function(cards_all(mutation, K), timeout=60_000)
+            assert f"only cells with mutation={mutation}" in page.inner_text("#status")
+            mutations = page.locator("#grid .card p:last-child").all_inner_texts()
+            assert mutations == [mutation] * K
+        percentiles = page.locator("#grid .card .pct").all_inner_texts()
+        assert len(percentiles) == K and all(p.startswith("above ") and p.endswith("% of pairs") for p in percentiles)
+        values = [float(p.split()[1].rstrip("%")) for p in percentiles]
+        assert values == sorted(values, reverse=True) and all(0 <= v <= 100 for v in values)
+        page.screenshot(path=str(SHOTS / "explorer_results.png"), full_page=True)
+
+        page.set_input_files("#file", files=[{"name": "bad.png", "mimeType": "image/png", "buffer": b"not an image"}])
+        page.wait_for_function("() => document.getElementById('result').hidden", timeout=60_000)
+        assert page.locator("#grid .card").count() == 0
+        status = page.inner_text("#status")
+        assert status.startswith("error:") and "not a usable image" in status
+        page.screenshot(path=str(SHOTS / "explorer_bad_upload.png"), full_page=True)
+
+        page.click("#clear-filters")  # a filter change retries the failed query: the same error, still no results
+        page.wait_for_function("() => !document.getElementById('status').textContent.includes('mutation=')")
+        page.wait_for_function("() => document.getElementById('status').classList.contains('error')")
+        assert page.locator("#grid .card").count() == 0 and "not a usable image" in page.inner_text("#status")
+
+
+NON_BLANK = """() => {
+    const canvas = document.getElementById('map');
+    const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+    let coloured = 0;
+    for (let i = 0; i < data.length; i += 4) if (data[i] < 240 || data[i + 1] < 240 || data[i + 2] < 240) coloured++;
+    return coloured;
+}"""
+
+
+LONELIEST = """() => {
+    const map = window.marrowlensMap, ids = map.cellIds(), at = ids.map((id) => map.screenOf(id));
+    const gap = (i) => Math.min(...at.map((q, j) => (j === i ? Infinity : Math.hypot(q.x - at[i].x, q.y - at[i].y))));
+    let best = 0;
+    ids.forEach((_, i) => { if (gap(i) > gap(best)) best = i; });
+    return ids[best];
+}"""
+
+
+def test_map_draws_pans_and_searches_from_a_clicked_cell(map_server: str, tmp_path: Path) -> None:
+    with browser(tmp_path) as page:
+        requests: list[str] = []
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto(map_server)
+        page.click("#map-panel summary")
+        page.wait_for_function("() => document.getElementById('map').dataset.points === '24'", timeout=60_000)
+        assert page.evaluate(NON_BLANK) > 24 * 10  # 24 discs of a few pixels each, on white
+        assert "24 cells, coloured by cell type" in page.inner_text("#map-note")
+
+        page.select_option("#map-color", "mutation")
+        page.wait_for_function("() => document.getElementById('legend').children.length === 2", timeout=30_000)
+        assert sorted(page.locator("#legend li").all_inner_texts()) == ["NPM1", "control"]
+        assert "coloured by mutation" in page.inner_text("#map-note")
+        page.screenshot(path=str(SHOTS / "explorer_map.png"), full_page=True)
+
+        box = page.locator("#map").bounding_box()
+        cell = page.evaluate(LONELIEST)  # no other point near it: a click there can only pick it
+        before = page.evaluate(f"() => window.marrowlensMap.screenOf('{cell}')")
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.mouse.wheel(0, -300)  # zoom in about the centre
+        zoomed = page.evaluate(f"() => window.marrowlensMap.screenOf('{cell}')")
+        assert zoomed != before
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] / 2 + 40, box["y"] + box["height"] / 2 + 25, steps=5)
+        page.mouse.up()  # a drag pans (and is no click)
+        panned = page.evaluate(f"() => window.marrowlensMap.screenOf('{cell}')")
+        assert abs(panned["x"] - zoomed["x"] - 40) < 1 and abs(panned["y"] - zoomed["y"] - 25) < 1
+        assert page.locator("#grid .card").count() == 0
+        page.click("#map-reset")
+
+        at = page.evaluate(f"() => window.marrowlensMap.screenOf('{cell}')")
+        page.mouse.click(box["x"] + at["x"], box["y"] + at["y"])
+        page.wait_for_function(all_loaded("#grid img", K), timeout=60_000)
+        note = page.inner_text("#self-note")
+        assert note.startswith(f"The query is indexed cell {cell[:12]}") and page.inner_text("#status").startswith(
+            f"{K} neighbours"
+        )
+        page.locator("#map-panel").scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "explorer_map_search.png"), full_page=True)
+        assert all(url.startswith(map_server) for url in requests), requests

@@ -21,7 +21,7 @@ def cell_id_of_path(index: Path, path: str) -> str:
 
 class TestHelp:
     @pytest.mark.parametrize(
-        "command", [["index", "build"], ["index", "add"], ["index", "info"], ["search"], ["serve"]]
+        "command", [["index", "build"], ["index", "add"], ["index", "info"], ["index", "map"], ["search"], ["serve"]]
     )
     def test_help_has_an_example(self, cli, command: list[str]) -> None:
         code, output = cli(*command, "--help")

@@ -199,7 +199,8 @@ def test_each_format_gives_the_source_vectors(kind: str, resnet: torch.nn.Module
     model, info = load_backbone("test_resnet", weights=path, image_size=32)
     torch.testing.assert_close(_vectors(model, 32), _vectors(resnet, 32), rtol=0, atol=0)
     assert info.fingerprint.startswith("sha256:") and Path(info.source).is_file()
-    again, _ = load_backbone("test_resnet", weights=Path(info.source), image_size=32)  # as search reloads it
+    again, same = load_backbone("test_resnet", weights=Path(info.source), image_size=32)  # as search reloads it
+    assert same.fingerprint == info.fingerprint
     torch.testing.assert_close(_vectors(again, 32), _vectors(resnet, 32), rtol=0, atol=0)
 
 

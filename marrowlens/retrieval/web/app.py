@@ -6,6 +6,9 @@ serves:
 - ``GET /``: the page (one Jinja2 template, static JS/CSS, nothing fetched from the network);
 - ``POST /api/search``: an uploaded image *or* an indexed cell id -> k neighbours + k-NN vote;
 - ``GET /api/cells/{cell_id}``: one indexed cell's labels;
+- ``GET /api/facets``: the values each filter column takes (the page's filter controls);
+- ``GET /api/map?color=COLUMN``: the embedding map (UMAP, :mod:`marrowlens.maps`) coloured by a column
+  (:mod:`marrowlens.retrieval.web.explore`);
 - ``GET /thumbs/{cell_id}``: a small JPEG of an indexed cell;
 - with a mutation probe (``probe``): ``GET /patients`` and ``/patients/{patient_id}``, pages of the
   probe's patient calls and of each patient's cells by contribution, and their JSON twins under
@@ -29,6 +32,9 @@ to the last of the answer); the next one is answered at once with 503 and ``Retr
 instead of waiting in the threadpool, so under overload the server refuses rather than stalls
 (bench/RESULTS.md: at 20 clients on two cores, p99 0.2-0.3 s with the default 8 against 0.8-0.9 s
 without a limit).
+
+Similarity scale: each neighbour carries ``percentile``, the share of random pairs of indexed cells
+that are less similar (:mod:`marrowlens.retrieval.scale`, sampled once at start-up).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
+import pandas as pd
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -56,7 +63,16 @@ from marrowlens import __version__
 from marrowlens.cohort.images import ImageDecodeError, decode_bytes, load_rgb
 from marrowlens.contracts import IndexSource
 from marrowlens.errors import MarrowLensError
+from marrowlens.retrieval.scale import SimilarityScale
 from marrowlens.retrieval.search import Searcher, UnknownCellError, cell_record, neighbour_records, parse_filters, vote
+from marrowlens.retrieval.web.explore import (
+    COLOR_COLUMNS,
+    LAZY_MAX_CELLS,
+    PREDICTION,
+    MapState,
+    color_values,
+    facets,
+)
 from marrowlens.retrieval.web.patients import PatientRecord, Patients
 
 HERE = Path(__file__).parent
@@ -84,6 +100,7 @@ class Neighbour(Cell):
     rank: int
     similarity: float | None = None
     distance: float
+    percentile: float | None = None  # share (0-100) of random pairs of indexed cells that are less similar
 
 
 class VoteEntry(BaseModel):
@@ -113,6 +130,32 @@ class SearchResult(BaseModel):
 
 class Error(BaseModel):
     detail: str
+
+
+class Facets(BaseModel):
+    """The values each filter column takes, most common first (``truncated``: columns with more than shown)."""
+
+    values: dict[str, list[str]]
+    truncated: list[str]
+
+
+class MapPoint(BaseModel):
+    cell_id: str
+    x: float
+    y: float
+    value: str
+
+
+class MapAnswer(BaseModel):
+    """The embedding map: ``status`` ready (with points), computing (ask again) or missing (``message`` says why)."""
+
+    status: Literal["ready", "computing", "missing"]
+    message: str = ""
+    color: str
+    colors: list[str]
+    n_indexed: int
+    values: list[str]  # the colour values, most common first
+    points: list[MapPoint]
 
 
 class PatientSummary(BaseModel):
@@ -242,12 +285,14 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     probe: str | Path | None = None,
     patients: Patients | None = None,
+    lazy_map_cells: int = LAZY_MAX_CELLS,
 ) -> FastAPI:
     """The app for one index; pass ``searcher`` to reuse one already loaded (the CLI checks it before serving).
 
     ``hosts``: Host header names answered besides loopback (``serve`` passes its ``--host``);
     ``max_queue``: searches in flight before the next is refused with 503;
-    ``probe``: a mutation probe folder for the patient pages (``patients``: one already read).
+    ``probe``: a mutation probe folder for the patient pages (``patients``: one already read);
+    ``lazy_map_cells``: an index this small without a map gets one computed when first asked for.
     """
     max_body = int(max_upload_mb * 2**20) + 64 * 1024  # the image plus the form's own fields
 
@@ -258,6 +303,8 @@ def create_app(
         app.state.searcher = loaded
         app.state.thumbs = Thumbnails(loaded, thumb_px)
         app.state.patients = patients or (Patients.open(probe, loaded) if probe is not None else None)
+        app.state.scale = SimilarityScale.of(loaded.index)
+        app.state.map = MapState(loaded.index, lazy_map_cells)
         try:
             yield
         finally:
@@ -317,6 +364,8 @@ def create_app(
             "default_k": min(default_k, len(searcher) - 1) if len(searcher) > 1 else 1,
             "max_upload_mb": max_upload_mb,
             "has_patients": request.app.state.patients is not None,
+            "metric": searcher.index.metric,
+            "scale": request.app.state.scale.quantiles(),
         }
         return templates.TemplateResponse(request, "index.html", context)
 
@@ -413,8 +462,14 @@ def create_app(
             row = searcher.row_of(str(cell_id))  # not None: exactly one of image and cell_id was sent
             table = searcher.search_cells([row], k, filters)[0]
             query = Query(kind="cell", cell=cell_model(searcher, row))
+        scale: SimilarityScale = request.app.state.scale
         neighbours = [
-            Neighbour(**record, thumbnail=thumb_url(record["cell_id"])) for record in neighbour_records(table)
+            Neighbour(
+                **record,
+                thumbnail=thumb_url(record["cell_id"]),
+                percentile=scale.percentile(record["similarity"] if scale.metric == "cosine" else record["distance"]),
+            )
+            for record in neighbour_records(table)
         ]
         return SearchResult(
             query=query,
@@ -425,6 +480,37 @@ def create_app(
             neighbours=neighbours,
             vote={column: [VoteEntry(label=l, count=c) for l, c in counts] for column, counts in vote(table).items()},
         )
+
+    @app.get("/api/facets", response_model=Facets)
+    def get_facets(request: Request) -> Facets:
+        """The values of the filter columns (patient_id, mutation, cell_type, domain), at most 200 per column."""
+        values, truncated = facets(request.app.state.searcher.index.cells)
+        return Facets(values=values, truncated=truncated)
+
+    @app.get("/api/map", response_model=MapAnswer, responses={400: {"model": Error}})
+    def get_map(request: Request, color: str = "cell_type") -> MapAnswer:
+        """The embedding map's points, each with its value of ``color`` (a label column, or ``prediction``:
+        the probe's call of the cell's patient, with --probe)."""
+        searcher: Searcher = request.app.state.searcher
+        patients: Patients | None = request.app.state.patients
+        predictions = {r.patient_id: r.predicted for r in patients.report.patients} if patients else None
+        colors = [*COLOR_COLUMNS, *([PREDICTION] if predictions is not None else [])]
+        state: MapState = request.app.state.map
+        frame = state.wait(timeout=20)
+        values = color_values(
+            searcher.index.cells, [] if frame is None else frame["row"].to_numpy(), color, predictions
+        )
+        answer = {"color": color, "colors": colors, "n_indexed": len(searcher)}
+        if frame is None:
+            status: Literal["computing", "missing"] = "missing" if state.message else "computing"
+            message = state.message or "the map is being computed (UMAP); ask again in a few seconds"
+            return MapAnswer(status=status, message=message, values=[], points=[], **answer)
+        order = pd.Series(values).value_counts()
+        points = [
+            MapPoint(cell_id=c, x=x, y=y, value=v)
+            for c, x, y, v in zip(frame["cell_id"], frame["x"].tolist(), frame["y"].tolist(), values)
+        ]
+        return MapAnswer(status="ready", values=[str(v) for v in order.index], points=points, **answer)
 
     @app.get("/api/cells/{cell_id}", response_model=Cell, responses={404: {"model": Error}})
     def get_cell(request: Request, cell_id: str) -> Cell:

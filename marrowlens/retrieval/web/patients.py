@@ -178,7 +178,7 @@ def _read_cells(folder: Path) -> pd.DataFrame:
 def _probabilities(folder: Path, report: MutationReport) -> dict[str, dict[str, float]]:
     """Each patient's ``p_<class>`` as {class: probability}; a missing or non-finite one is an error naming it,
     except for an undetermined patient (no cell its head could use), which has none."""
-    result = {}
+    result: dict[str, dict[str, float]] = {}
     for record in report.patients:
         extra = record.model_extra or {}
         values = {name: extra.get(f"p_{name}") for name in report.classes}
