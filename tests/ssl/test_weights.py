@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -316,3 +317,22 @@ def test_weights_beside_a_run_folder_are_refused(resnet: torch.nn.Module, tmp_pa
     (tmp_path / "run").mkdir()
     with pytest.raises(MarrowLensError, match="--weights is for a bare timm name"):
         load_backbone(tmp_path / "run", weights=_safetensors_file(resnet, tmp_path))
+
+
+def test_an_exported_timm_folder_embeds_as_its_run(cli, labelled_cohort: Path, tmp_path: Path) -> None:
+    """``marrowlens export timm RUN DIR`` then ``embed --model NAME --weights DIR``: the run's own vectors."""
+    sets = [arg for item in (*TINY, "data.val_cells=0") for arg in ("--set", item)]
+    config = REPO_ROOT / "configs/pretrain/tiny_cpu.yaml"
+    args = ("pretrain", "--config", config, "--backbone", "test_resnet", "--max-epochs", "1", *sets)
+    code, output = cli(*args, "--cohort", labelled_cohort, "--out", tmp_path / "run")
+    assert code == 0, output
+    assert cli("export", "timm", tmp_path / "run", tmp_path / "timm")[0] == 0
+    embed = ("embed", "--cohort", labelled_cohort, "--num-workers", "0")
+    assert cli(*embed, "--model", tmp_path / "run", "--out", tmp_path / "by_run")[0] == 0
+    code, output = cli(
+        *embed, "--model", "test_resnet", "--weights", tmp_path / "timm", "--image-size", "32", "--out", tmp_path / "e"
+    )
+    assert code == 0, output
+    by_run, by_folder = load_embeddings(tmp_path / "by_run"), load_embeddings(tmp_path / "e")
+    assert by_folder.meta.model.source == str((tmp_path / "timm" / "model.safetensors").resolve())
+    np.testing.assert_allclose(by_folder.vectors, by_run.vectors, rtol=1e-5, atol=1e-6)
