@@ -185,7 +185,9 @@ def embed(
     model: str = typer.Option(..., "--model", help="run folder of `marrowlens pretrain`, or a timm model name"),
     cohort: Path = typer.Option(..., "--cohort", help="cohort folder"),
     out: Path = typer.Option(..., "--out", help="embedding folder to write"),
-    weights: Path | None = typer.Option(None, help="local timm weights for a bare timm name (no downloads)"),
+    weights: Path | None = typer.Option(
+        None, help="local weights for a bare timm name: .safetensors/.pth/.bin file or hub folder, e.g. DinoBloom"
+    ),
     image_size: int | None = typer.Option(None, help="input size for a bare timm name (default 224)"),
     batch_size: int = typer.Option(256, min=1),
     devices: str = typer.Option("1", help="number of devices, or 'auto'"),
@@ -236,7 +238,9 @@ def pretrain(
     config: Path | None = typer.Option(None, "--config", help="YAML config, e.g. configs/pretrain/tiny_cpu.yaml"),
     method: str | None = typer.Option(None, help=f"{_one_of(METHOD_NAMES)} (byol exports its online backbone)"),
     backbone: str | None = typer.Option(None, help="any timm model name, e.g. resnet18, vit_small_patch16_224"),
-    weights: Path | None = typer.Option(None, help="local timm checkpoint to start from (no downloads)"),
+    weights: Path | None = typer.Option(
+        None, help="local weights to start from: .safetensors/.pth/.bin file or hub folder (no downloads)"
+    ),
     devices: str | None = typer.Option(None, help="devices per node (number or 'auto')"),
     nodes: int | None = typer.Option(None, min=1, help="number of nodes"),
     strategy: str | None = typer.Option(None, help=_one_of(STRATEGIES)),

@@ -73,7 +73,9 @@ def is_precision(value: str) -> TypeGuard[Precision]:
 class ModelConfig(_Strict):
     method: Literal[METHOD_NAMES] = "simclr"  # type: ignore[valid-type]
     backbone: str = "resnet18"
-    weights: Path | None = Field(None, description="local timm checkpoint to start from (no downloads)")
+    weights: Path | None = Field(
+        None, description="local weights to start from: a .safetensors/.pth/.bin file or a hub folder (no downloads)"
+    )
     image_size: int = Field(224, ge=16)
 
 
@@ -714,13 +716,16 @@ class RunConfig(_Strict):
         return self
 
     def resolve_paths(self, base: Path) -> RunConfig:
-        """Make the stage config and test cohort paths absolute, relative to the run config file's folder."""
+        """Make the stage config, starting weights and test cohort paths absolute, relative to the config's folder."""
 
         def fix(path: Path | None) -> Path | None:
             return path if path is None or path.is_absolute() else (base / path).resolve()
 
         copy = self.model_copy(deep=True)
         copy.pretrain.config = fix(copy.pretrain.config)
+        model = copy.pretrain.override.get("model")
+        if isinstance(model, dict) and model.get("weights") is not None:  # pretrained weights: a file or hub folder
+            model["weights"] = str(fix(Path(model["weights"])))
         for probe in copy.probes.values():
             probe.config = fix(probe.config)
         copy.test_cohort = fix(copy.test_cohort)

@@ -63,6 +63,17 @@ def stage_probe_config(stage: ProbeStageConfig) -> ProbeConfig:
     return load_config(ProbeConfig, path, [*stage.set, f"task={stage.task}"], values=stage.override)
 
 
+def _weights_key(config: PretrainConfig) -> list[str]:
+    """Starting weights count by content (a file replaced at the same path redoes pretraining); none add nothing,
+    so studies without weights keep their keys."""
+    if config.model.weights is None:
+        return []
+    from marrowlens.ssl.backbones import weights_fingerprint
+    from marrowlens.ssl.weights import locate_weights
+
+    return [weights_fingerprint(locate_weights(config.model.weights))]
+
+
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -114,7 +125,7 @@ def run_study(cohort_dir: Path, config: RunConfig, out: Path, say: Callable[[str
     run_dir, emb_dir = out / "run", out / "emb"
 
     pretrain_config = stage_pretrain_config(config.pretrain)
-    key = _key(pretrain_config.model_dump(mode="json"), cohort.meta.fingerprint)
+    key = _key(pretrain_config.model_dump(mode="json"), cohort.meta.fingerprint, *_weights_key(pretrain_config))
     finished = (run_dir / INFO_FILE).is_file()
     if not study.done("pretrain", key, finished):
         resume = study.begin("pretrain", key) and (run_dir / LAST_CKPT).is_file()

@@ -7,6 +7,7 @@ fingerprint). Everything that embeds images loads it through :func:`load_backbon
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from marrowlens.artifacts import atomic_path, sha256_file, write_json_atomic
 from marrowlens.contracts import BackboneRecord, Preprocessing
 from marrowlens.errors import MarrowLensError
 from marrowlens.ssl.preprocessing import Crop, for_backbone
+from marrowlens.ssl.weights import WeightsSource, load_weights, locate_weights
 
 WEIGHTS_FILE = "backbone.safetensors"
 INFO_FILE = "backbone.json"
@@ -44,45 +46,32 @@ def feature_width(model: nn.Module) -> int:
 
 
 def create_backbone(name: str, image_size: int, weights: Path | None = None) -> nn.Module:
-    """A pooled-feature timm model (``num_classes=0``); weights only from a local file."""
+    """A pooled-feature timm model (``num_classes=0``); weights only from a local file or hub folder.
+
+    The weights must fit the model exactly (see :mod:`marrowlens.ssl.weights`): a silently random
+    backbone is worse than an error naming the tensors that are missing or unexpected.
+    """
     if not timm.models.is_model(name):
         raise MarrowLensError(f"unknown timm model {name!r} (see timm.list_models())")
     kwargs: dict[str, Any] = {"num_classes": 0}
     if is_vit(name):
         kwargs.update(img_size=image_size, dynamic_img_size=True)
-    if weights is not None:
-        weights = Path(weights)
-        if not weights.is_file():
-            raise MarrowLensError(f"weights file {weights} does not exist")
-        names = _tensor_names(weights)
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(weights)})
+    source = locate_weights(Path(weights)) if weights is not None else None
     try:
         model = timm.create_model(name, **kwargs)
-    except (RuntimeError, ValueError, KeyError, OSError) as exc:
-        raise MarrowLensError(f"cannot build {name} from {weights or 'scratch'}: {exc}") from exc
-    if weights is not None:
-        _require_weights_fit(model, name, weights, names)
+    except (RuntimeError, ValueError, KeyError, OSError, TypeError) as exc:
+        raise MarrowLensError(f"cannot build {name}: {exc}") from exc
+    if source is not None:
+        load_weights(model, name, source.given)
     return model
 
 
-def _tensor_names(weights: Path) -> set[str]:
-    """Read the file before timm does: a corrupt one raises whatever its format's library raises."""
-    try:
-        return set(timm.models.load_state_dict(str(weights)).keys())
-    except Exception as exc:  # SafetensorError, UnpicklingError, RuntimeError, ...
-        reason = next(iter(str(exc).strip().splitlines()), "")
-        raise MarrowLensError(f"cannot read weights {weights}: {type(exc).__name__}: {reason}") from exc
-
-
-def _require_weights_fit(model: nn.Module, name: str, weights: Path, names: set[str]) -> None:
-    """timm only warns when a checkpoint does not fit; a silently random backbone is worse."""
-    expected = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
-    missing = [k for k in expected if k not in names]
-    if len(missing) > 0.1 * len(expected):
-        raise MarrowLensError(
-            f"weights {weights} do not fit {name}: {len(missing)} of {len(expected)} tensors are missing "
-            f"(e.g. {missing[0]})"
-        )
+def weights_fingerprint(source: WeightsSource) -> str:
+    """``sha256:`` of the one file that holds the weights (of the shards' hashes for sharded folders)."""
+    files = [f for f in source.files if not f.name.endswith(".index.json")]
+    if len(files) == 1:
+        return "sha256:" + sha256_file(files[0])
+    return "sha256:" + hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
 
 
 def export_backbone(model: nn.Module, name: str, preprocessing: Preprocessing, folder: Path) -> BackboneRecord:
@@ -117,6 +106,8 @@ def load_backbone(
     """
     folder = Path(model_ref)
     if folder.is_dir():
+        if weights is not None:
+            raise MarrowLensError(f"--weights is for a bare timm name; {folder} is a run folder with its own weights")
         info_path = folder / INFO_FILE
         if not info_path.is_file():
             raise MarrowLensError(
@@ -144,13 +135,14 @@ def load_backbone(
     if weights is None:
         torch.manual_seed(seed)
     model = create_backbone(name, size, weights)
-    fingerprint = "sha256:" + sha256_file(weights) if weights else f"random:{name}:seed{seed}"
+    source = locate_weights(Path(weights)) if weights is not None else None
+    fingerprint = weights_fingerprint(source) if source else f"random:{name}:seed{seed}"
     record = for_backbone(name, size, crop or "full")
     info = BackboneRecord(
         timm_name=name,
         num_features=feature_width(model),
         fingerprint=fingerprint,
-        source=str(weights or "random init"),
+        source=str(source.path.resolve()) if source else "random init",
         preprocessing=record,
     )
     return model.eval(), info
