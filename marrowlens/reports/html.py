@@ -16,7 +16,8 @@ padding:0 1em;color:#222;line-height:1.45}
 h1{font-size:1.6em;border-bottom:2px solid #345;padding-bottom:.2em}h2{font-size:1.3em;margin-top:1.8em;color:#234}
 h3{font-size:1.05em;color:#345}table{border-collapse:collapse;margin:.6em 0 1em;font-size:.9em}
 th,td{border:1px solid #ccd;padding:.25em .6em;text-align:left;vertical-align:top}th{background:#eef2f7}
-tr.baseline td{color:#666;font-style:italic}figure{display:inline-block;margin:.5em 1em .8em 0;vertical-align:top}
+tr.baseline td{color:#555;background:#fafafa}tr.chance td{color:#777;font-style:italic}
+figure{display:inline-block;margin:.5em 1em .8em 0;vertical-align:top}
 figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.85em;color:#555}
 .note{color:#7a5b00;background:#fff8e0;padding:.3em .6em;border-left:3px solid #e0b000}
 .wrong{color:#b00020;font-weight:600}nav a{margin-right:1em}code{background:#f3f3f3;padding:0 .2em}
