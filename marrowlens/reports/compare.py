@@ -41,6 +41,15 @@ def baseline_table(reports: dict[str, dict[str, Any] | None]) -> tuple[list[str]
             base[level].get("majority_accuracy") if key == "accuracy" and base[level] else None
             for level, key, _ in columns
         ]
-        rows.append([f"majority class ({base['cell']['majority_class']})", *majority])
+        rows.append([f"majority class ({_majority(base)})", *majority])
         kinds += ["chance", "chance"]
     return ["embedding", *(label for _, _, label in columns)], rows, kinds
+
+
+def _majority(base: dict[str, dict[str, Any]]) -> str:
+    """The majority class, per level where the cells' and the patients' differ."""
+    cell, patient = (
+        base["cell"]["majority_class"],
+        (base["patient"] or {}).get("majority_class", base["cell"]["majority_class"]),
+    )
+    return cell if cell == patient else f"cells: {cell}; patients: {patient}"

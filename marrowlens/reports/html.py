@@ -60,13 +60,15 @@ def paragraph(text: str) -> str:
 
 def table(header: Iterable[Any], rows: Iterable[Iterable[Any]], classes: Iterable[str] | None = None) -> str:
     """An HTML table of escaped cells; ``classes`` gives each row a CSS class (e.g. ``baseline``)."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    titles = list(header)
+    head = "".join(f"<th>{esc(h)}</th>" for h in titles)
     kinds = list(classes) if classes is not None else []
     body = []
     for i, row in enumerate(rows):
         kind = f' class="{esc(kinds[i])}"' if i < len(kinds) and kinds[i] else ""
         body.append(f"<tr{kind}>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    thead = f"<thead><tr>{head}</tr></thead>" if any(str(t) for t in titles) else ""
+    return f"<table>{thead}<tbody>{''.join(body)}</tbody></table>"
 
 
 def section(anchor: str, title: str, parts: Iterable[str]) -> str:

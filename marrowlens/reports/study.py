@@ -52,7 +52,7 @@ def write_study_html(study: StudyPage) -> Path:
 def render_study(study: StudyPage) -> str:
     parts = [
         section("study", "Study", [table(["", ""], study.facts)]),
-        section("config", "Run config", [f"<pre>{esc(yaml.safe_dump(study.config, sort_keys=False))}</pre>"]),
+        section("config", "Run config", [_config(study.config)]),
         section("training", "Training curves", [_curves(study.curves)]),
     ]
     nav = [("study", "study"), ("config", "config"), ("training", "training")]
@@ -61,6 +61,11 @@ def render_study(study: StudyPage) -> str:
         parts.append(_probe(study, name, anchor))
         nav.append((anchor, name))
     return page("MarrowLens study", parts, nav)
+
+
+def _config(config: dict[str, Any]) -> str:
+    text = esc(yaml.safe_dump(config, sort_keys=False))
+    return f"<details><summary>the study's settings (YAML, defaults filled in)</summary><pre>{text}</pre></details>"
 
 
 def _curves(curves: Path | str) -> str:
