@@ -29,6 +29,7 @@ from marrowlens.config import ProbeConfig, load_config, nest, shipped_probe_conf
 from marrowlens.contracts import ModelRef, NoiseSweepMeta, ProbeTestMeta, StoreRef, SweptStore, TestedProbe
 from marrowlens.embeddings import CELLS_FILE, Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
+from marrowlens.probes.embedding_map import subsample
 from marrowlens.probes.evaluate import (
     Predictions,
     column_fold_table,
@@ -126,16 +127,19 @@ def cross_validation_report(
 
 
 def out_of_fold(task: Task, pred: Predictions) -> OutOfFold:
-    """The evaluated cells' calls with their vectors, cell-table rows and the cohort's image folder."""
+    """The evaluated cells' calls with their cell-table rows, the cohort's image folder, and the vectors of
+    those the map shows (a fixed subsample: only they are read from the store)."""
     cohort = task.emb.meta.cohort
+    mapped = subsample(len(pred.rows))
     return OutOfFold(
         classes=list(task.classes),
         y=np.asarray(pred.y).astype(str),
         kept=pred.kept,
         proba=pred.proba,
-        vectors=np.asarray(task.emb.vectors[pred.rows]),
         cells=task.emb.cells.iloc[pred.rows].reset_index(drop=True),
         cohort=_cohort_images(Path(cohort.folder)) if cohort is not None else None,
+        mapped=mapped,
+        vectors=np.asarray(task.emb.vectors[pred.rows[mapped]], dtype=np.float32),
     )
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from marrowlens.artifacts import atomic_path
-from marrowlens.probes.embedding_map import MIN_POINTS, subsample, umap_coordinates
+from marrowlens.probes.embedding_map import MIN_POINTS, umap_coordinates
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -30,16 +30,18 @@ LEGEND_MAX = 12
 
 @dataclass
 class OutOfFold:
-    """The evaluated cells: truth, kept by the blast filter, class probabilities (NaN when not kept), their
-    embedding vectors and rows of the store's cell table, and where the cohort keeps their images."""
+    """The evaluated cells: truth, kept by the blast filter, class probabilities (NaN when not kept), their rows
+    of the store's cell table, where the cohort keeps their images, and the map's cells (at most
+    :data:`MAX_POINTS`, fixed seed: ``mapped`` indexes the evaluated cells) with their vectors."""
 
     classes: list[str]
     y: np.ndarray
     kept: np.ndarray
     proba: np.ndarray
-    vectors: np.ndarray
     cells: pd.DataFrame
     cohort: Path | None
+    mapped: np.ndarray
+    vectors: np.ndarray
 
     def predicted(self) -> np.ndarray:
         """Each cell's call (the argmax class), "filtered out" where the blast filter dropped it."""
@@ -135,10 +137,10 @@ def _roc_patient(plt: ModuleType, folder: Path, report: dict[str, Any]) -> Path 
 
 
 def _umap(plt: ModuleType, folder: Path, task: str, cells: OutOfFold) -> Path | str:
-    chosen = subsample(len(cells.y))
+    chosen = cells.mapped
     if len(chosen) < MIN_POINTS:
         return f"{len(chosen)} cells are too few for a map"
-    coords = umap_coordinates(cells.vectors[chosen])
+    coords = umap_coordinates(cells.vectors)
     panels = [(title, _labels(cells.cells, column, chosen)) for column, title in MAP_COLUMNS]
     panels.append(("out-of-fold prediction", cells.predicted()[chosen].astype(str)))
     figure: Figure

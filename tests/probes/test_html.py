@@ -145,3 +145,21 @@ def test_unreachable_images_leave_a_note_not_a_broken_page(fitted: Path, tmp_pat
     assert not (tmp_path / "probe" / "errors.png").exists()
     parse(tmp_path / "probe" / REPORT_HTML)
     assert np.isfinite(report["cell"]["baselines"]["majority_accuracy"])
+
+
+def test_the_page_renders_offline_in_chromium(fitted: Path, tmp_path: Path) -> None:
+    """Every image of the mutation page decodes in a real browser, which requests nothing beyond the file."""
+    from tests.retrieval.test_browser import CHROMIUM, browser
+
+    if not CHROMIUM.is_file():
+        pytest.skip(f"Chromium is not installed at {CHROMIUM}; `make browser` installs it")
+    requested: list[str] = []
+    with browser(tmp_path) as page:
+        page.on("request", lambda request: requested.append(request.url))
+        page.goto((fitted / "mutation" / REPORT_HTML).resolve().as_uri())
+        page.wait_for_load_state("load")
+        shown = page.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
+        title = page.title()
+    assert shown and all(shown), shown
+    assert all(url.startswith(("file:", "data:")) for url in requested), requested
+    assert title == "Probe report: mutation"
