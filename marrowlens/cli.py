@@ -657,7 +657,7 @@ def run_command(
         False, "--no-baselines", help="skip the random-init backbone and raw-pixel baselines (config: baselines)"
     ),
 ) -> None:
-    """Pretrain -> embed -> probes -> index -> [external test] -> report, resuming whatever is already done.
+    """Pretrain -> embed -> probes (and their baselines) -> index -> [external test] -> report, resuming what is done.
 
     Example: marrowlens run --cohort cohort/ --config configs/run/deepapl.yaml --out results/deepapl
     """
