@@ -8,6 +8,7 @@ why there is none (recorded in ``report.json`` under ``figures``).
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -144,7 +145,7 @@ def _umap(plt: ModuleType, folder: Path, task: str, cells: OutOfFold) -> Path | 
     panels = [(title, _labels(cells.cells, column, chosen)) for column, title in MAP_COLUMNS]
     panels.append(("out-of-fold prediction", cells.predicted()[chosen].astype(str)))
     figure: Figure
-    figure, axes = plt.subplots(2, 2, figsize=(9, 8.4))
+    figure, axes = plt.subplots(2, 2, figsize=(12, 8.4), gridspec_kw={"wspace": 0.75})
     for ax, (title, labels) in zip(axes.ravel(), panels):
         _scatter(ax, coords, labels, title)
     figure.suptitle(f"{task}: UMAP of {len(chosen)} evaluated cells' embeddings", fontsize=10)
@@ -159,18 +160,24 @@ def _labels(cells: pd.DataFrame, column: str, chosen: np.ndarray) -> np.ndarray:
 
 
 def _scatter(ax: Axes, coords: np.ndarray, labels: np.ndarray, title: str) -> None:
+    """One panel: the most frequent values in colour (all of them when few), the rest grey as "other"."""
     import matplotlib
 
-    names = sorted(set(labels))
+    values, counts = np.unique(labels, return_counts=True)
+    order = values[np.argsort(-counts, kind="stable")]
+    named = list(order) if len(order) <= LEGEND_MAX else list(order[: LEGEND_MAX - 1])
     palette = matplotlib.colormaps["tab20"]
-    for i, name in enumerate(names):
+    rest = ~np.isin(labels, named)
+    if rest.any():
+        other = f"other ({len(order) - len(named)} values)"
+        ax.scatter(coords[rest, 0], coords[rest, 1], s=4, color="lightgrey", label=other, linewidths=0)
+    for i, name in enumerate(sorted(named)):
         inside = labels == name
         ax.scatter(coords[inside, 0], coords[inside, 1], s=6, color=palette(i % 20), label=name, linewidths=0)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(f"{title} ({len(names)})", fontsize=9)
-    if len(names) <= LEGEND_MAX:
-        ax.legend(fontsize=6, markerscale=2, loc="best", frameon=False)
+    ax.set_title(f"{title} ({len(order)})", fontsize=9)
+    ax.legend(fontsize=6, markerscale=2, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
 
 
 # ---------------------------------------------------------------- worst errors
@@ -201,14 +208,15 @@ def _errors(plt: ModuleType, folder: Path, task: str, cells: OutOfFold) -> Path 
     columns = min(len(worst), 4)
     rows = -(-len(worst) // columns)
     figure: Figure
-    figure, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.3 * rows + 0.4), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.8 * rows + 0.4), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, i in zip(axes.ravel(), worst):
         _tile(ax, cells.cohort / paths[i])
         kind = "" if types is None or pd.isna(types[i]) or types[i] == cells.y[i] else f" ({types[i]})"
         confidence = float(np.nanmax(cells.proba[i]))
-        ax.set_title(f"truth {cells.y[i]}{kind}\ncalled {predicted[i]} ({confidence:.2f})", fontsize=7)
+        title = f"truth {cells.y[i]}{kind}\ncalled {predicted[i]} ({confidence:.2f})"
+        ax.set_title("\n".join(textwrap.fill(line, 30) for line in title.split("\n")), fontsize=7)
     figure.suptitle(f"{task}: the {len(worst)} most confident wrong calls", fontsize=9)
     return _save(plt, figure, folder / "errors.png")
 
