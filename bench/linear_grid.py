@@ -53,7 +53,7 @@ def main() -> None:
             [*args.overrides, "linear.solver=torch", f"linear.weight_decays={grid}", "eval.bootstrap=200"],
         )
         started = time.perf_counter()
-        report, _ = cross_validation_report(make_task(config, emb), config)
+        report, *_ = cross_validation_report(make_task(config, emb), config)
         seconds = time.perf_counter() - started
         chosen = Counter(fold["head"]["weight_decay"] for fold in report["folds"])
         cell = report["cell"]

@@ -16,7 +16,6 @@ subprocess timed from the outside, with the machine's load average beside it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -24,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 HEADS = ("mean", "vote", "abmil", "composition")
@@ -41,31 +38,11 @@ def marrowlens(*args: object) -> tuple[float, str]:
 
 
 def pixel_store(cohort: Path, out: Path, side: int) -> Path:
-    """Raw pixels as a store: each cell resized to ``side`` x ``side`` RGB, scaled to [0, 1], flattened."""
-    if (out / "meta.json").is_file():
-        return out
+    """Raw pixels as a store (the library's :func:`marrowlens.baselines.pixel_store`, shared with `marrowlens run`)."""
     sys.path.insert(0, str(REPO))
-    from marrowlens.cohort.images import load_rgb
-    from marrowlens.cohort.manifest import load_cohort
-    from marrowlens.embeddings import write_embeddings
+    from marrowlens.baselines import pixel_store as make_pixel_store
 
-    loaded = load_cohort(cohort)
-    cells = loaded.cells
-    vectors = np.stack(
-        [
-            np.asarray(load_rgb(loaded.image_path(str(p))).resize((side, side)), dtype=np.float32).ravel() / 255
-            for p in cells["path"]
-        ]
-    )
-    name = f"raw_pixels_{side}"
-    model = {
-        "timm_name": name,
-        "num_features": vectors.shape[1],
-        "fingerprint": "sha256:" + hashlib.sha256(name.encode()).hexdigest(),
-        "source": f"raw pixels, {side} x {side} RGB",
-        "preprocessing": {"image_size": side, "mean": [0.0] * 3, "std": [1.0] * 3},
-    }
-    write_embeddings(out, vectors, cells, {"model": model})
+    make_pixel_store(cohort, out, side)
     return out
 
 

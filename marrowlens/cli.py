@@ -756,8 +756,11 @@ def run_command(
     test_cohort: Path | None = typer.Option(
         None, "--test-cohort", help="another cohort to test every probe on, as is (overrides the config's test_cohort)"
     ),
+    no_baselines: bool = typer.Option(
+        False, "--no-baselines", help="skip the random-init backbone and raw-pixel baselines (config: baselines)"
+    ),
 ) -> None:
-    """Pretrain -> embed -> probes -> index -> [external test] -> report, resuming whatever is already done.
+    """Pretrain -> embed -> probes (and their baselines) -> index -> [external test] -> report, resuming what is done.
 
     Example: marrowlens run --cohort cohort/ --config configs/run/deepapl.yaml --out results/deepapl
     """
@@ -766,6 +769,8 @@ def run_command(
     run_config = load_run_config(config, set_, pretrain_set)
     if test_cohort is not None:
         run_config = run_config.model_copy(update={"test_cohort": test_cohort.resolve()})
+    if no_baselines:
+        run_config = run_config.model_copy(update={"baselines": False})
     report = run_study(cohort, run_config, out, say=say)
     if report is not None:
         say(f"wrote {report}")

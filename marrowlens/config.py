@@ -700,6 +700,11 @@ class RunConfig(_Strict):
     test_cohort: Path | None = Field(
         None, description="another cohort to test every probe on, as is (relative to the run config's folder)"
     )
+    baselines: bool = Field(
+        True,
+        description="also fit every probe on a random-init backbone of the same architecture and on raw pixels, "
+        "and set their figures beside the study's (`marrowlens run --no-baselines` turns them off)",
+    )
 
     @model_validator(mode="after")
     def _filters_come_first(self) -> RunConfig:

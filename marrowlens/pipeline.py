@@ -7,6 +7,10 @@ last written row; anything whose inputs changed is redone, and so is everything 
 
 With a test cohort (``test_cohort:``, ``--test-cohort``), it is embedded by the study's backbone and
 every probe tested on it as is (``probe test``); the report sets internal CV beside the external test.
+
+Unless ``baselines: false`` (``--no-baselines``), every probe is also fitted, with the same config, on two
+baselines: a random-init backbone of the same architecture and size, and raw pixels; the reports
+(``report.md`` and the self-contained ``report.html``) set their figures beside the backbone's.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from marrowlens.artifacts import artifact_kind, read_meta, write_json_atomic, write_meta, write_text_atomic
 from marrowlens.cohort.manifest import Cohort, load_cohort
@@ -37,8 +41,13 @@ from marrowlens.contracts import CohortMeta, CohortRef, StudyMeta
 from marrowlens.errors import Interrupted, MarrowLensError
 from marrowlens.provenance import command_line, python_api, recording
 
+if TYPE_CHECKING:
+    from marrowlens.reports.study import StudyPage
+
 STAGES_FILE = "stages.json"
 REPORT_FILE = "report.md"
+BASELINES_DIR = "baselines"
+RANDOM_INIT, RAW_PIXELS = "random-init backbone", "raw pixels"
 
 
 def load_run_config(path: Path, overrides: list[str], pretrain_overrides: list[str]) -> RunConfig:
@@ -147,28 +156,64 @@ def run_study(cohort_dir: Path, config: RunConfig, out: Path, say: Callable[[str
     store = load_embeddings(emb_dir)
     study.lines.append(f"- embeddings: {len(store)} cells x {store.meta.dim} ({emb_dir})")
     probe_keys = _probe_stages(config, store.fingerprint, emb_dir, out, study)
+    embeddings = {f"SSL backbone ({backbone['timm_name']})": out}
+    if config.baselines:
+        embeddings.update(_baseline_stages(config, backbone, cohort, out / BASELINES_DIR, study))
     if config.index.enabled:
         _index_stage(config, store.fingerprint, emb_dir, out / "idx", study)
     if test_cohort is not None:
         _external_test_stages(config, backbone["fingerprint"], test_cohort, probe_keys, out, study)
-    return _write_report(out, cohort_dir, cohort.meta, study)
+    return _write_report(out, cohort_dir, cohort.meta, study, config, embeddings)
+
+
+def _baseline_stages(
+    config: RunConfig, backbone: dict[str, Any], cohort: Cohort, out: Path, study: Study
+) -> dict[str, Path]:
+    """Embed the cohort with a random-init backbone (same timm name and size) and as raw pixels, then fit every
+    probe on each with the same config; returns each baseline's folder (its probes in ``probes/NAME``)."""
+    from marrowlens.baselines import PIXEL_SIDE, pixel_store
+
+    name, size = backbone["timm_name"], backbone["image_size"]
+    random_dir, pixels_dir = out / "random_init", out / "raw_pixels"
+    key = _key("random-init", name, size, cohort.meta.fingerprint, config.embed.model_dump(mode="json"))
+    _embed_stage("embed random-init", key, config, name, cohort.folder, random_dir / "emb", study, image_size=size)
+    key = _key("raw-pixels", PIXEL_SIDE, cohort.meta.fingerprint)
+    if not study.done("raw pixels", key, (pixels_dir / "emb" / "meta.json").is_file()):
+        study.begin("raw pixels", key)
+        pixel_store(cohort.folder, pixels_dir / "emb", PIXEL_SIDE)
+        study.record("raw pixels", key)
+    from marrowlens.embeddings import load_embeddings
+
+    for label, folder in ((RANDOM_INIT, random_dir), (RAW_PIXELS, pixels_dir)):
+        store = load_embeddings(folder / "emb")
+        _probe_stages(config, store.fingerprint, folder / "emb", folder, study, prefix=f"{label}: ")
+    return {f"{RANDOM_INIT} ({name})": random_dir, f"{RAW_PIXELS} ({PIXEL_SIDE} x {PIXEL_SIDE} RGB)": pixels_dir}
 
 
 def _embed_stage(
-    stage: str, key: str, config: RunConfig, run_dir: Path, cohort_dir: Path, emb_dir: Path, study: Study
+    stage: str,
+    key: str,
+    config: RunConfig,
+    run_dir: Path | str,
+    cohort_dir: Path,
+    emb_dir: Path,
+    study: Study,
+    image_size: int | None = None,
 ) -> None:
-    """Embed ``cohort_dir`` with the study's backbone and embed settings, resuming an unfinished store."""
+    """Embed ``cohort_dir`` with the study's backbone (or a bare timm name at ``image_size``: random init) and
+    embed settings, resuming an unfinished store."""
     if study.done(stage, key, (emb_dir / "meta.json").is_file()):
         return
     from marrowlens.ssl.embed import embed_cohort
 
     resume = study.begin(stage, key)
     overwrite = not resume or (emb_dir / "meta.json").is_file()
-    with recording(_embed_command(config, run_dir, cohort_dir, emb_dir, overwrite)):
+    with recording(_embed_command(config, run_dir, cohort_dir, emb_dir, overwrite, image_size)):
         embed_cohort(
             run_dir,
             cohort_dir,
             emb_dir,
+            image_size=image_size,
             batch_size=config.embed.batch_size,
             precision=config.embed.precision,
             num_workers=config.embed.num_workers,
@@ -185,8 +230,11 @@ def _how_to_continue(last: Path) -> str:
     return "no epoch had finished: run the same `marrowlens run` command again to start pretraining over"
 
 
-def _probe_stages(config: RunConfig, emb_fingerprint: str, emb_dir: Path, out: Path, study: Study) -> dict[str, str]:
-    """Fit every probe (skipping those up to date); returns each probe's stage key."""
+def _probe_stages(
+    config: RunConfig, emb_fingerprint: str, emb_dir: Path, out: Path, study: Study, prefix: str = ""
+) -> dict[str, str]:
+    """Fit every probe (skipping those up to date); returns each probe's stage key. A ``prefix`` (a baseline's
+    probes) names the stages and keeps them out of the report's list (its table shows them)."""
     from marrowlens.probes import commands as probes
 
     keys: dict[str, str] = {}
@@ -195,14 +243,17 @@ def _probe_stages(config: RunConfig, emb_fingerprint: str, emb_dir: Path, out: P
         blast_dir = out / "probes" / stage.blast_probe if stage.blast_probe else None
         keys[name] = _key(emb_fingerprint, probe_config.model_dump(mode="json"), keys.get(stage.blast_probe or ""))
         folder = out / "probes" / name
-        if study.done(f"probe {name}", keys[name], (folder / "report.md").is_file()):
-            study.lines += [f"- probe `{name}` ({stage.task}): see {folder / 'report.md'}"]
+        if study.done(f"{prefix}probe {name}", keys[name], (folder / "report.md").is_file()):
+            if not prefix:
+                study.lines += [f"- probe `{name}` ({stage.task}): see {folder / 'report.md'}"]
             continue
         with recording(_probe_command(stage, emb_dir, folder, blast_dir)):
             outcome = probes.fit(stage.task, emb_dir, folder, probe_config, blast_probe=blast_dir, overwrite=True)
-        study.record(f"probe {name}", keys[name])
+        study.record(f"{prefix}probe {name}", keys[name])
         for line in outcome.headline:
             study.say(f"  {line}")
+        if prefix:
+            continue
         study.lines += [
             f"- probe `{name}` ({stage.task}): see {folder / 'report.md'}",
             *[f"  - {line}" for line in outcome.headline],
@@ -298,27 +349,89 @@ def _index_stage(config: RunConfig, emb_fingerprint: str, emb_dir: Path, index_d
     study.lines.append(f"- similar-cell index: {index_dir}; browse with `marrowlens serve --index {index_dir}`")
 
 
-def _write_report(out: Path, cohort_dir: Path, cohort_meta: CohortMeta, study: Study) -> Path:
+def _write_report(
+    out: Path, cohort_dir: Path, cohort_meta: CohortMeta, study: Study, config: RunConfig, embeddings: dict[str, Path]
+) -> Path:
+    """``report.md`` and the self-contained ``report.html`` (training curves, every probe beside its baselines)."""
+    from marrowlens.reports.curves import CURVES_FILE, write_training_curves
+    from marrowlens.reports.study import StudyPage, write_study_html
+
     counts = "; ".join(
         f"{name}: " + ", ".join(f"{k} {v}" for k, v in values.items()) for name, values in cohort_meta.counts.items()
+    )
+    cohort_line = (
+        f"{cohort_dir} ({cohort_meta.n_cells} cells, {cohort_meta.n_patients} patients, "
+        f"{cohort_meta.n_quarantined} quarantined)"
+    )
+    curves = write_training_curves(out / "run", out / CURVES_FILE)
+    page = StudyPage(
+        out=out,
+        facts=[("cohort", cohort_line), ("labels", counts), *_facts(study.lines)],
+        config=config.model_dump(mode="json"),
+        curves=curves,
+        probes=list(config.probes),
+        embeddings=embeddings,
+        tests=out / "test" if config.test_cohort is not None else None,
     )
     text = "\n".join(
         [
             "# MarrowLens study",
             "",
-            (
-                f"- cohort: {cohort_dir} ({cohort_meta.n_cells} cells, {cohort_meta.n_patients} patients, "
-                f"{cohort_meta.n_quarantined} quarantined)"
-            ),
+            f"- cohort: {cohort_line}",
             f"- labels: {counts}",
             *study.lines,
             "",
+            "Everything below, with every figure embedded: report.html.",
+            "",
+            *_curves_markdown(curves),
+            *_baselines_markdown(page, config.baselines),
         ]
     )
     write_text_atomic(out / REPORT_FILE, text)
+    write_study_html(page)
     cohort = CohortRef(folder=str(Path(cohort_dir).resolve()), fingerprint=cohort_meta.fingerprint)
     write_meta(out, StudyMeta(cohort=cohort, stages=study.stages))
     return out / REPORT_FILE
+
+
+def _facts(lines: list[str]) -> list[tuple[str, str]]:
+    """The report's top-level "- label: value" lines (backbone, embeddings, index) as rows."""
+    rows = []
+    for line in lines:
+        if line.startswith("- ") and ": " in line and not line.startswith("- probe "):
+            label, value = line[2:].split(": ", 1)
+            rows.append((label, value.replace("`", "")))
+    return rows
+
+
+def _curves_markdown(curves: Path | str) -> list[str]:
+    from marrowlens.reports.curves import CURVES_FILE
+
+    shown = curves if isinstance(curves, str) else f"![training curves]({CURVES_FILE})"
+    return ["## Training curves", "", shown, ""]
+
+
+def _baselines_markdown(page: StudyPage, enabled: bool) -> list[str]:
+    """Per probe: its headline figures on the study's backbone beside its baselines."""
+    from marrowlens.reports.compare import baseline_table
+    from marrowlens.reports.study import probe_reports
+
+    lines = ["## Baselines", ""]
+    if not enabled:
+        lines += ["Baselines turned off (`baselines: false` / `--no-baselines`): chance and majority class only.", ""]
+    for name in page.probes:
+        reports = probe_reports(page, name)
+        if next(iter(reports.values())) is None:
+            continue
+        header, rows, _ = baseline_table(reports)
+        lines += [f"### Probe `{name}`", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+        lines += [""]
+    return lines
+
+
+def _cell(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _refuse_foreign_results(out: Path, cohort_dir: Path) -> None:
@@ -350,9 +463,12 @@ def _pretrain_command(config: RunConfig, cohort_dir: Path, run_dir: Path, resume
     return command_line("pretrain", "--cohort", cohort_dir, "--out", run_dir, *_options(config.pretrain), again)
 
 
-def _embed_command(config: RunConfig, run_dir: Path, cohort_dir: Path, emb_dir: Path, overwrite: bool) -> str:
+def _embed_command(
+    config: RunConfig, run_dir: Path | str, cohort_dir: Path, emb_dir: Path, overwrite: bool, size: int | None = None
+) -> str:
     embed = config.embed
-    words: list[Any] = ["embed", "--model", run_dir, "--cohort", cohort_dir, "--out", emb_dir]
+    words: list[Any] = ["embed", "--model", run_dir, *(["--image-size", size] if size else [])]
+    words += ["--cohort", cohort_dir, "--out", emb_dir]
     words += ["--batch-size", embed.batch_size, "--precision", embed.precision]
     words += ["--num-workers", embed.num_workers] if embed.num_workers is not None else []
     words += ["--stain-normalize", embed.stain_normalize, *(["--overwrite"] if overwrite else [])]

@@ -38,9 +38,12 @@ DEEPAPL_NAMES = {
 }
 
 
-def _shipped(name: str, tmp_path: Path) -> Path:
-    """The shipped study config with its paths kept and tiny settings added to every stage."""
+def _shipped(name: str, tmp_path: Path, baselines: bool = False) -> Path:
+    """The shipped study config with its paths kept and tiny settings added to every stage; the baselines (on by
+    default, as the shipped configs leave them) only where a test asks for them, to keep the others short."""
     data = yaml.safe_load((REPO_ROOT / "configs" / "run" / f"{name}.yaml").read_text())
+    assert data.get("baselines", True) is True
+    data["baselines"] = baselines
     data["pretrain"]["config"] = str(REPO_ROOT / "configs" / "run" / data["pretrain"]["config"])
     data["pretrain"]["set"] = [*data["pretrain"].get("set", []), *TINY_PRETRAIN]
     data["embed"]["num_workers"] = 0
@@ -92,9 +95,26 @@ def _assert_stage_commands(cohort: Path, out: Path) -> None:
     assert index.startswith(command_line("index", "build", "--embeddings", out / "emb", "--out", out / "idx"))
 
 
+def _assert_study_page(out: Path, markdown: str, baselines: bool) -> None:
+    """report.html: self-contained (every image a non-empty embedded PNG), training curves, and per probe its
+    headline beside chance and the majority class, and beside the two baselines when they ran."""
+    from tests.probes.test_html import parse
+
+    page = parse(out / "report.html")
+    text = " ".join(page.text)
+    assert {"study", "config", "training"} <= set(page.sections)
+    assert (out / "training_curves.png").stat().st_size > 0 and "![training curves](training_curves.png)" in markdown
+    probes = [name for name in page.sections if name.startswith("probe-")]
+    assert probes and all((out / "probes" / name[6:] / "report.html").is_file() for name in probes)
+    assert "chance (1/" in text and "majority class (" in text and "SSL backbone (test_resnet)" in text
+    for label in ("random-init backbone (test_resnet)", "raw pixels (24 x 24 RGB)"):
+        assert (label in text) is baselines and (label in markdown) is baselines
+    assert ("Baselines turned off" in markdown) is not baselines
+
+
 class TestDeepAPLStudy:
     def test_whole_study_then_skips_then_redoes_what_changed(self, deepapl_like: Path, tmp_path: Path) -> None:
-        config_path = _shipped("deepapl", tmp_path)
+        config_path = _shipped("deepapl", tmp_path, baselines=True)
         out = tmp_path / "results"
         messages: list[str] = []
         report = run_study(deepapl_like, load_run_config(config_path, [], []), out, say=messages.append)
@@ -108,10 +128,21 @@ class TestDeepAPLStudy:
         assert (out / "idx" / "index.faiss").is_file() and "marrowlens serve --index" in text
         assert json.loads((out / "meta.json").read_text())["kind"] == "study"
         _assert_stage_commands(deepapl_like, out)
+        _assert_study_page(out, text, baselines=True)
+        random_init = read_meta(out / "baselines" / "random_init" / "emb", EmbeddingsMeta)
+        assert random_init.model.fingerprint.startswith("random:test_resnet")
+        assert random_init.command == command_line(
+            "embed", "--model", "test_resnet", "--image-size", 32, "--cohort", deepapl_like, "--out",
+            out / "baselines" / "random_init" / "emb", "--batch-size", 256, "--precision", "32", "--num-workers", 0,
+            "--stain-normalize", "none", "--overwrite",
+        )  # fmt: skip
+        pixels = read_meta(out / "baselines" / "raw_pixels" / "emb", EmbeddingsMeta)
+        assert pixels.dim == 24 * 24 * 3 and pixels.cohort is not None
 
         messages.clear()
         run_study(deepapl_like, load_run_config(config_path, [], []), out, say=messages.append)
         assert all("skipped" in m for m in messages if m.startswith("[")), messages
+        assert "[random-init backbone: probe apl] up to date, skipped" in messages
 
         messages.clear()
         run_study(
@@ -121,7 +152,8 @@ class TestDeepAPLStudy:
             say=messages.append,
         )
         ran = [m for m in messages if m.endswith("running")]
-        assert ran == ["[probe wbc] running"]
+        baselines = ["[random-init backbone: probe wbc] running", "[raw pixels: probe wbc] running"]
+        assert ran == ["[probe wbc] running", *baselines]
 
     def test_cli_and_refusals(self, cli, deepapl_like: Path, tmp_path: Path) -> None:
         config_path = _shipped("deepapl", tmp_path)
@@ -138,6 +170,17 @@ class TestDeepAPLStudy:
         code, output = cli(*args, "--test-cohort", deepapl_like)
         assert code == 2 and "is the study's own cohort" in output
 
+    def test_no_baselines_flag(self, cli, deepapl_like: Path, tmp_path: Path, monkeypatch) -> None:
+        """Baselines are on by default (config and CLI); `--no-baselines` turns them off."""
+        import marrowlens.pipeline
+
+        seen: list[RunConfig] = []
+        monkeypatch.setattr(marrowlens.pipeline, "run_study", lambda cohort, config, out, say: seen.append(config))
+        config_path = _shipped("deepapl", tmp_path, baselines=True)
+        args = ("run", "--cohort", deepapl_like, "--config", config_path, "--out", tmp_path / "r")
+        assert cli(*args)[0] == 0 and cli(*args, "--no-baselines")[0] == 0
+        assert [config.baselines for config in seen] == [True, False] and RunConfig().baselines
+
 
 def test_a_test_cohort_is_tested_as_is_beside_internal_cv(deepapl_like: Path, tmp_path: Path) -> None:
     """`test_cohort:` (relative to the config): embedded by the study's backbone, every probe tested on it."""
@@ -150,6 +193,8 @@ def test_a_test_cohort_is_tested_as_is_beside_internal_cv(deepapl_like: Path, tm
     config = load_run_config(tmp_path / "study.yaml", [], [])
     text = run_study(deepapl_like, config, out, say=lambda _: None).read_text()
     assert "## Internal CV and external test" in text
+    _assert_study_page(out, text, baselines=False)
+    assert "Internal CV and external test" in (out / "report.html").read_text()
     for name in ("leukemic", "apl"):
         report = json.loads((out / "test" / "probes" / name / "report.json").read_text())
         assert report["evaluation"]["kind"] == "external-test" and report["probe"]["folder"] == str(

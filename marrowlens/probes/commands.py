@@ -29,6 +29,7 @@ from marrowlens.config import ProbeConfig, load_config, nest, shipped_probe_conf
 from marrowlens.contracts import ModelRef, NoiseSweepMeta, ProbeTestMeta, StoreRef, SweptStore, TestedProbe
 from marrowlens.embeddings import CELLS_FILE, Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
+from marrowlens.probes.embedding_map import subsample
 from marrowlens.probes.evaluate import (
     Predictions,
     column_fold_table,
@@ -38,6 +39,7 @@ from marrowlens.probes.evaluate import (
     run_folds,
     summarize,
 )
+from marrowlens.probes.figures import OutOfFold
 from marrowlens.probes.folder import PROBE_FILE, load_probe, read_probe_info, save_probe
 from marrowlens.probes.heads import head_for
 from marrowlens.probes.noise import NoiseKind, NoiseSpec
@@ -103,8 +105,9 @@ def cv_folds(task: Task, config: ProbeConfig) -> list[tuple[Any, np.ndarray, np.
 
 def cross_validation_report(
     task: Task, config: ProbeConfig, folds: list[tuple[Any, np.ndarray, np.ndarray]] | None = None
-) -> tuple[dict[str, Any], pd.DataFrame | None, CellCalls | None]:
-    """CV figures, the patient table, and (mutation task) the kept cells' out-of-fold calls for contact sheets."""
+) -> tuple[dict[str, Any], pd.DataFrame | None, CellCalls | None, OutOfFold]:
+    """CV figures, the patient table, (mutation task) the kept cells' out-of-fold calls for contact sheets, and
+    every evaluated cell's out-of-fold call for the report's figures."""
     folds = cv_folds(task, config) if folds is None else folds
     pred, info = run_folds(task, folds, desc=f"{task.name} cv")
     report, patients = _summary(task, pred, config)
@@ -119,7 +122,25 @@ def cross_validation_report(
     }
     if config.eval.group_by:
         report["evaluation"].update(_group_note(task, config.eval.group_by, folds, config.eval.cv))
-    return report, patients, cell_calls(task, pred, config) if task.name == "mutation" else None
+    calls = cell_calls(task, pred, config) if task.name == "mutation" else None
+    return report, patients, calls, out_of_fold(task, pred)
+
+
+def out_of_fold(task: Task, pred: Predictions) -> OutOfFold:
+    """The evaluated cells' calls with their cell-table rows, the cohort's image folder, and the vectors of
+    those the map shows (a fixed subsample: only they are read from the store)."""
+    cohort = task.emb.meta.cohort
+    mapped = subsample(len(pred.rows))
+    return OutOfFold(
+        classes=list(task.classes),
+        y=np.asarray(pred.y).astype(str),
+        kept=pred.kept,
+        proba=pred.proba,
+        cells=task.emb.cells.iloc[pred.rows].reset_index(drop=True),
+        cohort=_cohort_images(Path(cohort.folder)) if cohort is not None else None,
+        mapped=mapped,
+        vectors=np.asarray(task.emb.vectors[pred.rows[mapped]], dtype=np.float32),
+    )
 
 
 def _group_note(task: Task, column: str, folds: list[tuple[Any, np.ndarray, np.ndarray]], cv: int) -> dict[str, Any]:
@@ -229,13 +250,13 @@ def fit(
     out = prepare_out_dir(out, overwrite)
     final = task.fit(np.arange(len(task.rows)), final=True)  # fails early on bad input, before any CV
     report = _header(config, task, emb)
-    patients, calls = None, None
+    patients, calls, cells = None, None, None
     if folds is not None:
-        evaluation, patients, calls = cross_validation_report(task, config, folds)
+        evaluation, patients, calls, cells = cross_validation_report(task, config, folds)
         report.update(evaluation)
     else:
         report.update(cell=None, patient=None, evaluation={"kind": "none", "description": "skipped (--cv 0)"})
-    written = write_report(out, report, patients, calls)
+    written = write_report(out, report, patients, calls, cells)
     save_probe(out, final, emb, extra={"cv": report.get("evaluation", {}).get("description")})
     return Outcome([out / PROBE_FILE, out / "head.safetensors", *written], headline(report))
 
@@ -265,12 +286,12 @@ def evaluate(
     same_store = emb.fingerprint == info["embeddings"]["fingerprint"]
     unseen = {} if same_store else _keep_known_classes(task, probe.classes)  # a fitted probe knows its classes
     report = _header(config, task, emb)
-    patients, calls = None, None
+    patients, calls, cells = None, None, None
     if same_store and config.eval.cv:
-        evaluation, patients, calls = cross_validation_report(task, config)
+        evaluation, patients, calls, cells = cross_validation_report(task, config)
         report.update(evaluation)
     elif not same_store:
-        evaluation, patients = _apply_as_is(probe, emb, task, config)
+        evaluation, patients, cells = _apply_as_is(probe, emb, task, config)
         report.update(evaluation)
         report["evaluation"] = {
             "kind": "external",
@@ -286,7 +307,7 @@ def evaluate(
         report["leave_one_domain_out"] = domain_report(task)
     if out is None:
         out = Path(probe_dir) if same_store else Path(probe_dir) / f"external-{short(emb.fingerprint)}"
-    written = write_report(out, report, patients, calls)
+    written = write_report(out, report, patients, calls, cells)
     return Outcome(written, [*([unseen_note(unseen)] if unseen else []), *headline(report)])
 
 
@@ -312,7 +333,7 @@ def external_test(
     out = prepare_out_dir(out, overwrite)
     (out / META_FILE).unlink(missing_ok=True)  # the "finished" marker: back only once every file is
     report = _header(config, task, emb)
-    evaluation, patients = _apply_as_is(probe, emb, task, config)
+    evaluation, patients, cells = _apply_as_is(probe, emb, task, config)
     report.update(evaluation)
     report["probe"] = {"folder": str(Path(probe_dir).resolve()), "fingerprint": info["fingerprint"]}
     report["evaluation"] = {
@@ -325,7 +346,7 @@ def external_test(
         "left_out": unseen,
         "shared_patients": shared,
     }
-    written = write_report(out, report, patients)
+    written = write_report(out, report, patients, cells=cells)
     write_meta(out, _test_meta(config.task, Path(probe_dir), info, emb))
     notes = [*([unseen_note(unseen)] if unseen else []), *([shared_note(shared)] if shared else [])]
     return Outcome([*written, out / META_FILE], [*notes, *headline(report)])
@@ -375,14 +396,15 @@ def _shared_patients(info: dict[str, Any], task: Task) -> list[str]:
 
 def _apply_as_is(
     probe: Probe, emb: Embeddings, task: Task, config: ProbeConfig
-) -> tuple[dict[str, Any], pd.DataFrame | None]:
+) -> tuple[dict[str, Any], pd.DataFrame | None, OutOfFold]:
     """Predict ``task``'s units with the fitted probe (its blast filter included) and summarise them."""
     pred = Predictions.empty(task)
     pred.kept, pred.proba = _predict_blocks(probe, emb, task.rows)
     pred.fold[:] = 0
     if probe.patient_head is not None:
         pred.record_patients(probe, task, np.arange(len(task.rows)))
-    return _summary(task, pred, config)
+    summary, patients = _summary(task, pred, config)
+    return summary, patients, out_of_fold(task, pred)
 
 
 def _saved_filter_note(probe: Probe) -> str | None:

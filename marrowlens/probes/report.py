@@ -19,6 +19,7 @@ import pandas as pd
 
 from marrowlens.artifacts import atomic_path, write_json_atomic, write_text_atomic
 from marrowlens.config import ProbeConfig
+from marrowlens.probes.figures import OutOfFold, write_figures
 from marrowlens.probes.sheets import CellCalls, sheets_markdown, write_patient_cells, write_sheets
 
 if TYPE_CHECKING:
@@ -50,9 +51,16 @@ def reliability_bins(y: np.ndarray, proba: np.ndarray, bins: int) -> list[dict[s
 
 
 def write_report(
-    folder: Path, report: dict[str, Any], patients: pd.DataFrame | None, calls: CellCalls | None = None
+    folder: Path,
+    report: dict[str, Any],
+    patients: pd.DataFrame | None,
+    calls: CellCalls | None = None,
+    cells: OutOfFold | None = None,
 ) -> list[Path]:
-    """Write JSON, Markdown and plots (and, given ``calls``, a contact sheet per patient); returns the paths written."""
+    """Write the plots, JSON, Markdown and a self-contained ``report.html`` (and, given ``calls``, a contact sheet
+    per patient; given ``cells``, the ROC, UMAP and error figures); returns the paths written."""
+    from marrowlens.probes.html import REPORT_HTML, write_html
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sheets: list[Path] = []
@@ -63,9 +71,44 @@ def write_report(
         if calls is not None and "truth" in patients:
             report["sheets"], drawn = write_sheets(folder, patients, calls)
             sheets += drawn
+    for level in ("cell", "patient"):
+        block = report.get(level)
+        if isinstance(block, dict) and block.get("per_class"):
+            block["baselines"] = baselines(block)
+    plots = write_plots(folder, report, patients, cells)
     write_json_atomic(folder / REPORT_JSON, report)
     write_text_atomic(folder / REPORT_MD, render_markdown(report))
-    return [folder / REPORT_JSON, folder / REPORT_MD, *write_plots(folder, report, patients), *sheets]
+    write_html(folder, report)
+    return [folder / REPORT_JSON, folder / REPORT_MD, folder / REPORT_HTML, *plots, *sheets]
+
+
+def baselines(block: dict[str, Any]) -> dict[str, Any] | None:
+    """What a probe must beat, from the block's own class counts: chance (balanced accuracy 1/K over the K classes
+    present, ROC-AUC 0.5) and always calling the majority class (its share is the accuracy)."""
+    support = {name: int(entry["support"]) for name, entry in (block.get("per_class") or {}).items()}
+    support = {name: n for name, n in support.items() if n > 0}
+    if not support:
+        return None
+    majority = max(support, key=lambda name: support[name])
+    return {
+        "classes_present": len(support),
+        "chance_balanced_accuracy": 1 / len(support),
+        "chance_roc_auc": 0.5,
+        "majority_class": majority,
+        "majority_accuracy": support[majority] / sum(support.values()),
+    }
+
+
+def baseline_line(block: dict[str, Any]) -> str | None:
+    """The baselines in one line, for report.md (and the study report)."""
+    base = block.get("baselines")
+    if not base:
+        return None
+    return (
+        f"Baselines: chance balanced accuracy {_fmt(base['chance_balanced_accuracy'])} "
+        f"(1/{base['classes_present']}), chance ROC-AUC {_fmt(base['chance_roc_auc'])}; "
+        f"majority class ({base['majority_class']}) accuracy {_fmt(base['majority_accuracy'])}."
+    )
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
@@ -108,6 +151,9 @@ def _level(title: str, block: dict[str, Any]) -> list[str]:
         ("ece", "ECE (top-label)"),
     ]
     lines += _table(["metric", "value", "95% CI"], [[label, *_with_ci(block.get(key))] for key, label in names])
+    line = baseline_line(block)
+    if line:
+        lines += [line, ""]
     per_class = block.get("per_class") or {}
     if per_class:
         rows = []
@@ -205,6 +251,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["## Folds", ""]
         keys = list(dict.fromkeys(k for row in report["folds"] for k in row))
         lines += _table(keys, [[row.get(k) for k in keys] for row in report["folds"]])
+    lines += figures_markdown(report.get("figures") or {})
     if ev.get("group_by"):
         groups = ev["group_by"]
         note = f"Every fold holds out whole values of `{groups['column']}` (a cell without a patient id is a patient)."
@@ -222,6 +269,29 @@ def render_markdown(report: dict[str, Any]) -> str:
         keys = list(dict.fromkeys(k for row in report["leave_one_domain_out"] for k in row))
         lines += _table(keys, [[row.get(k) for k in keys] for row in report["leave_one_domain_out"]])
     return "\n".join(lines)
+
+
+FIGURE_TITLES = {
+    "confusion_cell": "Confusion matrix, cell level",
+    "confusion_patient": "Confusion matrix, patient level",
+    "calibration": "Calibration (reliability diagram)",
+    "patients": "Per patient",
+    "roc_cell": "ROC curves, cell level",
+    "roc_patient": "ROC curves, patient level",
+    "umap": "UMAP of the evaluated cells (cell type, patient, domain, prediction)",
+    "errors": "The most confident wrong calls",
+}
+
+
+def figures_markdown(figures: dict[str, str | None]) -> list[str]:
+    """The report.md section linking every figure of the folder (or saying why one is missing)."""
+    if not figures:
+        return []
+    lines = ["## Figures", "", "Every figure is in report.html too, embedded.", ""]
+    for name, note in figures.items():
+        title = FIGURE_TITLES.get(name, name)
+        lines.append(f"- {title}: {note}" if note else f"- [{title}]({name}.png)")
+    return [*lines, ""]
 
 
 # The headline metrics a study report sets side by side: (level, key, label).
@@ -423,13 +493,17 @@ def sweep_markdown(result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- plots
 
 
-def write_plots(folder: Path, report: dict[str, Any], patients: pd.DataFrame | None) -> list[Path]:
+def write_plots(
+    folder: Path, report: dict[str, Any], patients: pd.DataFrame | None, cells: OutOfFold | None = None
+) -> list[Path]:
+    """Every PNG of the report; ``report["figures"]`` says which were drawn (None) or why not (a note)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
+    figures: dict[str, str | None] = {}
     for level in ("cell", "patient"):
         block = report.get(level) or {}
         if block.get("confusion_matrix"):
@@ -440,6 +514,7 @@ def write_plots(folder: Path, report: dict[str, Any], patients: pd.DataFrame | N
                     folder / f"confusion_{level}.png",
                 )
             )
+            figures[f"confusion_{level}"] = None
     bins = (report.get("cell") or {}).get("calibration_bins")
     if bins:
         written.append(
@@ -447,8 +522,15 @@ def write_plots(folder: Path, report: dict[str, Any], patients: pd.DataFrame | N
                 plt, _reliability(plt, bins, (report["cell"].get("ece") or {}).get("value")), folder / "calibration.png"
             )
         )
+        figures["calibration"] = None
     if patients is not None and len(patients):
         written.append(_save(plt, _patients(plt, patients, report["task"]), folder / "patients.png"))
+        figures["patients"] = None
+    if report.get("cell") is not None:
+        notes, drawn = write_figures(plt, folder, report, cells)
+        figures.update(notes)
+        written += drawn
+    report["figures"] = figures
     return written
 
 

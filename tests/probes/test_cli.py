@@ -96,9 +96,12 @@ class TestRoundTrip:
                 "meta.json",
                 "report.json",
                 "report.md",
+                "report.html",
                 "confusion_cell.png",
                 "calibration.png",
                 "patients.png",
+                "roc_cell.png",
+                "umap.png",
             ):
                 assert (folder / file).is_file(), (name, file)
         blast = _report(fitted / "blast")

@@ -69,7 +69,14 @@ def test_a_fitted_probe_on_another_cohort_reports_cells_and_patients(cli, fitted
             assert report[level][name]["ci"] is not None, (level, name)
     assert report["patient"]["n_patients"] == 9 and all(p["patient_id"].startswith("ext_") for p in report["patients"])
     assert report["patient"]["accuracy"]["value"] > 0.5  # chance: 1/3
-    for name in ("report.md", "confusion_cell.png", "confusion_patient.png", "calibration.png", "patients.png"):
+    for name in (
+        "report.md",
+        "report.html",
+        "confusion_cell.png",
+        "confusion_patient.png",
+        "calibration.png",
+        "patients.png",
+    ):
         assert (out / name).is_file(), name
     assert (out / "report.md").read_text().startswith("# External test: mutation")
     meta = read_meta(out, ProbeTestMeta)
