@@ -29,7 +29,7 @@ from marrowlens.config import ProbeConfig, load_config, nest, shipped_probe_conf
 from marrowlens.contracts import ModelRef, NoiseSweepMeta, ProbeTestMeta, StoreRef, SweptStore, TestedProbe
 from marrowlens.embeddings import CELLS_FILE, Embeddings, load_embeddings
 from marrowlens.errors import MarrowLensError
-from marrowlens.probes.embedding_map import subsample
+from marrowlens.maps import sample_rows
 from marrowlens.probes.evaluate import (
     Predictions,
     column_fold_table,
@@ -62,6 +62,7 @@ from marrowlens.probes.tasks import MutationTask, Probe, Task, make_task
 from marrowlens.provenance import python_api
 
 PREDICT_BLOCK = 65536
+REPORT_MAP_CELLS = 5000  # cells on a report's UMAP (a fixed sample)
 
 
 @dataclass
@@ -130,7 +131,7 @@ def out_of_fold(task: Task, pred: Predictions) -> OutOfFold:
     """The evaluated cells' calls with their cell-table rows, the cohort's image folder, and the vectors of
     those the map shows (a fixed subsample: only they are read from the store)."""
     cohort = task.emb.meta.cohort
-    mapped = subsample(len(pred.rows))
+    mapped = sample_rows(len(pred.rows), REPORT_MAP_CELLS)
     return OutOfFold(
         classes=list(task.classes),
         y=np.asarray(pred.y).astype(str),

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from marrowlens.artifacts import atomic_path
-from marrowlens.probes.embedding_map import MIN_POINTS, umap_coordinates
+from marrowlens.maps import umap_2d
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 ERRORS_SHOWN = 16
 MAP_COLUMNS = (("cell_type", "cell type"), ("patient_id", "patient"), ("domain", "domain"))
 LEGEND_MAX = 12
+
+MIN_MAP_CELLS = 8  # fewer cells make no map worth drawing
 
 
 @dataclass
@@ -139,9 +141,9 @@ def _roc_patient(plt: ModuleType, folder: Path, report: dict[str, Any]) -> Path 
 
 def _umap(plt: ModuleType, folder: Path, task: str, cells: OutOfFold) -> Path | str:
     chosen = cells.mapped
-    if len(chosen) < MIN_POINTS:
+    if len(chosen) < MIN_MAP_CELLS:
         return f"{len(chosen)} cells are too few for a map"
-    coords = umap_coordinates(cells.vectors)
+    coords = umap_2d(cells.vectors)
     panels = [(title, _labels(cells.cells, column, chosen)) for column, title in MAP_COLUMNS]
     panels.append(("out-of-fold prediction", cells.predicted()[chosen].astype(str)))
     figure: Figure

@@ -31,6 +31,8 @@ SECTIONS = (
     ("errors", "Worst errors", ("errors",)),
 )
 
+EMBEDDED_SHEETS = 24  # patient sheets embedded in the page (~0.3 MB each); the rest stay linked files
+
 
 def write_html(folder: Path, report: dict[str, Any]) -> Path:
     path = Path(folder) / REPORT_HTML
@@ -161,10 +163,19 @@ def _patients(folder: Path, report: dict[str, Any]) -> str | None:
                 "misclassified patients first."
             )
         )
-        for entry in sorted(entries, key=lambda e: not e["misclassified"]):
+        ordered = sorted(entries, key=lambda e: not e["misclassified"])
+        for entry in ordered[:EMBEDDED_SHEETS]:
             wrong = " (misclassified)" if entry["misclassified"] else ""
             caption = f"{entry['patient_id']}: truth {entry['truth']}, predicted {entry['predicted']}{wrong}"
             parts.append(figure(folder / entry["sheet"], caption))
+        if len(ordered) > EMBEDDED_SHEETS:
+            parts.append(
+                note(
+                    f"{len(ordered) - EMBEDDED_SHEETS} more patient sheet(s), correctly called ones last, are in the "
+                    "probe folder's patients/ (linked from report.md); embedding them all would make this page too "
+                    "heavy to e-mail"
+                )
+            )
     if sheets.get("note"):
         parts.append(note(sheets["note"]))
     if not parts:
