@@ -17,24 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from probe_solvers import REPO, figures, marrowlens, show  # the sibling bench's runner and readers, one copy
+
 HEADS = ("mean", "vote", "abmil", "composition")
 POOLING_HEADS = ("mean", "vote")  # their cell head trains with the loss; abmil and composition do not use it
-
-
-def marrowlens(*args: object) -> tuple[float, str]:
-    """Run one CLI command; its wall time in seconds and the 1-minute load average when it ended."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "marrowlens", *map(str, args)], check=True, env=env, cwd=REPO)
-    return time.perf_counter() - started, f"{os.getloadavg()[0]:.1f}"
 
 
 def pixel_store(cohort: Path, out: Path, side: int) -> Path:
@@ -49,16 +39,6 @@ def pixel_store(cohort: Path, out: Path, side: int) -> Path:
 def random_store(cohort: Path, out: Path, size: int) -> Path:
     if not (out / "meta.json").is_file():
         marrowlens("embed", "--model", "resnet18", "--image-size", size, "--cohort", cohort, "--out", out)
-    return out
-
-
-def figures(report: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"hyper_parameters": report["evaluation"].get("hyper_parameters")}
-    for level in ("cell", "patient"):
-        block = report.get(level) or {}
-        for metric in ("balanced_accuracy", "roc_auc_ovr"):
-            if isinstance(block.get(metric), dict):
-                out[f"{level}_{metric}"] = block[metric]
     return out
 
 
@@ -87,13 +67,6 @@ def compare(
     return rows
 
 
-def _cell(entry: dict[str, Any] | None) -> str:
-    if not entry:
-        return "–"
-    ci = entry.get("ci")
-    return f"{entry['value']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{entry['value']:.3f}"
-
-
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| dataset | store | head | loss | patient ROC-AUC [95% CI] | patient balanced acc | s (load) |",
@@ -101,8 +74,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['dataset']} | {r['store']} | {r['head']} | {r['loss']} | {_cell(r.get('patient_roc_auc_ovr'))} "
-            f"| {_cell(r.get('patient_balanced_accuracy'))} | {r['seconds']} ({r['load']}) |"
+            f"| {r['dataset']} | {r['store']} | {r['head']} | {r['loss']} | {show(r.get('patient_roc_auc_ovr'))} "
+            f"| {show(r.get('patient_balanced_accuracy'))} | {r['seconds']} ({r['load']}) |"
         )
     return "\n".join(lines) + "\n"
 
