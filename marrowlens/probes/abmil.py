@@ -23,7 +23,7 @@ from torch import nn
 from torchmil.nn import AttentionPool, masked_softmax  # type: ignore[import-untyped]
 
 from marrowlens.config import ProbeConfig
-from marrowlens.probes.heads import torch_threads
+from marrowlens.probes.heads import class_weight_of, torch_threads
 from marrowlens.probes.patients import Bags, PatientCalls, PatientHead
 
 
@@ -77,8 +77,7 @@ class AttentionMIL(PatientHead):
     @classmethod
     def config_params(cls, config: ProbeConfig) -> dict[str, Any]:
         params: dict[str, Any] = config.abmil.model_dump()
-        weight = config.imbalance.class_weight
-        return {**params, "class_weight": None if weight == "none" else weight, "random_state": config.seed}
+        return {**params, "class_weight": class_weight_of(config), "random_state": config.seed}
 
     # ------------------------------------------------------------ features
 

@@ -24,10 +24,11 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from marrowlens.config import ProbeConfig
+from marrowlens.config import CellTypeTaskConfig, ProbeConfig
 from marrowlens.errors import MarrowLensError
-from marrowlens.probes.heads import LogisticProbe
+from marrowlens.probes.heads import LogisticProbe, class_weight_of
 from marrowlens.probes.patients import Bags, PatientCalls, PatientHead
+from marrowlens.probes.tasks import mapped_cell_types
 
 BLAST_FEATURE = "blast fraction"
 
@@ -55,14 +56,13 @@ class Composition(PatientHead):
 
     @classmethod
     def config_params(cls, config: ProbeConfig) -> dict[str, Any]:
-        weight = config.imbalance.class_weight
         return {
             "mapping": dict(config.cell_type.mapping),
             "min_cells": config.cell_type.min_cells,
             "c_values": list(config.composition.c_values),
             "inner_folds": config.composition.inner_folds,
             "cell_c_values": list(config.linear.c_values),
-            "class_weight": None if weight == "none" else weight,
+            "class_weight": class_weight_of(config),
             "random_state": config.seed,
         }
 
@@ -74,11 +74,8 @@ class Composition(PatientHead):
             raise MarrowLensError(
                 "--aggregate composition needs cell_type labels in the store (its patients are cell-type fractions)"
             )
-        types = bags.cells["cell_type"].iloc[bags.rows]
-        labels = types.map(self.mapping) if self.mapping else types
-        labels = labels.astype(object).where(labels.notna(), None)
-        counts = labels.value_counts()
-        return np.asarray(labels.where(~labels.isin(counts[counts < self.min_cells].index), None), dtype=object)
+        section = CellTypeTaskConfig(mapping=self.mapping, min_cells=self.min_cells)
+        return np.asarray(mapped_cell_types(bags.cells["cell_type"].iloc[bags.rows], section), dtype=object)
 
     def _cell_probe(self, bags: Bags, cells: np.ndarray, labels: np.ndarray) -> LogisticProbe:
         probe = LogisticProbe(

@@ -139,7 +139,7 @@ def _class_weights(codes: np.ndarray, n_classes: int, mode: str | None) -> np.nd
     return weights
 
 
-def _class_weight(config: ProbeConfig) -> str | None:
+def class_weight_of(config: ProbeConfig) -> str | None:
     return None if config.imbalance.class_weight == "none" else config.imbalance.class_weight
 
 
@@ -354,7 +354,7 @@ class LogisticProbe(Head, ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         return {
             "c_values": list(config.linear.c_values),
             "inner_folds": config.linear.inner_folds,
-            "class_weight": _class_weight(config),
+            "class_weight": class_weight_of(config),
             "random_state": config.seed,
         }
 
@@ -701,7 +701,7 @@ class LinearProbe(Head, ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             "sce_alpha": loss.sce_alpha,
             "sce_beta": loss.sce_beta,
             "focal_gamma": loss.focal_gamma,
-            "class_weight": _class_weight(config),
+            "class_weight": class_weight_of(config),
             "sampling": config.imbalance.sampling,
             "weight_decays": list(lin.weight_decays),
             "lr": lin.lr,
@@ -807,7 +807,7 @@ class KNNProbe(Head, ClassifierMixin, BaseEstimator):  # type: ignore[misc]
 
     @classmethod
     def config_params(cls, config: ProbeConfig) -> dict[str, Any]:
-        return {"k": config.knn.k, "temperature": config.knn.temperature, "class_weight": _class_weight(config)}
+        return {"k": config.knn.k, "temperature": config.knn.temperature, "class_weight": class_weight_of(config)}
 
     def saved_tensors(
         self, train_rows: np.ndarray, train_labels: np.ndarray, classes: Sequence[str]

@@ -137,8 +137,13 @@ def make_patient_head(config: ProbeConfig) -> PatientHead:
 
 def patient_labels(bags: Bags, labels: np.ndarray) -> np.ndarray:
     """One label per patient from per-cell labels (a patient's cells share its label)."""
-    first = np.empty(bags.n_patients, dtype=object)
-    first[bags.which[::-1]] = np.asarray(labels, dtype=object)[::-1]
+    return _first_per_patient(bags.which, labels, bags.n_patients)
+
+
+def _first_per_patient(which: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Each patient's first cell's value (``which``: each cell's patient index)."""
+    first = np.empty(n, dtype=object)
+    first[which[::-1]] = np.asarray(values, dtype=object)[::-1]
     return first
 
 
@@ -169,9 +174,7 @@ def patient_table(
     table = pd.DataFrame({"patient_id": ids, "n_cells": np.bincount(which, minlength=n), "n_kept": n_kept})
     table["kept_fraction"] = table["n_kept"] / table["n_cells"]
     if truth is not None:
-        first = np.empty(n, dtype=object)
-        first[which[::-1]] = np.asarray(truth, dtype=object)[::-1]
-        table["truth"] = first
+        table["truth"] = _first_per_patient(which, truth, n)
     table["predicted"] = predicted
     table["confidence"] = confidence
     for i, name in enumerate(classes):

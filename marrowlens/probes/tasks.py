@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from marrowlens.cohort.manifest import patient_groups
-from marrowlens.config import BlastLabelConfig, ProbeConfig
+from marrowlens.config import BlastLabelConfig, CellTypeTaskConfig, ProbeConfig
 from marrowlens.embeddings import Embeddings
 from marrowlens.errors import MarrowLensError
 from marrowlens.probes.heads import Head, RowView, head_for, make_head
@@ -63,11 +63,16 @@ def has_blast_labels(cells: pd.DataFrame, config: BlastLabelConfig) -> bool:
 def cell_type_labels(cells: pd.DataFrame, config: ProbeConfig, where: str) -> pd.Series:
     """Cell types (mapped to coarse classes when a mapping is given; unmapped types dropped)."""
     types = _require_column(cells, "cell_type", where, "; the cell_type task needs them")
-    mapping = config.cell_type.mapping
-    labels = types.map(mapping) if mapping else types
+    return mapped_cell_types(types, config.cell_type)
+
+
+def mapped_cell_types(types: pd.Series, section: CellTypeTaskConfig) -> pd.Series:
+    """Raw cell types as the probe's classes: mapped when a mapping is given (unmapped ones dropped), None
+    where unknown or of a class with fewer than ``section.min_cells`` cells among ``types``."""
+    labels = types.map(section.mapping) if section.mapping else types
     labels = labels.astype(object).where(labels.notna(), None)
     counts = labels.value_counts()
-    rare = counts[counts < config.cell_type.min_cells].index
+    rare = counts[counts < section.min_cells].index
     return labels.where(~labels.isin(rare), None)
 
 
@@ -103,10 +108,7 @@ class Probe:
         """``(kept, proba)`` for store rows; cells the blast filter drops get NaN probabilities."""
         rows = np.asarray(rows, dtype=np.int64)
         proba = np.full((len(rows), len(self.classes)), np.nan)
-        if self.blast is None:
-            kept = np.ones(len(rows), dtype=bool)
-        else:
-            kept = self.blast.blast_probability(RowView(vectors, rows)) >= self.config.mutation.blast_threshold
+        kept = self.blast_scores(vectors, rows) >= self.config.mutation.blast_threshold  # no filter: all kept
         if kept.any():
             proba[kept] = self.proba(RowView(vectors, rows[kept]))
         return kept, proba
