@@ -67,9 +67,6 @@ class Bags:
         order = np.argsort(self.which, kind="stable")
         return np.split(order, np.cumsum(np.bincount(self.which, minlength=self.n_patients))[:-1])
 
-    def n_kept(self) -> np.ndarray:
-        return np.bincount(self.which, weights=self.kept, minlength=self.n_patients).astype(int)
-
 
 @dataclass
 class PatientCalls:
