@@ -199,7 +199,9 @@ def embed(
         "none", help=f"{_one_of(STAIN_NORMALIZATIONS)}: reinhard matches colours to the cohort's average stain"
     ),
     crop: str | None = typer.Option(
-        None, help="full|cell for a bare timm name (cell: a square around the white cell); a run folder's own"
+        None,
+        help="full|cell|centred for a bare timm name (cell: a square fitted to the white cell; centred: a fixed "
+        "square centred on it); a run folder's own",
     ),
 ) -> None:
     """Embed every cell of a cohort with a frozen backbone (resumable, bounded memory).

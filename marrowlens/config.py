@@ -158,8 +158,10 @@ class DataConfig(_Strict):
     val_cells: int = Field(512, ge=0, description="labelled cells for the online k-NN check (0: off)")
     knn_k: int = Field(20, ge=1)
     knn_t: float = Field(0.07, gt=0)
-    crop: Literal["full", "cell"] = Field(
-        "full", description="cell: cut a square around the white cell before resizing (views, embed, search)"
+    crop: Literal["full", "cell", "centred"] = Field(
+        "full",
+        description="cell: a square fitted around the white cell before resizing; centred: a fixed-side square "
+        "centred on it, keeping its size (views, embed, search)",
     )
 
 

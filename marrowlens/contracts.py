@@ -73,11 +73,12 @@ class Preprocessing(Record):
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     pad_to_square: bool = True
-    crop: Literal["full", "cell"] = "full"  # cell: a square around the white cell first (marrowlens.cohort.crop)
+    # cell: a square fitted around the white cell first; centred: a fixed-side square centred on it (cohort.crop)
+    crop: Literal["full", "cell", "centred"] = "full"
 
 
 class CropCounts(Record):
-    """Of the cells an ``embed`` session cut to their cell (``crop: cell``): found, and centre crops instead."""
+    """Of the cells an ``embed`` session cut to their cell (``crop: cell|centred``): found, and centre crops instead."""
 
     found: int
     centre_crop: int
@@ -87,7 +88,7 @@ class StorePreprocessing(Preprocessing):
     """How a store's cells were turned into model inputs: the backbone's record plus the stain step."""
 
     stain: dict[str, Any] | None = None  # ``ReinhardTarget.to_dict()``; None: not stain-normalised
-    cell_crop: CropCounts | None = None  # crop: cell, the session that finished the store
+    cell_crop: CropCounts | None = None  # crop: cell|centred, the session that finished the store
 
 
 class BackboneRecord(Record):

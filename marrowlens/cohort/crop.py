@@ -8,6 +8,11 @@ crop, so this is hand-written on scikit-image: the haematoxylin channel of a col
 closed, and the connected component under the image centre (else the largest one near it) is the
 cell; its bounding box grown by a margin on each side, squared, is the crop. An image where no
 such component is found falls back to a centre crop, and is counted (:class:`CellCrop.counts`).
+
+Two ways to cut (``data.crop``): ``cell`` fits the square to the cell, so every cell fills the frame and
+its size is lost; ``centred`` cuts a square of fixed side (a fraction of the image) centred on the cell, so
+the cell keeps its size against its neighbours (blasts and promyelocytes are large) while the input's
+pixels still go to the middle of the frame.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from skimage.morphology import closing, disk, remove_small_objects
 WORK_SIDE = 128  # the cell is found on a copy this small: the box only needs to be right to a few pixels
 MARGIN = 0.3  # of the cell's size, added on each side (0.25 clipped some cytoplasm on DeepAPL blasts)
 MIN_AREA = 0.01  # of the image: smaller components are debris or platelets
-FALLBACK = 0.6  # side of the centre crop, as a fraction of the image's short side
+FALLBACK = 0.6  # side of the centre crop, and of every ``centred`` crop, as a fraction of the image's short side
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,13 @@ def centre_box(image: Image.Image) -> Box:
     return Box((image.width - side) // 2, (image.height - side) // 2, side)
 
 
+def centred_on(cell: Box, image: Image.Image) -> Box:
+    """The fixed-side square of :func:`centre_box`, moved to the cell's centre: the cell keeps its size."""
+    side = centre_box(image).side
+    middle_x, middle_y = cell.left + cell.side / 2, cell.top + cell.side / 2
+    return Box(round(middle_x - side / 2), round(middle_y - side / 2), side)
+
+
 def cut(image: Image.Image, box: Box) -> Image.Image:
     """The square ``box`` of ``image``; parts past the edges are filled with the border's median colour."""
     array = np.asarray(image.convert("RGB"))
@@ -80,10 +92,12 @@ def cut(image: Image.Image, box: Box) -> Image.Image:
 class CellCrop:
     """A transform: the cell-centred square of an image (a centre crop when no cell is found).
 
-    ``counts`` (found, fell back) live in shared memory, so data-loading worker processes add to them.
+    ``keep_size``: the square has a fixed side centred on the cell (``centred``) instead of fitting the cell
+    (``cell``). ``counts`` (found, fell back) live in shared memory, so loader worker processes add to them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_size: bool = False) -> None:
+        self.keep_size = keep_size
         self._found = multiprocessing.Value("q", 0)
         self._fallback = multiprocessing.Value("q", 0)
 
@@ -92,11 +106,13 @@ class CellCrop:
         counter = self._found if box is not None else self._fallback
         with counter.get_lock():
             counter.value += 1
-        return cut(image, box if box is not None else centre_box(image))
+        if box is None:
+            return cut(image, centre_box(image))
+        return cut(image, centred_on(box, image) if self.keep_size else box)
 
     @property
     def counts(self) -> tuple[int, int]:
         return int(self._found.value), int(self._fallback.value)
 
     def __repr__(self) -> str:
-        return f"CellCrop(margin={MARGIN})"
+        return f"CellCrop(keep_size={self.keep_size}, margin={MARGIN}, fixed_side={FALLBACK})"

@@ -141,7 +141,7 @@ class PretrainData(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.cohort, self.config, self.batch_size = cohort, config, batch_size
-        crop = CellCrop() if config.data.crop == "cell" else None
+        crop = CellCrop(keep_size=config.data.crop == "centred") if config.data.crop != "full" else None
         self.train_set = PretrainImages(cohort, views, config.trainer.seed, crop)
         self.subset = check_subset(cohort.cells, config.data.val_cells, config.trainer.seed)
         self.check_set = CheckImages(cohort, self.subset, check_transform) if self.subset else None

@@ -191,7 +191,7 @@ def embed_cohort(
         "cohort": cohort.meta.fingerprint,
         "image_size": info.image_size,
         "stain": stain.to_dict() if stain else None,
-        **({"crop": "cell"} if info.preprocessing.crop == "cell" else {}),  # full-frame keys as before
+        **({"crop": info.preprocessing.crop} if info.preprocessing.crop != "full" else {}),  # full frame: as before
     }
     store = EmbeddingWriter(out, len(cohort.cells), info.num_features, key=key, create=True)
     pending = store.pending()

@@ -22,7 +22,7 @@ from marrowlens.contracts import Preprocessing
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RGB = tuple[float, float, float]
-Crop = Literal["full", "cell"]
+Crop = Literal["full", "cell", "centred"]
 
 
 def crop_counts(transform: T.Compose) -> tuple[int, int] | None:
@@ -58,7 +58,7 @@ def for_backbone(timm_name: str, image_size: int, crop: Crop = "full") -> Prepro
 
 def resize_transform(record: Preprocessing) -> T.Compose:
     """The geometric part: (the cell's square,) pad to square (cells sit in the centre), resize to the input size."""
-    steps: list[Any] = [CellCrop()] if record.crop == "cell" else []
+    steps: list[Any] = [CellCrop(keep_size=record.crop == "centred")] if record.crop != "full" else []
     steps += [T.Lambda(pad_to_square)] if record.pad_to_square else []
     size = (record.image_size, record.image_size)
     steps.append(T.Resize(size, interpolation=T.InterpolationMode(record.interpolation), antialias=True))

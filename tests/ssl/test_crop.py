@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from marrowlens.cohort.crop import MARGIN, CellCrop, centre_box, cut, find_cell
+from marrowlens.cohort.crop import FALLBACK, MARGIN, CellCrop, centre_box, centred_on, cut, find_cell
 from marrowlens.config import PretrainConfig, load_config
 from marrowlens.contracts import Preprocessing
 from marrowlens.ssl import train
@@ -46,6 +46,27 @@ def test_no_cell_falls_back_to_a_centre_crop_and_is_counted() -> None:
     assert crop.counts == (1, 1)
 
 
+def test_centred_crops_keep_the_cell_size_and_follow_the_cell() -> None:
+    """``centred``: the same fixed side for a small and a large cell, so the large one stays larger."""
+    crop = CellCrop(keep_size=True)
+    small, large = smear(radius=15), smear(radius=45)
+    side = round(FALLBACK * 240)
+    assert crop(small).size == crop(large).size == (side, side)
+
+    def purple_fraction(image: Image.Image) -> float:
+        array = np.asarray(image).astype(int)
+        return float(((array[..., 2] > array[..., 0]) & (array[..., 1] < 100)).mean())
+
+    assert purple_fraction(crop(large)) > 4 * purple_fraction(crop(small))
+    fitted = CellCrop()
+    assert purple_fraction(fitted(large)) == pytest.approx(purple_fraction(fitted(small)), rel=0.25)
+    box = find_cell(smear(centre=(150, 90)))
+    assert box is not None
+    moved = centred_on(box, smear())
+    assert abs(moved.left + moved.side / 2 - 150) <= 3 and abs(moved.top + moved.side / 2 - 90) <= 3
+    assert crop.counts == (4, 0)
+
+
 def test_a_box_past_the_edge_is_filled_with_the_border_colour() -> None:
     image = smear(centre=(70, 120), radius=50)
     box = find_cell(image)
@@ -69,15 +90,16 @@ def test_old_records_read_as_full_frame() -> None:
     assert Preprocessing.model_validate({"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}).crop == "full"
 
 
-def test_pretrain_and_embed_with_cell_crops(cli, labelled_cohort: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["cell", "centred"])
+def test_pretrain_and_embed_with_cell_crops(cli, labelled_cohort: Path, tmp_path: Path, kind: str) -> None:
     config = load_config(
         PretrainConfig,
         REPO_ROOT / "configs/pretrain/tiny_cpu.yaml",
-        [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=1", "data.crop=cell"],
+        [*TINY, "model.backbone=test_resnet", "trainer.max_epochs=1", f"data.crop={kind}"],
     )
     run = tmp_path / "run"
     train.pretrain(config, labelled_cohort, run)
-    assert json.loads((run / "backbone.json").read_text())["preprocessing"]["crop"] == "cell"
+    assert json.loads((run / "backbone.json").read_text())["preprocessing"]["crop"] == kind
     code, output = cli(
         "embed", "--model", run, "--cohort", labelled_cohort, "--out", tmp_path / "emb", "--num-workers", "0",
         "--accelerator", "cpu",
@@ -85,7 +107,7 @@ def test_pretrain_and_embed_with_cell_crops(cli, labelled_cohort: Path, tmp_path
     assert code == 0, output
     meta = json.loads((tmp_path / "emb" / "meta.json").read_text())
     counts = meta["preprocessing"]["cell_crop"]
-    assert meta["preprocessing"]["crop"] == "cell" and counts["found"] + counts["centre_crop"] == 32
+    assert meta["preprocessing"]["crop"] == kind and counts["found"] + counts["centre_crop"] == 32
     assert "cell crop: cell found in" in output
     code, output = cli(
         "embed", "--model", run, "--cohort", labelled_cohort, "--out", tmp_path / "e2", "--crop", "full",
