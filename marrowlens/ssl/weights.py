@@ -6,6 +6,7 @@ line why it does not fit. Nothing is downloaded. Formats:
 - a ``.safetensors`` file (timm, Hugging Face, our own ``backbone.safetensors``);
 - a Hugging Face hub folder as ``huggingface-cli download`` leaves it: ``model.safetensors`` (or its
   sharded ``model.safetensors.index.json``) or ``pytorch_model.bin``, beside an optional ``config.json``;
+  timm's names, or ``transformers``' ViT/DINOv2 names (``facebook/dinov2-small``; see ``ssl.hf_names``);
 - a torch pickle (``.pth``/``.pt``/``.bin``/``.ckpt``), read with ``weights_only=True`` (no code runs):
   a bare state dict (torchvision's ResNets name their tensors as timm's do; DINOv2's hub files, and
   DinoBloom's ``pytorch_model_s.bin`` on the Hugging Face hub, with their ``mask_token``), or one nested
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from marrowlens.errors import MarrowLensError
+from marrowlens.ssl.hf_names import from_transformers, transformers_prefix
 
 HUB_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 # Where checkpoints keep the model's tensors, in the order they are looked for (teacher first: DINO's eval copy).
@@ -92,7 +94,9 @@ def _architecture(config: Path) -> str | None:
         data = json.loads(config.read_text())
     except ValueError:
         return None
-    found = data.get("architecture") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    found = data.get("architecture") or next(iter(data.get("architectures") or []), None)  # timm's, transformers'
     return found if isinstance(found, str) else None
 
 
@@ -126,6 +130,9 @@ def _read_file(file: Path) -> Mapping[str, Any]:
 def backbone_state(raw: Mapping[str, Any], model: nn.Module, source: Path) -> dict[str, torch.Tensor]:
     """The tensors of ``raw`` that are the backbone, named as ``model`` names them."""
     state = _unwrap(raw, source)
+    prefix = transformers_prefix(state)
+    if prefix is not None:
+        state = from_transformers(state, prefix)
     expected = set(model.state_dict())
     state = _strip_prefixes(state, expected)
     if any(re.match(r"blocks\.\d+\.\d+\.", k) for k in state) and not any(

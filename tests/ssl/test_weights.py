@@ -4,6 +4,7 @@ torchvision state dicts. Every checkpoint is built here from a tiny model (nothi
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,92 @@ class TestDinoBloom:
         _, info = load_backbone(TINY_DINOV2, weights=path, image_size=56)
         assert info.source == str(path.resolve()) and info.fingerprint.startswith("sha256:")
         assert info.image_size == 56
+
+
+def _transformers_names(state: dict[str, torch.Tensor], layout: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """timm's ViT tensors named as ``transformers`` saves a ``Dinov2Model`` (``layout="dinov2"``) or a
+    ``ViTModel`` (``"vit"``): q, k and v apart, ``encoder.layer.N``, ``layernorm``."""
+    block_names = {
+        "dinov2": {"norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"},
+        "vit": {"norm1": "layernorm_before", "norm2": "layernorm_after", "mlp.fc1": "intermediate.dense"},
+    }[layout] | {"mlp.w12": "mlp.weights_in", "mlp.w3": "mlp.weights_out", "attn.proj": "attention.output.dense"}
+    if layout == "vit":
+        block_names["mlp.fc2"] = "output.dense"
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        block = re.match(r"blocks\.(\d+)\.(.+)\.(weight|bias|gamma)$", key)
+        if key in ("cls_token", "pos_embed"):
+            out[{"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings"}[key]] = tensor
+        elif key.startswith("patch_embed.proj."):
+            out[key.replace("patch_embed.proj.", "embeddings.patch_embeddings.projection.")] = tensor
+        elif key.startswith("norm."):
+            out[key.replace("norm.", "layernorm.")] = tensor
+        elif block and block[2] == "attn.qkv":
+            for name, part in zip(("query", "key", "value"), tensor.chunk(3), strict=True):
+                out[f"encoder.layer.{block[1]}.attention.attention.{name}.{block[3]}"] = part
+        elif block and block[2] in ("ls1", "ls2"):
+            out[f"encoder.layer.{block[1]}.layer_scale{block[2][-1]}.lambda1"] = tensor
+        else:
+            assert block, key
+            out[f"encoder.layer.{block[1]}.{block_names[block[2]]}.{block[3]}"] = tensor
+    if layout == "dinov2":
+        out["embeddings.mask_token"] = torch.zeros(1, state["cls_token"].shape[-1])
+    return {f"{prefix}{k}": v.contiguous() for k, v in out.items()}
+
+
+def _transformers_folder(folder: Path, state: dict[str, torch.Tensor], architecture: str) -> Path:
+    folder.mkdir()
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"architectures": [architecture], "model_type": "dinov2"}))
+    return folder
+
+
+class TestTransformersFolders:
+    """Folders saved by Hugging Face ``transformers`` (``facebook/dinov2-small``, ``google/vit-base``)."""
+
+    def test_dinov2_model_gives_the_source_vectors(
+        self, dinobloom: tuple[Path, torch.nn.Module], tmp_path: Path
+    ) -> None:
+        _, source = dinobloom
+        folder = _transformers_folder(
+            tmp_path / "dinov2", _transformers_names(source.state_dict(), "dinov2"), "Dinov2Model"
+        )
+        model = create_backbone(TINY_DINOV2, 224, folder)
+        torch.testing.assert_close(_vectors(model, 224), _vectors(source, 224), rtol=0, atol=0)
+        assert create_backbone(TINY_DINOV2, 56, folder).pos_embed.shape == (1, 17, 48)
+
+    def test_swiglu_dinov2_giant(self, tmp_path: Path) -> None:
+        torch.manual_seed(6)
+        source = timm.create_model(TINY_DINOV2_G, num_classes=0).eval()
+        timm_state = {k.replace(".fc1.", ".w12.").replace(".fc2.", ".w3."): v for k, v in source.state_dict().items()}
+        state = _transformers_names(timm_state, "dinov2")
+        assert "encoder.layer.0.mlp.weights_in.weight" in state
+        model = create_backbone(TINY_DINOV2_G, 224, _transformers_folder(tmp_path / "g", state, "Dinov2Model"))
+        torch.testing.assert_close(_vectors(model, 224), _vectors(source, 224), rtol=0, atol=0)
+
+    def test_a_vit_classifier_drops_its_pooler_and_head(self, tmp_path: Path) -> None:
+        torch.manual_seed(8)
+        source = timm.create_model("test_vit", num_classes=0).eval()
+        state = _transformers_names(source.state_dict(), "vit", prefix="vit.")
+        state |= {"vit.pooler.dense.weight": torch.randn(64, 64), "classifier.weight": torch.randn(3, 64)}
+        model = create_backbone(
+            "test_vit", 160, _transformers_folder(tmp_path / "vit", state, "ViTForImageClassification")
+        )
+        torch.testing.assert_close(_vectors(model, 160), _vectors(source, 160), rtol=0, atol=0)
+
+    def test_a_missing_value_projection_is_named_in_one_line(
+        self, dinobloom: tuple[Path, torch.nn.Module], tmp_path: Path
+    ) -> None:
+        _, source = dinobloom
+        state = _transformers_names(source.state_dict(), "dinov2")
+        del state["encoder.layer.1.attention.attention.value.weight"]
+        folder = _transformers_folder(tmp_path / "broken", state, "Dinov2Model")
+        with pytest.raises(MarrowLensError) as caught:
+            create_backbone(TINY_DINOV2, 224, folder)
+        message = str(caught.value)
+        assert "\n" not in message and "1 missing (blocks.1.attn.qkv.weight)" in message
+        assert "2 unexpected (blocks.1.attn." in message and "blocks.1.attn.query.weight" in message
+        assert "its config.json is for Dinov2Model" in message
 
 
 @pytest.fixture(scope="module")
